@@ -1,0 +1,302 @@
+"""The run configuration: one dataclass tree, loaded from YAML and overridden by command-line flags.
+
+Every leaf key is also a command-line flag: ``train.lr`` is ``--lr``, ``data.patch_size`` is ``--patch-size``
+(leaf names are unique across sections). ``RunConfig`` is saved as ``config.yaml`` in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UnetlabError
+
+
+@dataclass
+class AugmentConfig:
+    """Joint image/mask augmentations; each has its own probability (0 disables it)."""
+
+    flip: float = 0.5  # horizontal and vertical flips, each with this probability
+    rotate90: float = 0.5
+    affine: float = 0.0
+    affine_degrees: float = 15.0
+    affine_scale: tuple[float, float] = (0.9, 1.1)
+    affine_shift: float = 0.05  # fraction of size
+    elastic: float = 0.0
+    elastic_grid: int = 3  # the paper's coarse grid
+    elastic_sigma: float = 10.0  # displacement std in pixels
+    brightness: float = 0.0
+    brightness_range: float = 0.1  # additive, in normalised units
+    contrast: float = 0.0
+    contrast_range: tuple[float, float] = (0.8, 1.2)
+    gamma: float = 0.0
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+    noise: float = 0.0
+    noise_std: float = 0.03
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is, how it is read, split and cut into patches."""
+
+    root: str = ""
+    layout: str | None = None  # auto-detected when None
+    invert_mask: bool = False
+    mask_dir: str | None = None  # paired layout: a mask folder with another name
+    classes: list[str] | None = None  # multiclass: the subset of classes to train
+    channels: list[int] | None = None  # channel selection, e.g. [0, 2]
+    channel_code: str | None = None  # loading code, see unetlab.data.channels
+    normalization: str = "percentile"  # percentile | minmax | dtype | none
+    norm_low: float = 1.0
+    norm_high: float = 99.8
+    target: str = "binary"  # binary | boundary | distance
+    val_fraction: float = 0.2
+    val: str | None = None  # glob or 're:<regex>' on sample names
+    val_groups: list[str] | None = None
+    fold: str | None = None  # "K/N" k-fold by group
+    split_file: str | None = None  # reuse a split.json
+    patch_size: int = 256
+    foreground_fraction: float = 0.5  # share of patches centred on a foreground pixel
+    samples_per_epoch: int | None = None  # default: enough patches to cover the training images once
+    num_workers: int = 0
+    cache: bool = True  # keep decoded images in memory
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build; ``preset`` names an entry of :mod:`unetlab.models.presets`."""
+
+    preset: str = "unet"
+    in_channels: int | None = None  # from the data when None
+    out_channels: int | None = None  # from the task when None
+    depth: int = 4
+    base_width: int = 32
+    widths: list[int] | None = None
+    norm: str = "batch"  # batch | group | instance | layer | none
+    padding: str = "same"  # same | valid
+    dropout: float = 0.0
+    upsample: str = "bilinear"  # bilinear | transpose | pixelshuffle
+
+
+@dataclass
+class TrainConfig:
+    """How to optimise: loss, optimiser, schedule, precision, checkpoints and safety nets."""
+
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float | str = 1e-3  # a number or "auto" (lr-find)
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | adam | sgd | adamw8bit
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "warmup_cosine"  # warmup_cosine | onecycle | step | plateau | constant
+    warmup_epochs: float = 1.0
+    step_size: int = 30
+    step_gamma: float = 0.1
+    loss: str = "bce_dice"  # bce | bce_dice | ce | ce_dice | dice | focal
+    class_weights: list[float] | None = None
+    border_weight: bool = False
+    w0: float = 10.0
+    sigma: float = 5.0
+    grad_clip: float | None = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    val_every: int = 1
+    save_every: int = 1
+    monitor: str = "val_dice"
+    early_stopping: int | None = None  # patience in evaluations
+    collapse_patience: int = 3
+    max_recoveries: int = 3
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    tensorboard: bool = True
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
+    grad_accumulation: int = 1
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class PostprocessConfig:
+    """Turning probabilities into masks and instance labels."""
+
+    threshold: float = 0.5
+    min_size: int = 10
+    fill_holes: bool = True
+    markers: str = "auto"  # auto | interior | distance | none
+    min_distance: int = 5
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists) for YAML/JSON."""
+        return _plain(asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML atomically."""
+        from .data.io import write_atomic
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RunConfig:
+        """Build from a nested dict; unknown keys are an error naming the key."""
+        return _from_dict(cls, d or {}, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read a YAML config file."""
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise UnetlabError("config file not found", path) from None
+        except yaml.YAMLError as exc:
+            raise UnetlabError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        if d is not None and not isinstance(d, dict):
+            raise UnetlabError("config must be a mapping of sections", path)
+        return cls.from_dict(d)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise UnetlabError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        if is_dataclass(t):
+            if not isinstance(v, dict):
+                raise UnetlabError(f"config section '{prefix}{k}' must be a mapping")
+            kwargs[k] = _from_dict(t, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = coerce(v, t, f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def coerce(value: Any, typ: Any, key: str = "") -> Any:
+    """Convert ``value`` (often a string from the command line) to the annotated type ``typ``."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key)
+            except (UnetlabError, ValueError, TypeError) as exc:
+                errors.append(str(exc))
+        raise UnetlabError(f"bad value {value!r} for '{key}'")
+    if origin in (list, tuple):
+        items = value
+        if isinstance(value, str):
+            items = [s for s in value.replace(" ", "").split(",") if s != ""]
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        inner = args[0] if args else str
+        out = [coerce(v, inner, key) for v in items]
+        return tuple(out) if origin is tuple else out
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise UnetlabError(f"bad value {value!r} for '{key}' (expected {getattr(typ, '__name__', typ)})") from None
+    return value
+
+
+def leaf_keys() -> dict[str, tuple[str, str, Any, Any]]:
+    """Map flag name (``patch_size``) -> (section, field, type, default) for every leaf of RunConfig.
+
+    ``augment`` leaves are exposed as ``aug_<name>`` (e.g. ``--aug-elastic 0.5``).
+    """
+    out: dict[str, tuple[str, str, Any, Any]] = {}
+    root = RunConfig()
+    for sec in fields(RunConfig):
+        sec_obj = getattr(root, sec.name)
+        for f in fields(sec_obj):
+            t = _hints(type(sec_obj))[f.name]
+            if is_dataclass(t):
+                sub = getattr(sec_obj, f.name)
+                for g in fields(sub):
+                    out[f"aug_{g.name}"] = (f"{sec.name}.{f.name}", g.name, _hints(type(sub))[g.name],
+                                            getattr(sub, g.name))
+                continue
+            if f.name in out:
+                raise RuntimeError(f"duplicate config leaf {f.name}")
+            out[f.name] = (sec.name, f.name, t, getattr(sec_obj, f.name))
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a copy of ``cfg`` with leaf keys (``lr``, ``train.lr`` or ``data.augment.flip``) replaced."""
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    leaves = leaf_keys()
+    for key, value in overrides.items():
+        if "." in key:
+            *path, name = key.split(".")
+        elif key in leaves:
+            path, name = leaves[key][0].split("."), leaves[key][1]
+        else:
+            raise UnetlabError(f"unknown config key '{key}'")
+        obj = cfg
+        for p in path:
+            if not hasattr(obj, p):
+                raise UnetlabError(f"unknown config key '{key}'")
+            obj = getattr(obj, p)
+        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
+            raise UnetlabError(f"unknown config key '{key}'")
+        setattr(obj, name, coerce(value, _hints(type(obj))[name], key))
+    return cfg

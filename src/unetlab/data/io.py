@@ -1,0 +1,202 @@
+"""Reading and writing images: PNG, JPEG, TIFF (8/16-bit, multichannel) as float32 channels-first arrays."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UnetlabError
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_TIFF = (".tif", ".tiff")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True for files whose extension unetlab reads as an image (hidden files excluded)."""
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Sorted image files directly inside ``folder``."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise UnetlabError("file not found", path)
+    if path.stat().st_size == 0:
+        raise UnetlabError("file is empty (0 bytes)", path)
+    try:
+        if path.suffix.lower() in _TIFF:
+            import tifffile
+
+            arr = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                if im.mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif im.mode == "I;16B":
+                    im = im.convert("I;16")
+                arr = np.asarray(im)
+    except UnetlabError:
+        raise
+    except Exception as exc:  # corrupt, truncated or not an image at all
+        raise UnetlabError(f"cannot read image ({type(exc).__name__}: {exc})".replace("\n", " "), path) from exc
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.ndim not in (2, 3):
+        arr = np.squeeze(arr)
+        if arr.ndim not in (2, 3):
+            raise UnetlabError(f"unsupported image shape {arr.shape}; expected 2-D or 2-D with channels", path)
+    return arr
+
+
+def to_channels_first(arr: np.ndarray) -> np.ndarray:
+    """(H, W) -> (1, H, W); (H, W, C) with C <= 4 -> (C, H, W); (C, H, W) stays (TIFF stacks)."""
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.shape[-1] <= 4 and arr.shape[0] > 4:
+        return np.moveaxis(arr, -1, 0)
+    return arr
+
+
+def read_image(path: str | Path, drop_alpha: bool = True) -> np.ndarray:
+    """Read an image file as float32 (C, H, W), raw intensities (not normalised).
+
+    Alpha channels of RGBA images are dropped unless ``drop_alpha`` is False.
+    """
+    path = Path(path)
+    arr = to_channels_first(_read_raw(path))
+    if drop_alpha and arr.shape[0] == 4 and path.suffix.lower() not in _TIFF:
+        arr = arr[:3]
+    out = arr.astype(np.float32, copy=False)
+    if not np.isfinite(out).all():
+        raise UnetlabError("image contains NaN or Inf pixels", path, "clean or re-export the image")
+    return out
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read a mask or label image as an integer array (H, W).
+
+    RGB masks are reduced to their first channel when all channels agree, otherwise to any-nonzero.
+    Binary 0/255 masks come back as 0/255: use :func:`mask_to_labels` to interpret values.
+    """
+    path = Path(path)
+    arr = _read_raw(path)
+    if arr.ndim == 3:
+        arr = to_channels_first(arr)
+        if arr.shape[0] == 4:  # RGBA: ignore alpha
+            arr = arr[:3]
+        if arr.shape[0] == 1 or all(np.array_equal(arr[0], c) for c in arr[1:]):
+            arr = arr[0]
+        else:
+            arr = (arr != 0).any(axis=0).astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise UnetlabError("mask contains NaN or Inf values", path)
+        if np.any(arr != np.round(arr)):
+            raise UnetlabError("mask has fractional values; expected integer labels", path)
+        arr = arr.astype(np.int64)
+    if arr.min() < 0:
+        raise UnetlabError("mask has negative values", path)
+    return arr.astype(np.int32) if arr.max() < 2**31 else arr.astype(np.int64)
+
+
+def mask_to_labels(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """Interpret a raw mask: {0, v} -> 0/1 binary; anything else is taken as instance labels (kept)."""
+    values = np.unique(arr)
+    if len(values) <= 2:
+        return (arr > 0).astype(np.int32)
+    return arr.astype(np.int32)
+
+
+def normalize_percentile(
+    image: np.ndarray, low: float = 1.0, high: float = 99.8, per_channel: bool = True, eps: float = 1e-6
+) -> np.ndarray:
+    """Scale intensities so that the ``low``/``high`` percentiles map to 0/1 (values outside are kept)."""
+    img = image.astype(np.float32, copy=False)
+    axes = (1, 2) if per_channel else None
+    sub = img[:, ::4, ::4] if img.shape[1] * img.shape[2] > 1_000_000 else img  # percentiles on a subsample
+    lo = np.percentile(sub, low, axis=axes, keepdims=per_channel)
+    hi = np.percentile(sub, high, axis=axes, keepdims=per_channel)
+    return ((img - lo) / np.maximum(hi - lo, eps)).astype(np.float32)
+
+
+def normalize(image: np.ndarray, mode: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """Normalise an image by ``mode``: 'percentile' (per channel), 'minmax', 'dtype' (divide by 255/65535), 'none'."""
+    if mode == "percentile":
+        return normalize_percentile(image, low, high)
+    if mode == "minmax":
+        return normalize_percentile(image, 0.0, 100.0)
+    if mode == "dtype":
+        return (image / (65535.0 if image.max() > 255 else 255.0)).astype(np.float32)
+    if mode == "none":
+        return image.astype(np.float32, copy=False)
+    raise UnetlabError(f"unknown normalisation '{mode}' (choose percentile, minmax, dtype or none)")
+
+
+def atomic_path(path: str | Path) -> Path:
+    """A temporary path in the same folder as ``path``, for write-then-rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomic(path: str | Path, writer) -> Path:
+    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_image(path: str | Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write a 2-D (H, W) or channels-first (C, H, W) array to PNG/TIFF/JPEG atomically.
+
+    TIFF keeps the dtype (uint16 labels, float32 probabilities); PNG takes uint8 or uint16.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    suffix = path.suffix.lower()
+
+    def _write(tmp: Path) -> None:
+        if suffix in _TIFF:
+            import tifffile
+
+            tifffile.imwrite(tmp, arr, compression="zlib" if compress else None)
+        else:
+            from PIL import Image
+
+            a = arr
+            if a.ndim == 3:
+                a = np.moveaxis(a, 0, -1) if a.shape[0] in (3, 4) else a[0]
+            if a.dtype not in (np.uint8, np.uint16):
+                raise UnetlabError(f"cannot write dtype {a.dtype} to {suffix}; use .tif", path)
+            fmt = "PNG" if suffix == ".png" else ("JPEG" if suffix in (".jpg", ".jpeg") else None)
+            Image.fromarray(a).save(tmp, format=fmt)
+
+    return write_atomic(path, _write)
+
+
+def find_by_stem(files: Iterable[Path]) -> dict[str, Path]:
+    """Map file stem -> path (first wins)."""
+    out: dict[str, Path] = {}
+    for f in files:
+        out.setdefault(f.stem, f)
+    return out

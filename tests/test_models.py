@@ -1,0 +1,123 @@
+"""Model layer: presets and their parameter counts, the padding contract, norms/up-sampling modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unetlab.config import ModelConfig
+from unetlab.errors import UnetlabError
+from unetlab.models import build_model, count_parameters
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(preset="unet", in_channels=1, out_channels=1, depth=3, base_width=4)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_build_model_default_unet_contract():
+    model = build_model(ModelConfig(in_channels=2, out_channels=3))
+    assert model.padding == "same"
+    assert (model.in_channels, model.out_channels, model.depth) == (2, 3, 4)
+    assert model.output_size(77) == 77 and model.valid_input_size(77) == 77
+
+
+@pytest.mark.parametrize("size", [(67, 93), (5, 3), (1, 1), (33, 64)])
+def test_same_padding_keeps_any_size(size):
+    model = build_model(small(in_channels=2, out_channels=3)).eval()
+    y = model(torch.randn(2, 2, *size))
+    assert y.shape == (2, 3, *size)
+    assert torch.isfinite(y).all()
+
+
+def test_same_padding_crop_does_not_shift_content():
+    # The prediction for the top-left region must not depend on how much padding the image needs.
+    torch.manual_seed(0)
+    model = build_model(small()).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        full = model(x)
+        cut = model(x[:, :, :61, :59])
+    assert cut.shape == (1, 1, 61, 59)
+    # Far from the cut border the two agree up to the receptive field's reach.
+    assert torch.allclose(full[..., :20, :20], cut[..., :20, :20], atol=1e-5)
+
+
+def test_valid_padding_sizes_and_errors():
+    model = build_model(small(padding="valid", depth=4))
+    assert model.padding == "valid"
+    assert model.output_size(572) == 388
+    assert model.valid_input_size(570) == 572
+    with pytest.raises(ValueError, match="572"):
+        model.output_size(570)
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 1, 188, 204))
+    assert y.shape[-2:] == (model.output_size(188), model.output_size(204)) == (4, 20)
+    with pytest.raises(ValueError, match="nearest valid size"):
+        model(torch.randn(1, 1, 190, 188))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "instance", "layer", "none"])
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose", "pixelshuffle"])
+def test_norms_and_upsampling_forward_and_backward(norm, upsample):
+    model = build_model(small(norm=norm, upsample=upsample, dropout=0.2, base_width=8))
+    x = torch.randn(2, 1, 21, 18)
+    y = model(x)
+    assert y.shape == (2, 1, 21, 18)
+    y.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose", "pixelshuffle"])
+def test_valid_padding_with_each_upsampling(upsample):
+    model = build_model(small(padding="valid", upsample=upsample, depth=2)).eval()
+    n = model.valid_input_size(40)
+    with torch.no_grad():
+        y = model(torch.randn(1, 1, n, n))
+    assert y.shape[-1] == model.output_size(n)
+
+
+def test_explicit_widths_define_depth():
+    model = build_model(small(widths=[4, 8, 16]))
+    assert model.depth == 2
+    assert model(torch.randn(1, 1, 9, 9)).shape == (1, 1, 9, 9)
+
+
+def test_pixelshuffle_icnr_starts_as_nearest_upsampling():
+    from unetlab.models.blocks import PixelShuffleICNR
+
+    up = PixelShuffleICNR(3, 2)
+    x = torch.randn(1, 3, 4, 5)
+    y = up(x)
+    # ICNR: the four sub-pixels of each 2x2 block are equal at initialisation.
+    assert torch.equal(y[..., 0::2, 0::2], y[..., 1::2, 1::2])
+    assert torch.equal(y[..., 0::2, 1::2], y[..., 1::2, 0::2])
+
+
+def test_unknown_preset_and_bad_options_are_user_errors():
+    with pytest.raises(UnetlabError, match="unet-slim"):
+        build_model(ModelConfig(preset="nope", in_channels=1, out_channels=1))
+    with pytest.raises(UnetlabError, match="norm"):
+        build_model(small(norm="weird"))
+    with pytest.raises(UnetlabError, match="upsample"):
+        build_model(small(upsample="nearest"))
+
+
+def test_preset_parameter_counts():
+    paper = build_model(ModelConfig(preset="unet-paper", in_channels=1, out_channels=2))
+    assert count_parameters(paper) == 31_030_658
+    assert paper.padding == "valid" and paper.output_size(572) == 388
+    same = build_model(ModelConfig(preset="unet-paper-same", in_channels=1, out_channels=2))
+    assert count_parameters(same) == 31_030_658 and same.padding == "same"
+    slim = build_model(ModelConfig(preset="unet-slim", in_channels=1, out_channels=1))
+    assert count_parameters(slim) == 4_418_449
+
+
+def test_presets_honour_channels():
+    slim = build_model(ModelConfig(preset="unet-slim", in_channels=3, out_channels=4))
+    assert (slim.in_channels, slim.out_channels) == (3, 4)
+    base = count_parameters(build_model(ModelConfig(preset="unet-slim", in_channels=1, out_channels=1)))
+    # 2 extra input channels x 24 filters x 9 weights; 3 extra outputs x (24 weights + bias).
+    assert count_parameters(slim) == base + 2 * 24 * 9 + 3 * 25

@@ -126,3 +126,195 @@ def batch_dice_counts(logits, target, threshold: float = 0.5):
             psum[c] = pc.sum()
             tsum[c] = tc.sum()
         return inter, psum, tsum
+
+
+# --- objects ------------------------------------------------------------------------------------------------
+
+
+def relabel_sequential(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Labels renumbered 1..n in order of their old values (0 stays background); returns (labels, n)."""
+    lab = np.asarray(labels)
+    if lab.size == 0:
+        return lab.astype(np.int32), 0
+    if lab.min() < 0:
+        raise ValueError("label image has negative values")
+    top = int(lab.max())
+    if top == 0:
+        return np.zeros(lab.shape, np.int32), 0
+    if top < 2**24:
+        present = np.bincount(lab.ravel().astype(np.int64), minlength=top + 1) > 0
+        present[0] = False
+        lut = np.cumsum(present).astype(np.int32)
+        lut[~present] = 0
+        return lut[lab], int(present.sum())
+    values, inverse = np.unique(lab, return_inverse=True)
+    inverse = inverse.reshape(lab.shape).astype(np.int32)
+    if values[0] != 0:
+        inverse += 1
+    return inverse, int(np.count_nonzero(values))
+
+
+def as_instance_labels(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """Instance labels from a mask: a binary (0/1 or 0/255) mask gets connected components, labels are kept."""
+    from scipy import ndimage as ndi
+
+    arr = np.asarray(mask)
+    if arr.dtype == bool or int(arr.max(initial=0)) <= 1 or len(np.unique(arr)) <= 2:
+        structure = ndi.generate_binary_structure(2, connectivity)
+        lab, _ = ndi.label(arr > 0, structure=structure)
+        return lab.astype(np.int32)
+    return relabel_sequential(arr)[0]
+
+
+def object_overlaps(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray | int]:
+    """Sparse overlaps of two label images (relabelled 1..n): pixel counts of every (pred, truth) pair that meets.
+
+    Returns ``pred_idx``, ``true_idx`` (0-based object indices), ``intersection``, ``iou`` for each touching pair,
+    the object ``pred_area`` / ``true_area`` arrays and the counts ``n_pred`` / ``n_true``.
+    """
+    p, n_p = relabel_sequential(pred)
+    t, n_t = relabel_sequential(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
+    pa = np.bincount(p.ravel(), minlength=n_p + 1)[1:]
+    ta = np.bincount(t.ravel(), minlength=n_t + 1)[1:]
+    both = (p > 0) & (t > 0)
+    keys = p[both].astype(np.int64) * (n_t + 1) + t[both]
+    if (n_p + 1) * (n_t + 1) <= 4_000_000:
+        counts = np.bincount(keys, minlength=(n_p + 1) * (n_t + 1))
+        uk = np.flatnonzero(counts)
+        cnt = counts[uk]
+    else:
+        uk, cnt = np.unique(keys, return_counts=True)
+    pi, ti = uk // (n_t + 1) - 1, uk % (n_t + 1) - 1
+    iou = cnt / (pa[pi] + ta[ti] - cnt)
+    return {
+        "pred_idx": pi.astype(np.int64),
+        "true_idx": ti.astype(np.int64),
+        "intersection": cnt.astype(np.int64),
+        "iou": iou.astype(np.float64),
+        "pred_area": pa,
+        "true_area": ta,
+        "n_pred": n_p,
+        "n_true": n_t,
+    }
+
+
+def match_pairs(pred_idx: np.ndarray, true_idx: np.ndarray, iou: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (into the pair arrays) of a one-to-one matching with IoU >= ``threshold``.
+
+    Maximises the number of matches, then their total IoU (as StarDist's optimal ``matching``); above 0.5 the
+    candidates are already one-to-one and no assignment is solved.
+    """
+    cand = np.flatnonzero((iou >= threshold) & (iou > 0))
+    if len(cand) == 0:
+        return cand
+    pc, tc = pred_idx[cand], true_idx[cand]
+    dup_p = np.bincount(pc)[pc] > 1
+    dup_t = np.bincount(tc)[tc] > 1
+    conflict = dup_p | dup_t
+    if not conflict.any():
+        return cand
+    from scipy.optimize import linear_sum_assignment
+
+    # pairs touching a conflicting object go to the assignment (with all their candidate pairs)
+    bad_p = np.unique(pc[conflict])
+    bad_t = np.unique(tc[conflict])
+    involved = np.isin(pc, bad_p) | np.isin(tc, bad_t)
+    keep = cand[~involved]
+    sub = cand[involved]
+    rows, r_inv = np.unique(pred_idx[sub], return_inverse=True)
+    cols, c_inv = np.unique(true_idx[sub], return_inverse=True)
+    n_match = max(1, min(len(rows), len(cols)))
+    cost = np.full((len(rows), len(cols)), 0.0)
+    cost[r_inv, c_inv] = -1.0 - iou[sub] / (2 * n_match)
+    r, c = linear_sum_assignment(cost)
+    chosen = cost[r, c] < 0
+    lookup = {(a, b): s for a, b, s in zip(r_inv, c_inv, sub)}
+    picked = np.array([lookup[(a, b)] for a, b in zip(r[chosen], c[chosen])], dtype=np.int64)
+    return np.sort(np.concatenate([keep, picked]))
+
+
+def scores_from_counts(tp: int, fp: int, fn: int, sum_iou: float) -> dict[str, float]:
+    """Object precision, recall, F1, DSB AP = TP/(TP+FP+FN), mean matched IoU and panoptic quality."""
+    empty = tp + fp + fn == 0
+    return {
+        "precision": _ratio(tp, tp + fp, empty),
+        "recall": _ratio(tp, tp + fn, empty),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn, empty),
+        "ap": _ratio(tp, tp + fp + fn, empty),
+        "mean_matched_iou": _ratio(sum_iou, tp, empty),
+        "pq": _ratio(sum_iou, tp + 0.5 * fp + 0.5 * fn, empty),
+    }
+
+
+def match_objects(
+    pred: np.ndarray, truth: np.ndarray, thresholds=DEFAULT_IOU_THRESHOLDS
+) -> dict[str, object]:
+    """Match predicted and true objects of two label images at each IoU threshold.
+
+    Returns ``n_pred``, ``n_true``, ``count_error`` (n_pred - n_true), ``thresholds`` and, per threshold, lists
+    ``tp``, ``fp``, ``fn``, ``sum_iou``, ``precision``, ``recall``, ``f1``, ``ap``, ``mean_matched_iou``, ``pq``;
+    plus ``ap_mean`` (the image's DSB 2018 score: AP averaged over the thresholds).
+    """
+    ov = object_overlaps(pred, truth)
+    thresholds = [float(t) for t in np.atleast_1d(thresholds)]
+    n_p, n_t = int(ov["n_pred"]), int(ov["n_true"])
+    out: dict[str, object] = {"n_pred": n_p, "n_true": n_t, "count_error": n_p - n_t, "thresholds": thresholds}
+    keys = ("tp", "fp", "fn", "sum_iou", "precision", "recall", "f1", "ap", "mean_matched_iou", "pq")
+    lists: dict[str, list] = {k: [] for k in keys}
+    for thr in thresholds:
+        sel = match_pairs(ov["pred_idx"], ov["true_idx"], ov["iou"], thr)
+        tp = len(sel)
+        s_iou = float(ov["iou"][sel].sum())
+        row = {"tp": tp, "fp": n_p - tp, "fn": n_t - tp, "sum_iou": s_iou}
+        row.update(scores_from_counts(tp, n_p - tp, n_t - tp, s_iou))
+        for k in keys:
+            lists[k].append(row[k])
+    out.update(lists)
+    out["ap_mean"] = float(np.mean(lists["ap"])) if thresholds else float("nan")
+    return out
+
+
+def pool_matches(results: list[dict]) -> dict[str, object]:
+    """Combine per-image :func:`match_objects` results: summed TP/FP/FN per threshold and the scores of the sums.
+
+    ``dsb_score`` is the mean over images of each image's ``ap_mean`` (the DSB 2018 leaderboard score).
+    """
+    if not results:
+        return {}
+    thresholds = results[0]["thresholds"]
+    out: dict[str, object] = {"thresholds": thresholds, "n_images": len(results)}
+    for k in ("n_pred", "n_true"):
+        out[k] = int(sum(r[k] for r in results))
+    out["count_error"] = out["n_pred"] - out["n_true"]
+    out["mean_abs_count_error"] = float(np.mean([abs(r["count_error"]) for r in results]))
+    score_keys = ("precision", "recall", "f1", "ap", "mean_matched_iou", "pq")
+    lists: dict[str, list] = {k: [] for k in ("tp", "fp", "fn", "sum_iou", *score_keys)}
+    for i in range(len(thresholds)):
+        tp = int(sum(r["tp"][i] for r in results))
+        fp = int(sum(r["fp"][i] for r in results))
+        fn = int(sum(r["fn"][i] for r in results))
+        s = float(sum(r["sum_iou"][i] for r in results))
+        sc = scores_from_counts(tp, fp, fn, s)
+        for k, v in (("tp", tp), ("fp", fp), ("fn", fn), ("sum_iou", s), *sc.items()):
+            lists[k].append(v)
+    out.update(lists)
+    out["dsb_score"] = float(np.mean([r["ap_mean"] for r in results]))
+    out["ap_mean_pooled"] = float(np.mean(lists["ap"])) if thresholds else float("nan")
+    return out
+
+
+def adapted_rand_error(pred: np.ndarray, truth: np.ndarray) -> float:
+    """ISBI 2012 adapted Rand error (1 - Rand F-score) of two segmentations; binary masks get connected components.
+
+    Truth background (0) is ignored, as in ``skimage.metrics.adapted_rand_error``; NaN when the truth is empty.
+    """
+    from skimage.metrics import adapted_rand_error as _are
+
+    t = as_instance_labels(truth)
+    if not t.any():
+        return float("nan")
+    p = as_instance_labels(pred)
+    err, _prec, _rec = _are(t, p)
+    return float(err)

@@ -1,0 +1,198 @@
+"""From predicted probabilities to masks and instance labels: threshold, markers, watershed, cleanup, tuning.
+
+Probability layouts by target kind (see :mod:`unetlab.data.targets`):
+``binary`` (H, W) or (1, H, W) foreground; ``boundary`` (3, H, W) background/interior/boundary softmax;
+``distance`` (2, H, W) foreground probability and normalised distance.
+
+Markers (``PostprocessConfig.markers``): ``auto`` is ``interior`` for the boundary target, ``distance`` for the
+distance target and ``none`` (plain connected components) for the binary target; ``distance`` on a binary
+target seeds the watershed with peaks of the mask's distance transform; ``interior`` needs a boundary or
+distance target (interior class, or distance > 0.5).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import replace
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..config import PostprocessConfig
+from ..errors import UnetlabError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("binary", "boundary", "distance")
+MARKERS = ("auto", "interior", "distance", "none")
+
+
+def _channels(prob: np.ndarray, kind: str) -> np.ndarray:
+    p = np.asarray(prob, dtype=np.float32)
+    want = {"binary": 1, "boundary": 3, "distance": 2}.get(kind)
+    if want is None:
+        raise UnetlabError(f"unknown target '{kind}' (choose {', '.join(KINDS)})")
+    if p.ndim == 2:
+        p = p[None]
+    if p.ndim != 3 or p.shape[0] != want:
+        raise UnetlabError(f"a '{kind}' prediction needs {want} channel(s) (C, H, W); got shape {p.shape}")
+    return p
+
+
+def foreground_mask(prob: np.ndarray, kind: str, threshold: float = 0.5) -> np.ndarray:
+    """Boolean foreground of a prediction: p > threshold (binary), 1 - p(background) > threshold (boundary),
+    p(foreground channel) > threshold (distance)."""
+    p = _channels(prob, kind)
+    if kind == "boundary":
+        return (1.0 - p[0]) > threshold
+    return p[0] > threshold
+
+
+def resolve_markers(kind: str, markers: str) -> str:
+    """The marker mode actually used for ``kind`` when asked for ``markers`` (resolves ``auto``)."""
+    if markers not in MARKERS:
+        raise UnetlabError(f"unknown markers '{markers}' (choose {', '.join(MARKERS)})")
+    if markers == "auto":
+        return {"binary": "none", "boundary": "interior", "distance": "distance"}[kind]
+    if markers == "interior" and kind == "binary":
+        raise UnetlabError(
+            "markers 'interior' need a boundary or distance target", hint="use --markers distance or none"
+        )
+    return markers
+
+
+def _peaks(height: np.ndarray, fg: np.ndarray, min_distance: int, min_height: float) -> np.ndarray:
+    """Markers at local maxima of ``height`` within ``min_distance``; a plateau of maxima is one marker."""
+    size = 2 * max(int(min_distance), 1) + 1
+    local_max = ndi.maximum_filter(height, size=size, mode="nearest")
+    peaks = (height >= local_max) & fg & (height > min_height)
+    markers, _ = ndi.label(peaks, structure=np.ones((3, 3), bool))
+    return markers
+
+
+def _watershed(elevation: np.ndarray, markers: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import watershed
+
+    labels = watershed(elevation, markers=markers, mask=fg)
+    # foreground components that received no marker become objects of their own
+    orphan = fg & (labels == 0)
+    if orphan.any():
+        extra, n = ndi.label(orphan)
+        labels = np.where(orphan, extra + labels.max(), labels)
+    return labels
+
+
+def _fill_object_holes(labels: np.ndarray) -> np.ndarray:
+    """Fill holes inside each object (pixels of the background enclosed by that one object)."""
+    out = labels
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        obj = labels[sl] == i
+        filled = ndi.binary_fill_holes(obj)
+        add = filled & ~obj & (labels[sl] == 0)
+        if add.any():
+            out[sl][add] = i
+    return out
+
+
+def remove_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Labels with objects smaller than ``min_size`` pixels removed and the rest renumbered 1..n."""
+    from ..evaluation.metrics import relabel_sequential
+
+    lab = np.asarray(labels)
+    if min_size > 1 and lab.any():
+        areas = np.bincount(lab.ravel())
+        small = areas < min_size
+        small[0] = False
+        if small.any():
+            lab = np.where(small[lab], 0, lab)
+    return relabel_sequential(lab)[0]
+
+
+def probabilities_to_labels(
+    prob: np.ndarray, kind: str = "binary", cfg: PostprocessConfig | None = None
+) -> np.ndarray:
+    """Instance labels (int32, 0 background, objects 1..n) from a prediction: threshold, seeded watershed,
+    hole filling and small-object removal, as set by ``cfg`` (see the module doc for ``markers``)."""
+    cfg = cfg or PostprocessConfig()
+    p = _channels(prob, kind)
+    mode = resolve_markers(kind, cfg.markers)
+    fg = foreground_mask(p, kind, cfg.threshold)
+    if not fg.any():
+        return np.zeros(fg.shape, np.int32)
+    if mode == "none":
+        labels, _ = ndi.label(fg)
+    elif mode == "interior":
+        core = (p[1] > cfg.threshold) if kind == "boundary" else (p[1] > 0.5)
+        markers, _ = ndi.label(core & fg)
+        labels = _watershed(1.0 - p[1], markers, fg)
+    else:  # distance
+        if kind == "distance":
+            height = ndi.gaussian_filter(np.where(fg, p[1], 0.0).astype(np.float32), 1.0)
+            min_height = 0.05
+        else:
+            height = ndi.distance_transform_edt(fg).astype(np.float32)
+            min_height = 0.0
+        markers = _peaks(height, fg, cfg.min_distance, min_height)
+        labels = _watershed(-height, markers, fg)
+    labels = labels.astype(np.int32, copy=False)
+    if cfg.fill_holes:
+        labels = _fill_object_holes(labels)
+    return remove_small_objects(labels, cfg.min_size)
+
+
+def probabilities_to_classes(prob: np.ndarray) -> np.ndarray:
+    """Class-index image (uint8/uint16) from multiclass probabilities (K, H, W) by argmax."""
+    p = np.asarray(prob)
+    if p.ndim != 3:
+        raise UnetlabError(f"multiclass probabilities must be (K, H, W); got shape {p.shape}")
+    idx = p.argmax(axis=0)
+    return idx.astype(np.uint8 if p.shape[0] <= 256 else np.uint16)
+
+
+def tune_postprocess(
+    probs: list[np.ndarray],
+    truths: list[np.ndarray],
+    kind: str = "binary",
+    base: PostprocessConfig | None = None,
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7),
+    min_sizes: tuple[int, ...] = (0, 10, 25, 50),
+    min_distances: tuple[int, ...] = (3, 5, 8),
+    metric: str = "ap_mean",
+) -> PostprocessConfig:
+    """Grid-search threshold, min_size (and min_distance when markers come from distances) on validation
+    predictions against true label images; returns the config with the best mean ``metric``
+    (``ap_mean``: DSB AP averaged over IoU 0.5..0.95, or ``f1``: F1 at IoU 0.5)."""
+    from ..evaluation.metrics import as_instance_labels, match_objects
+
+    if len(probs) != len(truths) or not probs:
+        raise UnetlabError("tune_postprocess needs as many true label images as predictions (at least one)")
+    if metric not in ("ap_mean", "f1"):
+        raise UnetlabError(f"unknown tuning metric '{metric}' (choose ap_mean or f1)")
+    base = base or PostprocessConfig()
+    mode = resolve_markers(kind, base.markers)
+    distances = tuple(min_distances) if mode == "distance" else (base.min_distance,)
+    truth_labels = [as_instance_labels(t) for t in truths]
+    iou_thr = None if metric == "ap_mean" else (0.5,)
+    best: tuple[float, PostprocessConfig] | None = None
+    for thr, md in itertools.product(thresholds, distances):
+        cfg0 = replace(base, threshold=float(thr), min_distance=int(md), min_size=0)
+        raw = [probabilities_to_labels(p, kind, cfg0) for p in probs]
+        for ms in min_sizes:
+            scores = []
+            for lab, truth in zip(raw, truth_labels):
+                pred = remove_small_objects(lab, int(ms))
+                m = match_objects(pred, truth) if iou_thr is None else match_objects(pred, truth, iou_thr)
+                scores.append(m["ap_mean"] if metric == "ap_mean" else m["f1"][0])
+            score = float(np.mean(scores))
+            log.debug("tune: threshold=%.2f min_distance=%d min_size=%d -> %s %.4f", thr, md, ms, metric, score)
+            if best is None or score > best[0] + 1e-12:
+                best = (score, replace(cfg0, min_size=int(ms)))
+    assert best is not None
+    log.info(
+        "tuned post-processing: threshold=%.2f min_size=%d min_distance=%d (%s %.4f)",
+        best[1].threshold, best[1].min_size, best[1].min_distance, metric, best[0],
+    )
+    return best[1]

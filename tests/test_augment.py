@@ -14,6 +14,7 @@ from unetlab.data.io import normalize
 
 OFF = {f.name: 0.0 for f in dataclasses.fields(AugmentConfig) if f.name in (
     "flip", "rotate90", "affine", "elastic", "brightness", "contrast", "gamma", "noise", "blur")}
+ALL_ON = dataclasses.replace(AugmentConfig(), **{k: 1.0 for k in OFF})
 
 
 def only(**probs) -> AugmentConfig:
@@ -35,7 +36,7 @@ def test_all_probabilities_zero_is_identity_and_inputs_are_untouched():
     img0, mask0 = img.copy(), mask.copy()
     out, (m,) = build_augment(only())(img, [mask], np.random.default_rng(0))
     assert np.array_equal(out, img0) and np.array_equal(m, mask0)
-    cfg = AugmentConfig(flip=1, rotate90=1, affine=1, elastic=1, brightness=1, contrast=1, gamma=1, noise=1, blur=1)
+    cfg = ALL_ON
     build_augment(cfg)(img, [mask], np.random.default_rng(0))
     assert np.array_equal(img, img0) and np.array_equal(mask, mask0)
 
@@ -62,7 +63,10 @@ def test_non_square_rotation_is_180_degrees():
     assert out.shape == img.shape and np.array_equal(out, img[:, ::-1, ::-1]) and np.array_equal(m, out[0])
 
 
-@pytest.mark.parametrize("probs", [{"affine": 1.0}, {"elastic": 1.0}, {"affine": 1.0, "elastic": 1.0, "flip": 1.0}])
+WARPS = [{"affine": 1.0}, {"elastic": 1.0}, {"affine": 1.0, "elastic": 1.0, "flip": 1.0}]
+
+
+@pytest.mark.parametrize("probs", WARPS, ids=["affine", "elastic", "combined"])
 def test_warps_keep_masks_and_float_targets_aligned(probs):
     img = blobs((96, 96), seed=2)
     t = 0.5
@@ -126,7 +130,7 @@ def test_sixteen_bit_derived_and_multichannel_images():
     raw = (blobs(channels=3, seed=5) * 60000 + rng.integers(0, 500, (3, 64, 64))).astype(np.uint16)
     img = normalize(raw.astype(np.float32), "percentile")
     assert img.min() < 0 and img.max() > 1  # normalised 16-bit data spills outside [0, 1]
-    cfg = AugmentConfig(flip=1, rotate90=1, affine=1, elastic=1, brightness=1, contrast=1, gamma=1, noise=1, blur=1)
+    cfg = ALL_ON
     for seed in range(3):
         out, (m,) = build_augment(cfg)(img, [np.zeros((64, 64), np.uint16)], np.random.default_rng(seed))
         assert out.shape == (3, 64, 64) and np.isfinite(out).all() and m.dtype == np.uint16

@@ -1,4 +1,4 @@
-"""Losses: agreement with torch references, ignore masks, weight maps, class weights, Dice, bf16, distillation."""
+"""Losses: torch references, ignore masks, weight maps, class weights, Dice, bf16 and distillation."""
 
 from __future__ import annotations
 

@@ -46,6 +46,57 @@ def with_args(add: Callable[[argparse.ArgumentParser], None]):
 # Each block: the flags, then the call into the public API. Keep logic out of this file.
 # (Helpers add their command blocks above the "end of commands" marker.)
 
+def _add_weightmap(p):
+    p.add_argument("mask", help="a mask or instance label image")
+    p.add_argument("--out", required=True, help="PNG to write (colour-mapped weights)")
+    p.add_argument("--w0", type=float, default=10.0, help="border weight (paper: 10)")
+    p.add_argument("--sigma", type=float, default=5.0, help="border width in pixels (paper: 5)")
+    p.add_argument("--no-class-balance", action="store_true", help="leave out the class-frequency term w_c")
+
+
+@command("weightmap", "Draw the U-Net border weight map of a mask as a colour-mapped PNG")
+@with_args(_add_weightmap)
+def _run_weightmap(args):
+    from .training.weightmap import write_weight_map_png
+
+    stats = write_weight_map_png(args.mask, args.out, args.w0, args.sigma, not args.no_class_balance)
+    print(f"{args.out}: weights min {stats['min']:.3f}  mean {stats['mean']:.3f}  max {stats['max']:.3f}")
+    return 0
+
+
+def _add_augment_preview(p):
+    import dataclasses
+
+    from .config import AugmentConfig
+
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--n", type=int, default=8, help="number of random draws")
+    p.add_argument("--out", default="augment_preview.png", help="PNG to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", type=int, default=0, help="which sample of the dataset to show")
+    for f in dataclasses.fields(AugmentConfig):
+        p.add_argument(f"--aug-{f.name.replace('_', '-')}", dest=f"aug_{f.name}", default=None, metavar="V",
+                       help=f"augment.{f.name} (default {f.default})")
+
+
+@command("augment-preview", "Show one image and its mask under random augmentations (a PNG grid)")
+@with_args(_add_augment_preview)
+def _run_augment_preview(args):
+    import dataclasses
+    import typing
+
+    from .config import AugmentConfig, coerce
+    from .data.augment import preview_dataset_augmentations
+
+    hints = typing.get_type_hints(AugmentConfig)
+    overrides = {f.name: coerce(getattr(args, f"aug_{f.name}"), hints[f.name], f"aug_{f.name}")
+                 for f in dataclasses.fields(AugmentConfig) if getattr(args, f"aug_{f.name}") is not None}
+    cfg = dataclasses.replace(AugmentConfig(), **overrides)
+    out = preview_dataset_augmentations(args.data, cfg, args.out, n=args.n, seed=args.seed, index=args.index)
+    print(out)
+    return 0
+
+
 # --- end of commands -----------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,8 @@
-"""Kaggle run-length encoding: column-major (top-to-bottom, then left-to-right), 1-indexed 'start length' pairs."""
+"""Kaggle run-length encoding: 1-indexed 'start length' pairs.
+
+The 2018 Data Science Bowl numbers pixels column-major (top-to-bottom, then left-to-right: ``order="F"``, the
+default); the Sartorius competition numbers them row-major (``order="C"``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ import numpy as np
 from ..errors import UnetlabError
 
 
-def rle_encode(mask: np.ndarray) -> str:
+def rle_encode(mask: np.ndarray, order: str = "F") -> str:
     """Encode a binary mask (H, W) as 'start length start length ...' (empty string for an empty mask)."""
-    pixels = np.asarray(mask, dtype=bool).flatten(order="F")
+    pixels = np.asarray(mask, dtype=bool).flatten(order=order)
     padded = np.concatenate([[False], pixels, [False]])
     changes = np.flatnonzero(padded[1:] != padded[:-1]) + 1
     starts, ends = changes[::2], changes[1::2]
@@ -18,13 +22,12 @@ def rle_encode(mask: np.ndarray) -> str:
     return " ".join(map(str, runs))
 
 
-def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+def rle_decode(rle: str, shape: tuple[int, int], order: str = "F") -> np.ndarray:
     """Decode 'start length ...' into a boolean mask of ``shape`` (H, W)."""
     h, w = int(shape[0]), int(shape[1])
-    out = np.zeros(h * w, dtype=bool)
     text = "" if rle is None else str(rle).strip()
     if text in ("", "nan", "-"):
-        return out.reshape((h, w), order="F")
+        return np.zeros((h, w), dtype=bool)
     try:
         nums = np.asarray(text.split(), dtype=np.int64)
     except ValueError:
@@ -32,22 +35,25 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     if len(nums) % 2:
         raise UnetlabError("run-length string has an odd number of values")
     starts, lengths = nums[0::2] - 1, nums[1::2]
-    if len(starts) and (starts.min() < 0 or (starts + lengths).max() > h * w):
+    if len(starts) and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > h * w):
         raise UnetlabError(f"run-length runs fall outside an image of {h}x{w}")
-    for s, n in zip(starts, lengths):
-        out[s : s + n] = True
-    return out.reshape((h, w), order="F")
+    # +1 at each run start, -1 at each run end; a running sum > 0 marks covered pixels (runs may overlap)
+    edges = np.zeros(h * w + 1, dtype=np.int32)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + lengths, -1)
+    out = np.cumsum(edges[:-1]) > 0
+    return out.reshape((h, w), order=order)
 
 
-def labels_to_rles(labels: np.ndarray) -> list[str]:
+def labels_to_rles(labels: np.ndarray, order: str = "F") -> list[str]:
     """One RLE string per object of an instance label image, in label order."""
-    return [rle_encode(labels == v) for v in np.unique(labels) if v != 0]
+    return [rle_encode(labels == v, order) for v in np.unique(labels) if v != 0]
 
 
-def rles_to_labels(rles: list[str], shape: tuple[int, int]) -> np.ndarray:
+def rles_to_labels(rles: list[str], shape: tuple[int, int], order: str = "F") -> np.ndarray:
     """Instance label image from one RLE per object (later objects do not overwrite earlier pixels)."""
     out = np.zeros(shape, dtype=np.int32)
     for i, r in enumerate(rles, start=1):
-        m = rle_decode(r, shape)
+        m = rle_decode(r, shape, order)
         out[m & (out == 0)] = i
     return out

@@ -1,7 +1,9 @@
 """Dataset layouts: each module turns a folder into a :class:`DatasetInfo`; a small registry picks one.
 
 A layout module registers a ``detect(root) -> bool`` and a ``load(root, **options) -> DatasetInfo``.
-Detection tries layouts in registration order (most specific first).
+Detection tries layouts in registration order (most specific first): timelapse, kaggle_dsb, pennfudan,
+multiclass, paired, rle_csv. Loaders take keyword options (``invert_mask``, ``mask_dir``, ``classes``, ...) and
+ignore the ones they do not use.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...errors import UnetlabError
 from ..sample import DatasetInfo
+
+if TYPE_CHECKING:
+    from ...config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,16 @@ def detect_layout(root: str | Path) -> str:
     raise UnetlabError(
         "no known dataset layout found",
         root,
-        "expected e.g. images/ and masks/ subfolders; see `unetlab inspect --help` for the layouts",
+        "expected e.g. images/ and masks/ subfolders; known layouts: "
+        + "; ".join(f"{lay.name} ({lay.description})" for lay in LAYOUTS.values()),
     )
 
 
 def load_dataset(root: str | Path, layout: str | None = None, **options) -> DatasetInfo:
     """Read ``root`` with the named layout (auto-detected when None) into a DatasetInfo."""
     root = Path(root)
+    if layout is None and options.get("mask_dir") and (root / str(options["mask_dir"])).is_dir():
+        layout = "multiclass" if LAYOUTS["multiclass"].detect(root) else "paired"
     name = layout or detect_layout(root)
     if name not in LAYOUTS:
         raise UnetlabError(f"unknown layout '{name}' (known: {', '.join(LAYOUTS)})")
@@ -61,4 +70,24 @@ def load_dataset(root: str | Path, layout: str | None = None, **options) -> Data
     return LAYOUTS[name].load(root, **options)
 
 
-from . import paired  # noqa: E402,F401  (registers itself; more specific layouts must be imported before it)
+def load_from_config(cfg: DataConfig) -> DatasetInfo:
+    """Read the dataset a :class:`DataConfig` describes (root, layout, invert_mask, mask_dir, classes)."""
+    if not cfg.root:
+        raise UnetlabError("no data folder given", hint="pass DATA or set data.root")
+    return load_dataset(cfg.root, cfg.layout, invert_mask=cfg.invert_mask, mask_dir=cfg.mask_dir,
+                        classes=cfg.classes)
+
+
+# Registration order is detection order: most specific first.
+from . import timelapse  # noqa: E402,F401,I001
+from . import kaggle_dsb  # noqa: E402,F401
+from . import pennfudan  # noqa: E402,F401
+from . import multiclass  # noqa: E402,F401
+from . import paired  # noqa: E402,F401
+from . import rle_csv  # noqa: E402,F401
+
+_ORDER = ("timelapse", "kaggle_dsb", "pennfudan", "multiclass", "paired", "rle_csv")
+_registered = dict(LAYOUTS)
+LAYOUTS.clear()
+LAYOUTS.update({n: _registered[n] for n in _ORDER})
+LAYOUTS.update({n: lay for n, lay in _registered.items() if n not in LAYOUTS})

@@ -1,47 +1,75 @@
-"""Paired folders: ``images/`` and ``masks/`` whose files pair up by name stem (with optional mask suffixes)."""
+"""Paired folders: ``images/`` and ``masks/`` whose files pair up by name stem (with optional mask suffixes).
+
+Also the Cellpose habit of one flat folder holding ``img.tif`` beside ``img_masks.tif``, and a mask folder with any
+name (``mask_dir``). A ``groups.csv`` (``name,group``) in the root, as written by ``unetlab patchify``, sets the
+split groups; otherwise each image is its own group.
+"""
 
 from __future__ import annotations
 
+import csv
+import logging
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..io import list_images, mask_to_labels, read_label
+from ..io import mask_to_labels
 from ..sample import DatasetInfo, Sample
 from . import Layout, register_layout
+from .common import find_dir, image_without_mask, mask_without_image, read_mask_raw, scan_images
+
+log = logging.getLogger(__name__)
 
 IMAGE_DIRS = ("images", "imgs", "image", "img", "raw")
 MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "annotations")
 MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_seg", "_gt")
+GROUPS_FILE = "groups.csv"
 
 
 def load_binary_or_instance(path: Path, invert: bool = False) -> np.ndarray:
     """Read a mask file as labels: binary masks -> {0,1}, instance label images kept as they are."""
-    labels = mask_to_labels(read_label(path), path)
+    labels = mask_to_labels(read_mask_raw(path), path)
     if invert:
         labels = (labels == 0).astype(np.int32)
     return labels
 
 
 def _find_dir(root: Path, names: tuple[str, ...]) -> Path | None:
-    for n in names:
-        if (root / n).is_dir():
-            return root / n
-    return None
-
-
-def detect(root: Path) -> bool:
-    """True when ``root`` has an images folder and a masks folder."""
-    return _find_dir(root, IMAGE_DIRS) is not None and _find_dir(root, MASK_DIRS) is not None
+    return find_dir(root, names)
 
 
 def mask_key(stem: str) -> str:
     """The image stem a mask stem belongs to (strips the known mask suffixes)."""
     for suf in sorted(MASK_SUFFIXES, key=len, reverse=True):
-        if suf and stem.endswith(suf):
+        if suf and stem.lower().endswith(suf):
             return stem[: -len(suf)]
     return stem
+
+
+def _flat_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Split one folder's files into (images, masks): masks carry a mask suffix and match an image stem."""
+    stems = {f.stem for f in files}
+    masks = [f for f in files if mask_key(f.stem) != f.stem and mask_key(f.stem) in stems]
+    mask_set = set(masks)
+    return [f for f in files if f not in mask_set], masks
+
+
+def detect(root: Path) -> bool:
+    """True when ``root`` has an images folder and a masks folder, or is a flat Cellpose-style folder."""
+    if _find_dir(root, IMAGE_DIRS) is not None and _find_dir(root, MASK_DIRS) is not None:
+        return True
+    _, masks = _flat_split(scan_images(root))
+    return bool(masks)
+
+
+def read_groups(root: Path) -> dict[str, str]:
+    """Sample name -> group from ``root/groups.csv`` (empty when the file is absent)."""
+    path = root / GROUPS_FILE
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["name"]: row["group"] for row in csv.DictReader(fh) if row.get("name") and row.get("group")}
 
 
 def load(
@@ -55,20 +83,28 @@ def load(
     root = Path(root)
     images_dir = root / image_dir if image_dir else _find_dir(root, IMAGE_DIRS)
     masks_dir = root / mask_dir if mask_dir else _find_dir(root, MASK_DIRS)
-    if images_dir is None or not images_dir.is_dir():
-        images_dir = root
-    images = list_images(images_dir)
-    masks = list_images(masks_dir) if masks_dir is not None and masks_dir.is_dir() else []
+    notes: list[str] = []
+    if masks_dir is None and images_dir is None:  # flat folder: img.tif beside img_masks.tif
+        images, masks = _flat_split(scan_images(root))
+        images_dir = masks_dir = root
+        notes.append("flat folder: masks recognised by their suffix (_masks, _mask, _label ...)")
+    else:
+        if images_dir is None or not images_dir.is_dir():
+            images_dir = root
+        images = scan_images(images_dir)
+        masks = scan_images(masks_dir) if masks_dir is not None and masks_dir.is_dir() else []
     by_key: dict[str, Path] = {}
     for m in masks:
-        by_key.setdefault(mask_key(m.stem), m)
         by_key.setdefault(m.stem, m)
+    for m in masks:
+        by_key.setdefault(mask_key(m.stem), m)
+    groups = read_groups(root)
     samples, problems = [], []
     used: set[Path] = set()
     for img in images:
         m = by_key.get(img.stem)
         if m is None:
-            problems.append(f"{img}: no mask with the same name in {masks_dir}")
+            problems.append(image_without_mask(img, masks_dir))
             continue
         used.add(m)
         samples.append(
@@ -76,14 +112,16 @@ def load(
                 name=img.stem,
                 image=img,
                 mask_loader=partial(load_binary_or_instance, m, invert_mask),
-                group=img.stem,
+                group=groups.get(img.stem, img.stem),
                 mask_paths=(m,),
             )
         )
     for m in masks:
         if m not in used:
-            problems.append(f"{m}: mask without an image in {images_dir}")
-    return DatasetInfo(layout="paired", root=root, samples=samples, problems=problems)
+            problems.append(mask_without_image(m, images_dir))
+    if groups:
+        notes.append(f"groups from {root / GROUPS_FILE}: {len(set(s.group for s in samples))} groups")
+    return DatasetInfo(layout="paired", root=root, samples=samples, problems=problems, notes=notes)
 
 
-register_layout(Layout("paired", detect, load, "images/ + masks/ paired by file stem"))
+register_layout(Layout("paired", detect, load, "images/ + masks/ paired by file stem (or img + img_masks)"))

@@ -1,0 +1,331 @@
+"""Describe a dataset folder and list its problems before anyone trains on it.
+
+:func:`inspect_dataset` reads every image and mask once and returns a plain dict (JSON-ready): the layout,
+counts of images, pairs, groups, classes and objects, image sizes, dtypes and channels, foreground fractions,
+negative controls (empty masks: valid data, only noted) and the hard problems, each with a kind:
+``unpaired``, ``unreadable``, ``shape`` (mask and image sizes differ) and ``mask_values`` (e.g. JPEG artefacts
+in a binary mask). :func:`format_report` turns the dict into text whose first line, when there are problems,
+says how to fix the most common kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnetlabError
+from .io import read_image
+from .layouts import load_dataset
+from .layouts.common import image_header, read_mask_raw
+from .sample import DatasetInfo, Sample
+
+log = logging.getLogger(__name__)
+
+FIXES = {
+    "unpaired": "every image needs a mask with the same file name (suffixes _mask, _masks, _label are fine) and "
+    "every mask an image: rename them, or move unlabelled images and stray masks out of the folder",
+    "unreadable": "re-export or remove the unreadable files listed below (empty, truncated or not an image)",
+    "shape": "each mask must have the height and width of its image: re-export the masks at the image size",
+    "mask_values": "masks hold in-between values (lossy JPEG?): save masks as PNG or TIFF, or threshold them "
+    "(value > half the maximum = object)",
+    "other": "see the problems listed below",
+}
+
+
+def _kind_of_layout_problem(text: str) -> str:
+    if "without a mask" in text or "without an image" in text or "no image file" in text or "no image named" in text:
+        return "unpaired"
+    if "cannot read" in text or "0 bytes" in text or "not found" in text:
+        return "unreadable"
+    return "other"
+
+
+def _kind_of_error(exc: UnetlabError) -> str:
+    text = str(exc)
+    if "mask value" in text or "fractional" in text or "negative values" in text or "NaN" in text:
+        return "mask_values"
+    if " is " in text and "others are" in text:
+        return "shape"
+    return "unreadable"
+
+
+def suspicious_mask_values(values: np.ndarray, counts: np.ndarray) -> str | None:
+    """Why a mask's value histogram looks like a damaged binary mask (e.g. JPEG artefacts), or None.
+
+    A binary mask saved lossily has most object pixels at the top value (255) and a spread of other values near
+    0 and near 255; instance labels have many values of similar counts and are not flagged.
+    """
+    if len(values) <= 2:
+        return None
+    top = int(values.max())
+    nonzero = counts[values != 0].sum()
+    at_top = counts[values == top].sum()
+    others = values[(values != 0) & (values != top)]
+    if top >= 200 and len(others) >= 2 and nonzero and at_top >= 0.5 * nonzero:
+        shown = ", ".join(str(int(v)) for v in others[:3]) + (", ..." if len(others) > 3 else "")
+        n_px = int(nonzero - at_top)
+        return (f"binary mask with {len(others)} values besides 0 and {top} ({shown}; {n_px} pixels): "
+                "looks like JPEG artefacts")
+    return None
+
+
+def _histogram(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = arr.ravel()
+    if flat.size and flat.min() >= 0 and flat.max() < 65536:
+        counts = np.bincount(flat)
+        values = np.flatnonzero(counts)
+        return values, counts[values]
+    return np.unique(flat, return_counts=True)
+
+
+def _count_objects(labels: np.ndarray) -> int:
+    if labels.max() <= 1:
+        from scipy import ndimage
+
+        return int(ndimage.label(labels > 0)[1])
+    return int(len(np.unique(labels)) - (labels.min() == 0))
+
+
+class _Collector:
+    """Accumulates per-sample findings (kept private: the public result is a plain dict)."""
+
+    def __init__(self, info: DatasetInfo) -> None:
+        self.info = info
+        self.problems: list[dict[str, str]] = [
+            {"kind": _kind_of_layout_problem(p), "message": p} for p in info.problems
+        ]
+        self.sizes: Counter[str] = Counter()
+        self.dtypes: Counter[str] = Counter()
+        self.channels: Counter[int] = Counter()
+        self.foreground: list[float] = []
+        self.objects: list[int] = []
+        self.negatives: list[str] = []
+        self.overlap_pixels = 0
+        self.overlap_images = 0
+        n_cls = len(info.classes)
+        self.class_pixels = np.zeros(n_cls, dtype=np.int64)
+        self.class_present = np.zeros(n_cls, dtype=np.int64)
+        self.total_pixels = 0
+
+    def problem(self, kind: str, message: str) -> None:
+        self.problems.append({"kind": kind, "message": message})
+
+    def image(self, sample: Sample) -> tuple[int, int] | None:
+        try:
+            _, _, _, dtype = image_header(sample.image)
+            img = read_image(sample.image)
+        except UnetlabError as exc:
+            self.problem("unreadable", str(exc))
+            return None
+        h, w = int(img.shape[1]), int(img.shape[2])
+        self.sizes[f"{h}x{w}"] += 1
+        self.dtypes[dtype] += 1
+        self.channels[int(img.shape[0])] += 1
+        return h, w
+
+    def _raw_mask(self, path: Path, shape: tuple[int, int], binary: bool) -> np.ndarray | None:
+        try:
+            raw = read_mask_raw(path)
+        except UnetlabError as exc:
+            self.problem("unreadable", str(exc))
+            return None
+        if raw.shape != shape:
+            self.problem("shape", f"{path}: mask is {raw.shape[0]}x{raw.shape[1]} but its image is "
+                                  f"{shape[0]}x{shape[1]}")
+            return None
+        if binary:
+            why = suspicious_mask_values(*_histogram(raw))
+            if why:
+                self.problem("mask_values", f"{path}: {why}")
+        if Path(path).suffix.lower() in (".jpg", ".jpeg") and binary:
+            self.problem("mask_values", f"{path}: mask saved as JPEG (lossy); save masks as PNG or TIFF")
+        return raw
+
+    def per_object_masks(self, sample: Sample, shape: tuple[int, int]) -> None:
+        """One binary file per object (kaggle_dsb): union, overlaps and object count without merging labels."""
+        cover = np.zeros(shape, dtype=np.uint16)
+        n = 0
+        for p in sample.mask_paths:
+            raw = self._raw_mask(p, shape, binary=True)
+            if raw is None:
+                continue
+            m = raw > 0
+            if m.any():
+                n += 1
+                cover += m
+        fg = cover > 0
+        overlap = int(cover.sum() - fg.sum())
+        if overlap:
+            self.overlap_pixels += overlap
+            self.overlap_images += 1
+        self._record(sample, float(fg.mean()), n)
+
+    def label_mask(self, sample: Sample, shape: tuple[int, int]) -> None:
+        """One label image per sample (or per-class files merged by the layout's loader)."""
+        multiclass = self.info.task == "multiclass"
+        if len(sample.mask_paths) > 1:  # per-class files: check each, count overlaps between classes
+            cover = np.zeros(shape, dtype=np.uint16)
+            for p in sample.mask_paths:
+                raw = self._raw_mask(p, shape, binary=True)
+                if raw is not None:
+                    cover += raw > 0
+            overlap = int((cover > 1).sum())
+            if overlap:
+                self.overlap_pixels += overlap
+                self.overlap_images += 1
+        try:
+            labels = sample.load_mask()
+        except UnetlabError as exc:
+            self.problem(_kind_of_error(exc), str(exc))
+            return
+        if labels.shape != shape:
+            where = sample.mask_paths[0] if sample.mask_paths else sample.image
+            self.problem("shape", f"{where}: mask is {labels.shape[0]}x{labels.shape[1]} but its image is "
+                                  f"{shape[0]}x{shape[1]}")
+            return
+        values, counts = _histogram(labels)
+        if multiclass:
+            self.total_pixels += labels.size
+            ok = values < len(self.class_pixels)
+            self.class_pixels[values[ok]] += counts[ok]
+            self.class_present[values[ok]] += 1
+            self._record(sample, float(counts[values != 0].sum() / labels.size), None)
+            return
+        if len(sample.mask_paths) == 1 and sample.mask_paths[0].suffix.lower() in (".jpg", ".jpeg"):
+            self.problem("mask_values", f"{sample.mask_paths[0]}: mask saved as JPEG (lossy); save masks as PNG "
+                                        "or TIFF")
+        else:
+            why = suspicious_mask_values(values, counts)
+            if why:
+                self.problem("mask_values", f"{sample.mask_paths[0] if sample.mask_paths else sample.name}: {why}")
+                return
+        self._record(sample, float(counts[values != 0].sum() / labels.size), _count_objects(labels))
+
+    def _record(self, sample: Sample, fg: float, objects: int | None) -> None:
+        self.foreground.append(fg)
+        if objects is not None:
+            self.objects.append(objects)
+        if fg == 0.0:
+            self.negatives.append(sample.name)
+
+
+def _summary(values: list[float] | list[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    return {"min": float(a.min()), "median": float(np.median(a)), "mean": float(a.mean()), "max": float(a.max())}
+
+
+def inspect_dataset(root: str | Path, layout: str | None = None, progress: bool | None = None,
+                    **options: Any) -> dict[str, Any]:
+    """Read every image and mask of the dataset at ``root`` and return counts, statistics and problems."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    info = load_dataset(root, layout, **options)
+    col = _Collector(info)
+    per_object = info.layout == "kaggle_dsb"
+    disable = None if progress is None else not progress  # None: only on a terminal
+    for sample in tqdm(info.samples, desc="inspect", unit="image", file=sys.stderr, disable=disable, leave=False):
+        shape = col.image(sample)
+        if shape is None:
+            continue
+        if per_object:
+            col.per_object_masks(sample, shape)
+        else:
+            col.label_mask(sample, shape)
+    n_unpaired_images = sum(1 for p in info.problems if "image without a mask" in p)
+    counts: Counter[str] = Counter(p["kind"] for p in col.problems)
+    fix = None
+    if col.problems:
+        kind, n = counts.most_common(1)[0]
+        fix = (f"{len(col.problems)} problem{'s' * (len(col.problems) != 1)} (most common: {kind}, {n}). "
+               f"Fix: {FIXES.get(kind, FIXES['other'])}.")
+    report: dict[str, Any] = {
+        "root": str(info.root),
+        "layout": info.layout,
+        "task": info.task,
+        "classes": list(info.classes),
+        "n_images": len(info.samples) + n_unpaired_images,
+        "n_pairs": len(info.samples),
+        "n_groups": len(info.groups),
+        "n_objects": int(sum(col.objects)) if col.objects else None,
+        "objects_per_image": _summary(col.objects),
+        "image_sizes": dict(col.sizes.most_common()),
+        "dtypes": dict(col.dtypes.most_common()),
+        "channels": {str(k): v for k, v in col.channels.most_common()},
+        "foreground": _summary(col.foreground),
+        "negative_controls": col.negatives,
+        "overlap_pixels": col.overlap_pixels,
+        "overlap_images": col.overlap_images,
+        "problems": col.problems,
+        "problem_counts": dict(counts),
+        "fix": fix,
+        "notes": list(info.notes),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if info.task == "multiclass":
+        n_img = max(len(col.foreground), 1)
+        report["class_fractions"] = {
+            c: float(col.class_pixels[i] / max(col.total_pixels, 1)) for i, c in enumerate(info.classes)
+        }
+        report["class_empty_images"] = {
+            c: int(n_img - col.class_present[i]) for i, c in enumerate(info.classes) if i > 0
+        }
+    return report
+
+
+def _fmt_counter(d: dict[str, int], limit: int = 8) -> str:
+    items = list(d.items())
+    text = ", ".join(f"{k} ({v})" for k, v in items[:limit])
+    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def format_report(d: dict[str, Any]) -> str:
+    """Human-readable text of an :func:`inspect_dataset` result; the first line is the fix when there are problems."""
+    lines = []
+    if d.get("fix"):
+        lines.append(d["fix"])
+    lines.append(f"dataset      {d['root']}")
+    lines.append(f"layout       {d['layout']} (task {d['task']})")
+    lines.append(f"images       {d['n_images']} ({d['n_pairs']} with masks), {d['n_groups']} groups")
+    if d["task"] == "multiclass":
+        names = d["classes"][1:]
+        lines.append(f"classes      {len(names)} (+ {d['classes'][0]}): {', '.join(names)}")
+        fr = d.get("class_fractions", {})
+        lines.append("pixels       " + ", ".join(f"{c} {100 * fr.get(c, 0):.1f}%" for c in d["classes"]))
+        empty = {c: n for c, n in d.get("class_empty_images", {}).items() if n}
+        if empty:
+            lines.append("absent in    " + ", ".join(f"{c}: {n}/{d['n_pairs']} images" for c, n in empty.items()))
+    elif d.get("n_objects") is not None:
+        o = d["objects_per_image"]
+        lines.append(f"objects      {d['n_objects']:,} ({o['min']:.0f} to {o['max']:.0f} per image, "
+                     f"median {o['median']:.0f})")
+    if d.get("overlap_pixels"):
+        lines.append(f"overlaps     {d['overlap_pixels']} pixels in {d['overlap_images']} images belong to two "
+                     "masks (resolved deterministically, see notes)")
+    lines.append(f"sizes        {_fmt_counter(d['image_sizes'])}")
+    lines.append(f"dtypes       {_fmt_counter(d['dtypes'])}; channels {_fmt_counter(d['channels'])}")
+    if d.get("foreground"):
+        f = d["foreground"]
+        lines.append(f"foreground   mean {100 * f['mean']:.1f}%, median {100 * f['median']:.1f}%, "
+                     f"min {100 * f['min']:.1f}%, max {100 * f['max']:.1f}%")
+    neg = d.get("negative_controls") or []
+    if neg:
+        shown = ", ".join(neg[:5]) + (", ..." if len(neg) > 5 else "")
+        lines.append(f"negatives    {len(neg)} empty masks (negative controls, valid data): {shown}")
+    for note in d.get("notes", []):
+        lines.append(f"note         {note}")
+    lines.append(f"read in      {d['seconds']:.1f} s")
+    if d["problems"]:
+        lines.append(f"problems     {len(d['problems'])}:")
+        lines += [f"  [{p['kind']}] {p['message']}" for p in d["problems"]]
+    else:
+        lines.append("problems     none")
+    return "\n".join(lines)

@@ -1,0 +1,396 @@
+"""Writing predictions: label images, masks, probability maps, outline overlays, per-object measurements,
+Kaggle run-length CSVs and ImageJ/Fiji ROI sets. Every writer is atomic (write, then rename) and refuses to
+write onto one of the ``protect`` paths (the input images)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import normalize_percentile, write_atomic, write_image
+from ..errors import UnetlabError
+
+log = logging.getLogger(__name__)
+
+RLE_STYLES = {
+    # style: (id column, rle column, pixel order) -- DSB 2018 numbers pixels column-major, Sartorius row-major
+    "dsb": ("ImageId", "EncodedPixels", "F"),
+    "sartorius": ("id", "predicted", "C"),
+}
+
+
+def check_output(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
+    """``path`` as a Path, after checking it is not one of the ``protect`` paths (inputs are never overwritten)."""
+    path = Path(path)
+    target = path.resolve()
+    for p in protect:
+        if Path(p).resolve() == target:
+            raise UnetlabError("refusing to overwrite an input file", path, "choose another output folder")
+    return path
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+
+
+def write_labels(path: str | Path, labels: np.ndarray, protect: Iterable[str | Path] = ()) -> Path:
+    """Write an instance label image as uint16 (TIFF or PNG); more than 65535 objects need a .tif (uint32)."""
+    path = check_output(path, protect)
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise UnetlabError(f"label image must be 2-D, got shape {lab.shape}", path)
+    top = int(lab.max(initial=0))
+    if top < 0 or lab.min(initial=0) < 0:
+        raise UnetlabError("label image has negative values", path)
+    if top <= 65535:
+        out = lab.astype(np.uint16)
+    elif path.suffix.lower() in (".tif", ".tiff"):
+        out = lab.astype(np.uint32)
+    else:
+        raise UnetlabError(f"{top} labels do not fit a 16-bit PNG", path, "write labels as .tif")
+    return write_image(path, out)
+
+
+def write_mask(path: str | Path, mask: np.ndarray, protect: Iterable[str | Path] = ()) -> Path:
+    """Write a binary mask as uint8 0/255 (PNG or TIFF)."""
+    path = check_output(path, protect)
+    return write_image(path, (np.asarray(mask) > 0).astype(np.uint8) * 255)
+
+
+def write_probabilities(path: str | Path, prob: np.ndarray, protect: Iterable[str | Path] = ()) -> Path:
+    """Write a probability map (H, W) or (C, H, W) as float32 TIFF."""
+    path = check_output(path, protect)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        raise UnetlabError("probability maps are written as float32 TIFF", path, "use a .tif name")
+    return write_image(path, np.asarray(prob, dtype=np.float32))
+
+
+def label_colors(n: int, seed: int = 0) -> np.ndarray:
+    """(n + 1, 3) uint8 distinct bright colours for labels 0..n (golden-ratio hues; row 0 is black)."""
+    import colorsys
+
+    hues = (np.arange(n) * 0.618033988749895 + 0.1 * seed) % 1.0
+    cols = [colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]
+    out = np.zeros((n + 1, 3), np.uint8)
+    if n:
+        out[1:] = np.round(np.asarray(cols) * 255).astype(np.uint8)
+    return out
+
+
+def to_rgb8(image: np.ndarray) -> np.ndarray:
+    """Display version of an image (H, W) or (C, H, W): percentile-normalised RGB uint8 (H, W, 3).
+
+    One channel is grey; two channels are red and green; three or more use the first three as RGB.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim != 3:
+        raise UnetlabError(f"cannot display an image of shape {img.shape}")
+    norm = np.clip(normalize_percentile(img, 1.0, 99.8), 0, 1)
+    if norm.shape[0] == 1:
+        rgb = np.repeat(norm, 3, axis=0)
+    elif norm.shape[0] == 2:
+        rgb = np.concatenate([norm, np.zeros_like(norm[:1])], axis=0)
+    else:
+        rgb = norm[:3]
+    return np.round(np.moveaxis(rgb, 0, -1) * 255).astype(np.uint8)
+
+
+def outline_overlay(image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of the image with each object's outline drawn in its own colour (or ``color``)."""
+    from ..data.targets import object_boundaries
+
+    rgb = to_rgb8(image)
+    lab = np.asarray(labels)
+    if lab.shape != rgb.shape[:2]:
+        raise UnetlabError(f"labels {lab.shape} and image {rgb.shape[:2]} differ in size")
+    edge = object_boundaries(lab)
+    if color is not None:
+        rgb[edge] = np.asarray(color, np.uint8)
+    else:
+        from ..evaluation.metrics import relabel_sequential
+
+        seq, n = relabel_sequential(lab)
+        rgb[edge] = label_colors(n)[seq[edge]]
+    return rgb
+
+
+def write_overlay(
+    path: str | Path, image: np.ndarray, labels: np.ndarray, protect: Iterable[str | Path] = ()
+) -> Path:
+    """Write :func:`outline_overlay` as an RGB PNG."""
+    path = check_output(path, protect)
+    return write_image(path, np.moveaxis(outline_overlay(image, labels), -1, 0))
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+
+_SHAPE_COLUMNS = {
+    "label": "ObjectNumber",
+    "area": "AreaShape_Area",
+    "centroid-1": "AreaShape_Center_X",
+    "centroid-0": "AreaShape_Center_Y",
+    "bbox-1": "AreaShape_BoundingBoxMinimum_X",
+    "bbox-0": "AreaShape_BoundingBoxMinimum_Y",
+    "bbox-3": "AreaShape_BoundingBoxMaximum_X",
+    "bbox-2": "AreaShape_BoundingBoxMaximum_Y",
+    "eccentricity": "AreaShape_Eccentricity",
+    "solidity": "AreaShape_Solidity",
+}
+
+
+def measure_objects(labels: np.ndarray, image: np.ndarray | None = None) -> list[dict]:
+    """One dict per object with CellProfiler-style names: ObjectNumber (the label), AreaShape_Area, _Center_X/Y,
+    _BoundingBoxMinimum/Maximum_X/Y (maximum exclusive), _Eccentricity, _Solidity and, given an image (C, H, W)
+    or (H, W), Intensity_MeanIntensity_ch<c> and Intensity_MaxIntensity_ch<c> per channel."""
+    from skimage.measure import regionprops_table
+
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise UnetlabError(f"label image must be 2-D, got shape {lab.shape}")
+    lab = lab.astype(np.int32, copy=False)
+    if not lab.any():
+        return []
+    props = ["label", "area", "centroid", "bbox", "eccentricity", "solidity"]
+    intensity = None
+    n_ch = 0
+    if image is not None:
+        img = np.asarray(image, dtype=np.float32)
+        img = img[None] if img.ndim == 2 else img
+        if img.shape[1:] != lab.shape:
+            raise UnetlabError(f"image {img.shape[1:]} and labels {lab.shape} differ in size")
+        n_ch = img.shape[0]
+        intensity = np.moveaxis(img, 0, -1)
+        props += ["intensity_mean", "intensity_max"]
+    table = regionprops_table(lab, intensity_image=intensity, properties=props)
+    columns: dict[str, np.ndarray] = {new: table[old] for old, new in _SHAPE_COLUMNS.items()}
+    for c in range(n_ch):
+        columns[f"Intensity_MeanIntensity_ch{c}"] = table[f"intensity_mean-{c}"]
+        columns[f"Intensity_MaxIntensity_ch{c}"] = table[f"intensity_max-{c}"]
+    n = len(columns["ObjectNumber"])
+    rows = []
+    for i in range(n):
+        row = {}
+        for k, v in columns.items():
+            x = v[i]
+            row[k] = int(x) if k == "ObjectNumber" or k.startswith(("AreaShape_Area", "AreaShape_Bounding")) else float(x)
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence], protect: Iterable[str | Path]) -> Path:
+    path = check_output(path, protect)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow(r)
+    text = buf.getvalue()
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "" if np.isnan(x) else f"{x:.6g}"
+    return str(x)
+
+
+def write_objects_csv(
+    path: str | Path, measurements: dict[str, list[dict]], protect: Iterable[str | Path] = ()
+) -> Path:
+    """One CSV row per object of every image: ``ImageName`` then the :func:`measure_objects` columns."""
+    cols: list[str] = []
+    for rows in measurements.values():
+        for r in rows:
+            for k in r:
+                if k not in cols:
+                    cols.append(k)
+    out_rows = ([name, *(_fmt(r.get(k, "")) for k in cols)] for name, rows in measurements.items() for r in rows)
+    return _write_csv(Path(path), ["ImageName", *cols], out_rows, protect)
+
+
+def summarize_objects(measurements: dict[str, list[dict]]) -> list[dict]:
+    """Per image: object count and the mean, median and total object area, and mean intensities per channel."""
+    out = []
+    for name, rows in measurements.items():
+        areas = np.asarray([r["AreaShape_Area"] for r in rows], dtype=np.float64)
+        s: dict = {"ImageName": name, "Count": len(rows)}
+        s["AreaShape_Area_Mean"] = float(areas.mean()) if len(areas) else float("nan")
+        s["AreaShape_Area_Median"] = float(np.median(areas)) if len(areas) else float("nan")
+        s["AreaShape_Area_Total"] = int(areas.sum())
+        for k in rows[0] if rows else []:
+            if k.startswith("Intensity_MeanIntensity_"):
+                s[f"{k}_Mean"] = float(np.mean([r[k] for r in rows]))
+        out.append(s)
+    return out
+
+
+def write_summary_csv(
+    path: str | Path, measurements: dict[str, list[dict]], protect: Iterable[str | Path] = ()
+) -> Path:
+    """One CSV row per image with the object count and area statistics (see :func:`summarize_objects`)."""
+    summary = summarize_objects(measurements)
+    cols: list[str] = []
+    for s in summary:
+        for k in s:
+            if k not in cols:
+                cols.append(k)
+    rows = ([_fmt(s.get(k, "")) for k in cols] for s in summary)
+    return _write_csv(Path(path), cols or ["ImageName", "Count"], rows, protect)
+
+
+# --- Kaggle run-length CSV ------------------------------------------------------------------------------------
+
+
+def write_rle_csv(
+    path: str | Path,
+    items: Sequence[tuple[str, np.ndarray]],
+    style: str = "dsb",
+    protect: Iterable[str | Path] = (),
+) -> Path:
+    """Write a Kaggle submission: one row per object (labels in increasing order, objects never overlap since
+    they come from label images); an image without objects gets one row with an empty mask.
+
+    ``style`` "dsb": header ``ImageId,EncodedPixels``, column-major runs; "sartorius": ``id,predicted``, row-major.
+    """
+    from ..data.rle import labels_to_rles
+
+    if style not in RLE_STYLES:
+        raise UnetlabError(f"unknown RLE style '{style}' (choose {', '.join(RLE_STYLES)})")
+    id_col, rle_col, order = RLE_STYLES[style]
+    rows = []
+    for image_id, labels in items:
+        lab = np.asarray(labels)
+        if lab.ndim != 2:
+            raise UnetlabError(f"labels of {image_id} must be 2-D, got shape {lab.shape}")
+        rles = [r for r in labels_to_rles(lab, order=order) if r]
+        rows.extend([image_id, r] for r in rles) if rles else rows.append([image_id, ""])
+    return _write_csv(Path(path), [id_col, rle_col], rows, protect)
+
+
+def _rle_columns(header: list[str], path: Path) -> tuple[int, int, str]:
+    low = [h.strip().lower() for h in header]
+    for id_col, rle_col, order in (
+        ("imageid", "encodedpixels", "F"),
+        ("id", "predicted", "C"),
+        ("id", "annotation", "C"),
+    ):
+        if id_col in low and rle_col in low:
+            return low.index(id_col), low.index(rle_col), order
+    raise UnetlabError(
+        f"CSV header {','.join(header[:4])!r} is not a run-length table",
+        path,
+        "expected ImageId,EncodedPixels (DSB) or id,predicted / id,annotation (Sartorius)",
+    )
+
+
+def read_rle_table(path: str | Path) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], str]:
+    """Parse a run-length CSV: ({image id: [rle, ...]}, {image id: (height, width)} where the CSV gives sizes,
+    pixel order "F" for DSB or "C" for Sartorius headers). Images with only empty rows map to []."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnetlabError("run-length CSV not found", path)
+    rles: dict[str, list[str]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise UnetlabError("run-length CSV is empty", path)
+        i_id, i_rle, order = _rle_columns(header, path)
+        low = [h.strip().lower() for h in header]
+        i_h = low.index("height") if "height" in low else None
+        i_w = low.index("width") if "width" in low else None
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                key, rle = row[i_id].strip(), row[i_rle].strip()
+                if i_h is not None and i_w is not None and key not in sizes and row[i_h] and row[i_w]:
+                    sizes[key] = (int(float(row[i_h])), int(float(row[i_w])))
+            except (IndexError, ValueError):
+                raise UnetlabError(f"line {line}: malformed row {','.join(row)[:60]!r}", path) from None
+            rles.setdefault(key, [])
+            if rle:
+                rles[key].append(rle)
+    return rles, sizes, order
+
+
+def read_rle_csv(path: str | Path) -> dict[str, list[str]]:
+    """Image id -> list of run-length strings from a DSB or Sartorius CSV (empty list for an image without objects)."""
+    return read_rle_table(path)[0]
+
+
+def rle_csv_labels(path: str | Path, shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Decode a run-length CSV into label images (objects numbered in row order); sizes come from the CSV's
+    Height/Width columns or from ``shapes``."""
+    from ..data.rle import rles_to_labels
+
+    rles, sizes, order = read_rle_table(path)
+    sizes = {**(shapes or {}), **sizes}
+    out = {}
+    for key, rr in rles.items():
+        if key not in sizes:
+            raise UnetlabError(f"no image size known for image id {key}", path, "the CSV has no Height/Width columns")
+        out[key] = rles_to_labels(rr, sizes[key], order=order)
+    return out
+
+
+# --- ImageJ ROIs ----------------------------------------------------------------------------------------------
+
+
+def label_outlines(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(label, polygon (N, 2) as x, y in ImageJ pixel coordinates) of each object's outer outline."""
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    lab = np.asarray(labels)
+    out = []
+    for i, sl in enumerate(ndi.find_objects(lab.astype(np.int64)), start=1):
+        if sl is None:
+            continue
+        crop = np.pad((lab[sl] == i).astype(np.float32), 1)
+        contours = find_contours(crop, 0.5)
+        if not contours:
+            continue
+        c = max(contours, key=len)
+        # crop coordinates -> image coordinates; ImageJ puts pixel (x, y) on [x, x + 1), its centre at x + 0.5
+        y = c[:, 0] - 1 + sl[0].start + 0.5
+        x = c[:, 1] - 1 + sl[1].start + 0.5
+        out.append((i, np.stack([x, y], axis=1)))
+    return out
+
+
+def write_imagej_rois(path: str | Path, labels: np.ndarray, protect: Iterable[str | Path] = ()) -> Path:
+    """Write each object's outline as a polygon ROI into an ImageJ/Fiji ROI zip (needs the ``roifile`` package)."""
+    path = check_output(path, protect)
+    try:
+        import roifile
+    except ImportError:
+        raise UnetlabError(
+            "writing ImageJ ROIs needs the 'roifile' package", path, "pip install roifile (or unetlab[roi])"
+        ) from None
+    if path.suffix.lower() != ".zip":
+        raise UnetlabError("ImageJ ROI sets are written as .zip", path)
+    rois = []
+    for label, poly in label_outlines(labels):
+        roi = roifile.ImagejRoi.frompoints(poly.astype(np.float32), name=f"{label:05d}")
+        rois.append(roi)
+    if not rois:
+        log.warning("%s: no objects, writing an empty ROI set", path)
+
+    def _write(tmp: Path) -> None:
+        import zipfile
+
+        if rois:
+            roifile.roiwrite(tmp, rois, mode="w")
+        else:
+            with zipfile.ZipFile(tmp, "w"):
+                pass
+
+    return write_atomic(path, _write)

@@ -97,6 +97,34 @@ def _run_augment_preview(args):
     return 0
 
 
+def _add_evaluate(p):
+    p.add_argument("--pred", required=True, help="folder of predicted masks/labels (or a run-length CSV)")
+    p.add_argument("--truth", required=True, help="folder of true masks/labels, a dataset folder or an RLE CSV")
+    p.add_argument("--invert-mask", action="store_true", help="the truth masks mark the background")
+    p.add_argument("--instances", action="store_true", help="also match objects (AP at IoU 0.5..0.95, DSB score)")
+    p.add_argument("--iou-thresholds", default=None, help="comma-separated IoU thresholds (default 0.5,0.55..0.95)")
+    p.add_argument("--out", default=None, help="write the report to this .json and per-image rows beside it as .csv")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+
+
+@command("evaluate", "Compare predicted masks with ground truth (Dice, IoU, object AP)")
+@with_args(_add_evaluate)
+def _run_evaluate(args):
+    from .evaluation.evaluate import evaluate, format_summary
+    from .evaluation.metrics import DEFAULT_IOU_THRESHOLDS
+
+    thresholds = DEFAULT_IOU_THRESHOLDS
+    if args.iou_thresholds:
+        try:
+            thresholds = [float(x) for x in args.iou_thresholds.split(",") if x.strip()]
+        except ValueError:
+            raise UnetlabError(f"bad --iou-thresholds {args.iou_thresholds!r} (expected e.g. 0.5,0.75)") from None
+    report = evaluate(args.pred, args.truth, invert_mask=args.invert_mask, instances=args.instances,
+                      out=args.out, iou_thresholds=thresholds, overwrite=args.overwrite)
+    print(format_summary(report))
+    return 0
+
+
 # --- end of commands -----------------------------------------------------------------------------------------
 
 

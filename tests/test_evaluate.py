@@ -175,3 +175,25 @@ def test_stardist_evaluate_self_and_perturbed(tmp_path):
     exp = [expected_tp(t) for t in rep["objects"]["thresholds"]]
     assert rep["objects"]["tp"] == exp
     assert rep["objects"]["dsb_score"] == pytest.approx(np.mean([e / (n_pred + 125 - e) for e in exp]))
+
+
+def test_multiclass_truth(tmp_path):
+    root, pred = tmp_path / "em", tmp_path / "pred"
+    write_image(root / "images" / "a.png", np.zeros((10, 10), np.uint8))
+    membrane = np.zeros((10, 10), np.uint8)
+    membrane[:, :3] = 255
+    mito = np.zeros((10, 10), np.uint8)
+    mito[5:9, 5:9] = 255
+    write_image(root / "masks_membrane" / "a.png", membrane)
+    write_image(root / "masks_mito" / "a.png", mito)
+    classes = np.zeros((10, 10), np.uint8)
+    classes[:, :2] = 1  # 20 of the 30 membrane pixels
+    classes[5:9, 5:9] = 2  # mitochondrion exact
+    write_image(pred / "a_mask.png", classes)
+    rep = evaluate(pred, root)
+    d = rep["mean"]["dice_per_class"]
+    assert len(d) == 3 and d[1] == pytest.approx(2 * 20 / 50) and d[2] == 1.0
+    assert rep["images"][0]["dice"] == pytest.approx((d[1] + d[2]) / 2)
+    assert "class" in format_summary(rep)
+    with pytest.raises(UnetlabError, match="multiclass"):
+        evaluate(pred, root, instances=True)

@@ -154,7 +154,7 @@ def _truth_source(truth: Path, invert: bool) -> _Source:
 
     info = load_dataset(truth, invert_mask=invert)
     loaders = {s.name: (lambda shape=None, s=s: s.load_mask()) for s in info.samples}
-    names = {s.name: (str(s.mask_paths[0].name) if s.mask_paths else s.name) for s in info.samples}
+    names = {s.name: (s.mask_paths[0].name if len(s.mask_paths) == 1 else s.name) for s in info.samples}
     log.info("ground truth: %d samples in the %s layout", len(info.samples), info.layout)
     return _Source(loaders, names, task=info.task, num_classes=len(info.classes), problems=list(info.problems))
 
@@ -200,6 +200,7 @@ def _evaluate_pair(p: np.ndarray, t: np.ndarray, instances: bool, thresholds, ta
     if task == "multiclass":
         dices = dice_per_class(p, t, k)
         row["dice_per_class"] = dices
+        row.update({f"dice_class{c}": d for c, d in enumerate(dices)})
         row["dice"] = float(np.mean(dices[1:])) if k > 1 else dices[0]
         row["accuracy"] = float(np.mean(p == t))
         return row
@@ -382,7 +383,7 @@ def format_summary(report: dict) -> str:
         lines.append(f"DSB score (mean over images of AP at IoU {obj['thresholds'][0]:.2f}.."
                      f"{obj['thresholds'][-1]:.2f}): {obj['dsb_score']:.4f}")
     worst = sorted((r for r in report.get("images", []) if "dice" in r), key=lambda r: r["dice"])[:3]
-    if len(report.get("images", [])) > 3 and worst:
+    if len(report.get("images", [])) > 3 and worst and worst[0]["dice"] < 1.0:
         lines.append("lowest Dice: " + ", ".join(f"{r['image']} ({r['dice']:.3f})" for r in worst))
     for key, what in (("unpaired_pred", "predictions without ground truth"),
                       ("unpaired_truth", "ground truths without prediction")):

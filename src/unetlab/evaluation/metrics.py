@@ -180,7 +180,7 @@ def object_overlaps(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray
     ta = np.bincount(t.ravel(), minlength=n_t + 1)[1:]
     both = (p > 0) & (t > 0)
     keys = p[both].astype(np.int64) * (n_t + 1) + t[both]
-    if (n_p + 1) * (n_t + 1) <= 4_000_000:
+    if (n_p + 1) * (n_t + 1) <= 1_000_000:
         counts = np.bincount(keys, minlength=(n_p + 1) * (n_t + 1))
         uk = np.flatnonzero(counts)
         cnt = counts[uk]

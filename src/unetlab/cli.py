@@ -125,6 +125,101 @@ def _run_evaluate(args):
     return 0
 
 
+def _add_inspect(p):
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--layout", default=None, help="force a layout (default: detected)")
+    p.add_argument("--mask-dir", default=None, help="mask folder with another name (paired layout)")
+    p.add_argument("--classes", default=None, help="multiclass: comma-separated subset of classes")
+    p.add_argument("--invert-mask", action="store_true", help="masks mark background, not objects")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("inspect", "Describe a dataset folder and list its problems (exit code 2 when there are any)")
+@with_args(_add_inspect)
+def _run_inspect(args):
+    import json
+
+    from .data.inspect import format_report, inspect_dataset
+
+    classes = [c for c in args.classes.split(",") if c] if args.classes else None
+    report = inspect_dataset(args.data, args.layout, mask_dir=args.mask_dir, classes=classes,
+                             invert_mask=args.invert_mask)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 2 if report["problems"] else 0
+
+
+def _add_patchify(p):
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--size", type=int, required=True, help="patch size in pixels")
+    p.add_argument("--stride", type=int, default=None, help="step between patches (default: size)")
+    p.add_argument("--out", required=True, help="output folder (images/ + masks/)")
+    p.add_argument("--layout", default=None)
+    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
+
+
+@command("patchify", "Cut a dataset into overlapping image/mask patches (mirror-padded at the borders)")
+@with_args(_add_patchify)
+def _run_patchify(args):
+    from .data.patches import patchify
+
+    n = patchify(args.data, args.size, args.stride or args.size, args.out, layout=args.layout,
+                 overwrite=args.overwrite)
+    print(f"{n} patches written to {args.out}")
+    return 0
+
+
+def _add_subimages(p):
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--margin", type=int, default=16, help="pixels kept around each object")
+    p.add_argument("--out", required=True, help="output folder (images/ + masks/)")
+    p.add_argument("--layout", default=None)
+    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
+
+
+@command("subimages", "Cut one sub-image per object (or connected component) with its mask")
+@with_args(_add_subimages)
+def _run_subimages(args):
+    from .data.patches import cut_subimages
+
+    n = cut_subimages(args.data, args.margin, args.out, layout=args.layout, overwrite=args.overwrite)
+    print(f"{n} sub-images written to {args.out}")
+    return 0
+
+
+def _add_models(p):
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+@command("models", "List the model presets: parameters, receptive field, description")
+@with_args(_add_models)
+def _run_models(args):
+    import json
+
+    from .models.presets import format_presets_table, list_presets
+
+    rows = list_presets()
+    print(json.dumps(rows, indent=1) if args.json else format_presets_table(rows))
+    return 0
+
+
+def _add_export(p):
+    p.add_argument("run_dir", help="run folder written by `unetlab train`")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", default=None, help="file to write (default: RUN_DIR/model.onnx or model.pt)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+@command("export", "Export a trained model to ONNX or TorchScript (dynamic batch, height and width)")
+@with_args(_add_export)
+def _run_export(args):
+    from .inference.export import export_run
+
+    out = export_run(args.run_dir, args.fmt, args.out, overwrite=args.overwrite, opset=args.opset)
+    print(out)
+    return 0
+
+
 # --- end of commands -----------------------------------------------------------------------------------------
 
 

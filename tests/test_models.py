@@ -121,3 +121,77 @@ def test_presets_honour_channels():
     base = count_parameters(build_model(ModelConfig(preset="unet-slim", in_channels=1, out_channels=1)))
     # 2 extra input channels x 24 filters x 9 weights; 3 extra outputs x (24 weights + bias).
     assert count_parameters(slim) == base + 2 * 24 * 9 + 3 * 25
+
+
+def test_resnet34_unet_count_and_any_size():
+    from unetlab.models.resnet_unet import ResNetUNet
+
+    model = build_model(ModelConfig(preset="resnet34-unet", in_channels=3, out_channels=1))
+    assert count_parameters(model) == 24_351_921
+    encoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("stem", "stages")))
+    assert encoder == 21_284_672  # torchvision resnet34 without its fc layer
+    assert (model.depth, model.padding) == (5, "same")
+    # Any number of input channels; a narrow copy keeps the forward cheap.
+    narrow = ResNetUNet(5, 2, (1, 1, 1, 1), (8, 8, 8, 8), (4, 4, 4, 4, 4)).eval()
+    with torch.no_grad():
+        assert narrow(torch.randn(1, 5, 67, 93)).shape == (1, 2, 67, 93)
+    with pytest.raises(UnetlabError, match="same"):
+        build_model(ModelConfig(preset="resnet34-unet", in_channels=3, out_channels=1, padding="valid"))
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen))
+
+
+@pytest.mark.parametrize("kind", ["unet", "resnet"])
+def test_fuse_batchnorm_matches_unfused(kind):
+    from unetlab.models.fuse import fuse_batchnorm
+    from unetlab.models.resnet_unet import ResNetUNet
+
+    if kind == "unet":
+        model = build_model(small(base_width=8))
+    else:
+        model = ResNetUNet(2, 1, (2, 1, 1, 1), (8, 8, 16, 16), (8, 8, 4, 4, 4))
+    _randomise_batchnorm(model)
+    model.train()
+    fused = fuse_batchnorm(model)
+    assert model.training, "the original must be left as it was"
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert n_bn > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, model.in_channels, 45, 38)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_receptive_field_probe():
+    from unetlab.models.presets import receptive_field
+    from unetlab.models.unet import UNet
+
+    # A single 3x3 level: two valid convs, pool, two convs, up-conv, two convs: 5 + 1 + 8 + 4 = 18.
+    assert receptive_field(UNet(1, 1, [1, 1], "none", "valid", 0.0, "transpose")) == 18
+    # The field grows with depth and does not depend on padding mode for the same topology.
+    fields = [receptive_field(UNet(1, 1, [1] * (d + 1), "none", "same", 0.0, "transpose")) for d in (1, 2, 3)]
+    assert fields[0] == 18 and fields[0] < fields[1] < fields[2]
+
+
+def test_list_presets_and_table():
+    from unetlab.models.presets import PRESETS, format_presets_table, list_presets
+
+    rows = list_presets()
+    by_name = {r["name"]: r for r in rows}
+    assert set(by_name) == set(PRESETS)
+    assert by_name["unet-paper"]["parameters"] == 31_030_658
+    assert by_name["unet-slim"]["parameters"] == 4_418_449
+    assert by_name["resnet34-unet"]["parameters"] == 24_351_921
+    # The published U-Net needs 572 px of input for 388 px of output: its field is at least 572 - 388 + 1.
+    assert by_name["unet-paper"]["receptive_field"] >= 185
+    assert by_name["resnet34-unet"]["receptive_field"] > by_name["unet-slim"]["receptive_field"]
+    table = format_presets_table(rows)
+    assert "31,030,658" in table and "resnet34-unet" in table

@@ -110,17 +110,47 @@ def center_crop_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return x[:, :, dh : dh + ref.shape[-2], dw : dw + ref.shape[-1]]
 
 
+@torch.jit.unused
+def _sym_min(a: int, b: int) -> int:
+    return torch.sym_min(a, b)
+
+
+def _min(a: int, b: int) -> int:
+    # torch.sym_min keeps symbolic sizes symbolic under torch.export; TorchScript has the builtin min.
+    if torch.jit.is_scripting():
+        return min(a, b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):  # sizes under torch.jit.trace
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return _sym_min(a, b)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad bottom/right so H and W are multiples of ``multiple``: reflect, replicate where the image is too small.
 
     Written branch-free (reflect as far as the image allows, replicate for the rest) so that it exports with
-    dynamic H and W.
+    dynamic H and W (ONNX through torch.export, TorchScript through scripting).
     """
     h = x.shape[-2]
     w = x.shape[-1]
     ph = (multiple - h % multiple) % multiple
     pw = (multiple - w % multiple) % multiple
-    rh = torch.sym_min(ph, h - 1)
-    rw = torch.sym_min(pw, w - 1)
+    rh = _min(ph, h - 1)
+    rw = _min(pw, w - 1)
     x = F.pad(x, [0, rw, 0, rh], mode="reflect")
     return F.pad(x, [0, pw - rw, 0, ph - rh], mode="replicate")
+
+
+class UpBlock(nn.Module):
+    """One decoder level: x2 up-sampling, concatenation with the (centre-cropped if needed) skip, two convs."""
+
+    def __init__(self, up: nn.Module, conv: nn.Module, crop: bool) -> None:
+        super().__init__()
+        self.up = up
+        self.conv = conv
+        self.crop = crop
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        if self.crop:
+            skip = center_crop_to(skip, x)
+        return self.conv(torch.cat([skip, x], dim=1))

@@ -6,7 +6,7 @@ Every builder takes a :class:`~unetlab.config.ModelConfig` and honours ``in_chan
 
 from __future__ import annotations
 
-import math
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -54,7 +54,7 @@ def _check_choice(key: str, value: str, known: tuple[str, ...]) -> None:
         raise UnetlabError(f"unknown model.{key} {value!r} (known: {', '.join(known)})")
 
 
-@register("unet", "generic U-Net: depth, base width or widths, norm, padding, dropout, upsample from the config")
+@register("unet", "generic U-Net from the config (default: depth 4, widths 32-512, batch norm, bilinear, same)")
 def build_unet(cfg: ModelConfig) -> nn.Module:
     """The generic U-Net with every option taken from the config."""
     from .blocks import NORMS, PADDINGS, UPSAMPLES
@@ -109,6 +109,20 @@ def build_unet_slim(cfg: ModelConfig) -> nn.Module:
     return UNet(cin, cout, SLIM_WIDTHS, "batch", cfg.padding, cfg.dropout, "bilinear")
 
 
+@register("resnet34-unet", "ResNet-34 encoder (any input channels) + pixel-shuffle ICNR decoder, same padding (24.4M)")
+def build_resnet34_unet(cfg: ModelConfig) -> nn.Module:
+    """ResNet-34 U-Net (24,351,921 parameters for 3 in / 1 out); same padding only."""
+    from .resnet_unet import ResNetUNet
+
+    if cfg.padding != "same":
+        raise UnetlabError(f"preset resnet34-unet only supports padding 'same' (got {cfg.padding!r})")
+    cin, cout = _channels(cfg)
+    return ResNetUNet(cin, cout)
+
+
+CANONICAL_CHANNELS = {"unet-paper": (1, 2), "unet-paper-same": (1, 2), "resnet34-unet": (3, 1)}
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build the network named by ``cfg.preset``; unknown names are a UnetlabError listing the known ones."""
     preset = PRESETS.get(cfg.preset)
@@ -122,40 +136,100 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def receptive_field(model: nn.Module, max_size: int = 4096) -> int:
-    """Receptive field in pixels (rows) of the model's centre output pixel, by NaN propagation.
+def narrow_copy(model: nn.Module) -> nn.Module:
+    """A model with the same topology (so the same receptive field) but one channel per layer and no norm."""
+    from .resnet_unet import ResNetUNet
+    from .unet import UNet
 
-    A row of NaNs is placed in the input and the affected output rows are counted (max over 2**depth phases).
-    The model runs in eval mode on a thin strip; call it on a narrow copy (same topology, small widths).
+    if isinstance(model, UNet):
+        return UNet(model.in_channels, 1, [1] * len(model.widths), "none", model.padding, 0.0, model.upsample)
+    if isinstance(model, ResNetUNet):
+        return ResNetUNet(model.in_channels, 1, model.blocks, (1, 1, 1, 1), (1, 1, 1, 1, 1))
+    raise TypeError(f"no narrow copy for {type(model).__name__}")
+
+
+def receptive_field(model: nn.Module, max_size: int = 8192) -> int:
+    """Receptive field in pixels along one axis: how many input rows can change one output pixel.
+
+    Gradient probe on a copy whose convs average their inputs (positive weights, so no ReLU blocks a
+    path) and whose max-pools are average-pools of the same window; the widest band of input rows with a
+    non-zero gradient over ``2**depth`` output rows (every pooling phase) is the field. Pass a narrow copy
+    (:func:`narrow_copy`): the field depends on the topology only, and norms are left out of it.
     """
-    was_training = model.training
-    model.eval()
-    depth = int(getattr(model, "depth", 0))
-    step = 2**depth
-    size = 64 * step
-    best = 0
+    probe = copy.deepcopy(model).float().eval()
+    for parent in list(probe.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
     with torch.no_grad():
-        while size <= max_size:
-            width = model.valid_input_size(step) if hasattr(model, "valid_input_size") else step
-            height = model.valid_input_size(size) if hasattr(model, "valid_input_size") else size
-            phases = step
-            x = torch.zeros(phases, int(getattr(model, "in_channels", 1)), height, width)
-            centre = height // 2
-            for k in range(phases):
-                x[k, :, centre + k, :] = math.nan
-            y = model(x)
-            offset = (height - y.shape[-2]) // 2
-            best = 0
-            touches_border = False
-            for k in range(phases):
-                rows = torch.isnan(y[k]).any(dim=0).any(dim=-1).nonzero().flatten()
-                if len(rows):
-                    best = max(best, int(rows.max() - rows.min()) + 1)
-                    if int(rows.min()) == 0 or int(rows.max()) == y.shape[-2] - 1:
-                        touches_border = True
-            del offset
-            if not touches_border:
-                break
-            size *= 2
-    model.train(was_training)
-    return best
+        for m in probe.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.fill_(m.weight.shape[0] / m.weight.numel())
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+    step = 2 ** int(getattr(model, "depth", 0))
+    size = 64 * step
+    while True:
+        height = model.valid_input_size(size)
+        x = torch.ones(step, int(model.in_channels), height, model.valid_input_size(step), dtype=torch.float32,
+                       requires_grad=True)
+        y = probe(x)
+        centre = y.shape[-2] // 2
+        torch.stack([y[k, :, centre + k, :].sum() for k in range(step)]).sum().backward()
+        best, touches = 0, False
+        for k in range(step):
+            rows = (x.grad[k] != 0).any(dim=0).any(dim=-1).nonzero().flatten()
+            if len(rows):
+                best = max(best, int(rows.max() - rows.min()) + 1)
+                touches = touches or int(rows.min()) == 0 or int(rows.max()) == height - 1
+        if not touches or size * 2 > max_size:
+            return best
+        size *= 2
+
+
+_RF_CACHE: dict[str, int] = {}
+
+
+def _preset_receptive_field(name: str, model: nn.Module) -> int:
+    if name not in _RF_CACHE:
+        _RF_CACHE[name] = receptive_field(narrow_copy(model))
+    return _RF_CACHE[name]
+
+
+def list_presets() -> list[dict]:
+    """One dict per preset: name, in/out channels counted, parameter count, receptive field, description."""
+    out = []
+    for name, preset in PRESETS.items():
+        cin, cout = CANONICAL_CHANNELS.get(name, (1, 1))
+        cfg = ModelConfig(preset=name, in_channels=cin, out_channels=cout)
+        with torch.device("meta"):  # count without allocating or initialising the weights
+            model = preset.builder(cfg)
+        out.append(
+            {
+                "name": name,
+                "in_channels": cin,
+                "out_channels": cout,
+                "parameters": count_parameters(model),
+                "receptive_field": _preset_receptive_field(name, model),
+                "description": preset.description,
+            }
+        )
+    return out
+
+
+def format_presets_table(rows: list[dict]) -> str:
+    """The presets as an aligned text table (``unetlab models``)."""
+    header = ("preset", "in/out", "parameters", "receptive field", "description")
+    lines = [(r["name"], f"{r['in_channels']}/{r['out_channels']}", f"{r['parameters']:,}",
+              f"{r['receptive_field']} px", r["description"]) for r in rows]
+    widths = [max(len(str(x[i])) for x in [header, *lines]) for i in range(4)]
+    out = []
+    for row in [header, *lines]:
+        out.append("  ".join([str(row[0]).ljust(widths[0]), str(row[1]).rjust(widths[1]),
+                              str(row[2]).rjust(widths[2]), str(row[3]).rjust(widths[3]), str(row[4])]))
+    return "\n".join(out)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .blocks import NORMS, PADDINGS, UPSAMPLES, DoubleConv, center_crop_to, make_upsample, pad_to_multiple
+from .blocks import NORMS, PADDINGS, UPSAMPLES, DoubleConv, UpBlock, make_upsample, pad_to_multiple
 
 
 def _valid_output_or_none(n: int, depth: int, convs_per_level: int = 2) -> int | None:
@@ -84,6 +84,7 @@ class UNet(nn.Module):
         self.padding = padding
         self.upsample = upsample
         self.dropout_p = float(dropout)
+        self.multiple = 2**self.depth
 
         self.encoders = nn.ModuleList()
         cin = self.in_channels
@@ -92,13 +93,12 @@ class UNet(nn.Module):
             cin = w
         self.pool = nn.MaxPool2d(2)
         self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
-        self.ups = nn.ModuleList()
-        self.decoders = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
         for level in range(self.depth - 1, -1, -1):
             skip = self.widths[level]
             up, up_channels = make_upsample(upsample, cin, skip)
-            self.ups.append(up)
-            self.decoders.append(DoubleConv(up_channels + skip, skip, norm, padding))
+            conv = DoubleConv(up_channels + skip, skip, norm, padding)
+            self.up_blocks.append(UpBlock(up, conv, crop=padding == "valid"))
             cin = skip
         self.head = nn.Conv2d(cin, self.out_channels, 1)
 
@@ -114,26 +114,29 @@ class UNet(nn.Module):
             return int(n)
         return valid_input_size_for(int(n), self.depth)
 
+    @torch.jit.unused
+    def _check_input_size(self, h: int, w: int) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+        self.output_size(int(h))
+        self.output_size(int(w))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[-2]
         w = x.shape[-1]
         if self.padding == "same":
-            x = pad_to_multiple(x, 2**self.depth)
-        elif not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            self.output_size(int(h))
-            self.output_size(int(w))
-        skips = []
-        for i, enc in enumerate(self.encoders):
-            x = enc(x)
+            x = pad_to_multiple(x, self.multiple)
+        elif not torch.jit.is_scripting():
+            self._check_input_size(h, w)
+        skips: list[torch.Tensor] = []
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(x)
             if i < self.depth:
                 skips.append(x)
                 x = self.pool(x)
         x = self.dropout(x)
-        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
-            x = up(x)
-            if self.padding == "valid":
-                skip = center_crop_to(skip, x)
-            x = dec(torch.cat([skip, x], dim=1))
+        for i, block in enumerate(self.up_blocks):
+            x = block(x, skips[self.depth - 1 - i])
         x = self.head(x)
         if self.padding == "same":
             x = x[:, :, :h, :w]

@@ -101,6 +101,9 @@ def test_export_replaces_existing_file_atomically(tmp_path):
 def test_export_errors(tmp_path):
     with pytest.raises(UnetlabError, match="format"):
         export_model(tiny_unet(), "tflite", tmp_path / "m", 1)
+    with pytest.raises(UnetlabError, match="input channels"):
+        export_model(tiny_unet(), "onnx", tmp_path / "m.onnx", 3)
+    assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(UnetlabError, match="not found"):
         load_onnx(tmp_path / "missing.onnx")
     bad = tmp_path / "bad.onnx"

@@ -106,9 +106,16 @@ def test_unknown_preset_and_bad_options_are_user_errors():
 
 
 def test_preset_parameter_counts():
+    with torch.device("meta"):  # count without allocating/initialising 31M weights
+        _check_preset_counts()
+
+
+def _check_preset_counts():
     paper = build_model(ModelConfig(preset="unet-paper", in_channels=1, out_channels=2))
     assert count_parameters(paper) == 31_030_658
     assert paper.padding == "valid" and paper.output_size(572) == 388
+    with_dropout = build_model(ModelConfig(preset="unet-paper", in_channels=1, out_channels=2, dropout=0.5))
+    assert isinstance(with_dropout.dropout, torch.nn.Dropout) and with_dropout.dropout.p == 0.5
     same = build_model(ModelConfig(preset="unet-paper-same", in_channels=1, out_channels=2))
     assert count_parameters(same) == 31_030_658 and same.padding == "same"
     slim = build_model(ModelConfig(preset="unet-slim", in_channels=1, out_channels=1))

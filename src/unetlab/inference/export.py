@@ -46,6 +46,9 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise UnetlabError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+    model_channels = getattr(model, "in_channels", None)
+    if model_channels is not None and int(model_channels) != int(in_channels):
+        raise UnetlabError(f"the model takes {model_channels} input channels, not {in_channels}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().float().eval()

@@ -24,10 +24,11 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=1, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        xf = x.float()  # statistics in float32 also under bf16/fp16 autocast
+        mean = xf.mean(dim=1, keepdim=True)
+        var = (xf - mean).pow(2).mean(dim=1, keepdim=True)
+        xf = (xf - mean) / torch.sqrt(var + self.eps)
+        return (xf * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
 
 
 def group_count(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:

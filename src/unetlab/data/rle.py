@@ -22,12 +22,11 @@ def rle_encode(mask: np.ndarray, order: str = "F") -> str:
     return " ".join(map(str, runs))
 
 
-def rle_decode(rle: str, shape: tuple[int, int], order: str = "F") -> np.ndarray:
-    """Decode 'start length ...' into a boolean mask of ``shape`` (H, W)."""
-    h, w = int(shape[0]), int(shape[1])
+def _runs(rle: str | None, n_pixels: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Validated 0-based (starts, lengths) of an RLE string."""
     text = "" if rle is None else str(rle).strip()
     if text in ("", "nan", "-"):
-        return np.zeros((h, w), dtype=bool)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     try:
         nums = np.asarray(text.split(), dtype=np.int64)
     except ValueError:
@@ -35,13 +34,25 @@ def rle_decode(rle: str, shape: tuple[int, int], order: str = "F") -> np.ndarray
     if len(nums) % 2:
         raise UnetlabError("run-length string has an odd number of values")
     starts, lengths = nums[0::2] - 1, nums[1::2]
-    if len(starts) and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > h * w):
-        raise UnetlabError(f"run-length runs fall outside an image of {h}x{w}")
-    # +1 at each run start, -1 at each run end; a running sum > 0 marks covered pixels (runs may overlap)
-    edges = np.zeros(h * w + 1, dtype=np.int32)
-    np.add.at(edges, starts, 1)
-    np.add.at(edges, starts + lengths, -1)
-    out = np.cumsum(edges[:-1]) > 0
+    if len(starts) and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > n_pixels):
+        raise UnetlabError(f"run-length runs fall outside an image of {shape[0]}x{shape[1]}")
+    return starts, lengths
+
+
+def _run_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat pixel indices covered by the runs (one ``np.repeat``, no Python loop over runs)."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    run_begin = np.cumsum(lengths) - lengths  # where each run begins in the output
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - run_begin, lengths)
+
+
+def rle_decode(rle: str, shape: tuple[int, int], order: str = "F") -> np.ndarray:
+    """Decode 'start length ...' into a boolean mask of ``shape`` (H, W)."""
+    h, w = int(shape[0]), int(shape[1])
+    out = np.zeros(h * w, dtype=bool)
+    out[_run_indices(*_runs(rle, h * w, (h, w)))] = True
     return out.reshape((h, w), order=order)
 
 
@@ -50,10 +61,18 @@ def labels_to_rles(labels: np.ndarray, order: str = "F") -> list[str]:
     return [rle_encode(labels == v, order) for v in np.unique(labels) if v != 0]
 
 
-def rles_to_labels(rles: list[str], shape: tuple[int, int], order: str = "F") -> np.ndarray:
-    """Instance label image from one RLE per object (later objects do not overwrite earlier pixels)."""
-    out = np.zeros(shape, dtype=np.int32)
-    for i, r in enumerate(rles, start=1):
-        m = rle_decode(r, shape, order)
-        out[m & (out == 0)] = i
-    return out
+def rles_to_labels(rles: list[str], shape: tuple[int, int], order: str = "F", skip_empty: bool = False) -> np.ndarray:
+    """Instance label image from one RLE per object, numbered from 1 (earlier objects keep shared pixels).
+
+    With ``skip_empty`` an empty RLE takes no label number; otherwise object i always gets label i.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    runs = [_runs(r, h * w, (h, w)) for r in rles]
+    labels = np.arange(1, len(runs) + 1)
+    if skip_empty:
+        keep = [i for i, (_, n) in enumerate(runs) if n.sum() > 0]
+        runs, labels = [runs[i] for i in keep], np.arange(1, len(keep) + 1)
+    out = np.zeros(h * w, dtype=np.int32)
+    for (starts, lengths), label in zip(reversed(runs), labels[::-1]):  # earlier objects are painted last
+        out[_run_indices(starts, lengths)] = label
+    return out.reshape((h, w), order=order)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ...errors import UnetlabError
 from ..io import is_image_file
-from ..rle import rle_decode
+from ..rle import rles_to_labels
 from ..sample import DatasetInfo, Sample
 from . import Layout, register_layout
 from .common import image_size
@@ -94,18 +94,10 @@ def rle_labels(rles: tuple[str, ...], shape: tuple[int, int] | None, image: Path
     """Instance label image of one image from its RLE strings (the first object keeps shared pixels)."""
     if shape is None:
         shape = image_size(image)
-    out = np.zeros(shape, dtype=np.int32)
-    label = 0
-    for r in rles:
-        try:
-            m = rle_decode(r, shape, order)
-        except UnetlabError as exc:
-            raise UnetlabError(f"bad run-length mask for {image.stem}: {exc}", image) from None
-        if not m.any():
-            continue
-        label += 1
-        out[m & (out == 0)] = label
-    return out
+    try:
+        return rles_to_labels(list(rles), shape, order, skip_empty=True)
+    except UnetlabError as exc:
+        raise UnetlabError(f"bad run-length mask for {image.stem}: {exc}", image) from None
 
 
 def load(root: Path, csv_file: str | None = None, image_dir: str | None = None, rle_order: str | None = None,

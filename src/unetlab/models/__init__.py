@@ -7,7 +7,18 @@ contract (``forward``, ``padding``, ``output_size``, ``valid_input_size``, ``in_
 
 from __future__ import annotations
 
-from .presets import PRESETS, build_model, count_parameters
+from .fuse import fuse_batchnorm
+from .presets import PRESETS, build_model, count_parameters, list_presets, receptive_field
+from .resnet_unet import ResNetUNet
 from .unet import UNet
 
-__all__ = ["PRESETS", "UNet", "build_model", "count_parameters"]
+__all__ = [
+    "PRESETS",
+    "ResNetUNet",
+    "UNet",
+    "build_model",
+    "count_parameters",
+    "fuse_batchnorm",
+    "list_presets",
+    "receptive_field",
+]

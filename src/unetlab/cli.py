@@ -132,6 +132,10 @@ def _add_inspect(p):
     p.add_argument("--classes", default=None, help="multiclass: comma-separated subset of classes")
     p.add_argument("--invert-mask", action="store_true", help="masks mark background, not objects")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.epilog = ("layouts, detected in this order: timelapse (<exp>_raw_data/PosNNN + <exp>_masks/PosNNN), "
+                "kaggle_dsb (<id>/images + <id>/masks), pennfudan (PNGImages + PedMasks), multiclass "
+                "(masks_<class>/ folders, or class-index masks + codes.txt), paired (images/ + masks/, or "
+                "img + img_masks in one folder), rle_csv (CSV of run-length masks + image folder)")
 
 
 @command("inspect", "Describe a dataset folder and list its problems (exit code 2 when there are any)")

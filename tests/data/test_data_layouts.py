@@ -329,3 +329,17 @@ def test_detection_order_and_forced_layout(tmp_path):
     assert detect_layout(root) == "paired"
     forced = load_dataset(root, layout="rle_csv")
     assert forced.layout == "rle_csv" and int(forced.samples[0].load_mask().sum()) == 5
+
+
+def test_samples_pickle_for_worker_processes(tmp_path):
+    import pickle
+
+    _timelapse(tmp_path / "tl")
+    _kaggle(tmp_path / "kg")
+    sartorius = tmp_path / "rle"
+    _png(sartorius / "train" / "x.png", _img())
+    (sartorius / "train.csv").write_text(f"id,annotation,width,height\nx,1 7,{W},{H}\n")
+    for root in (tmp_path / "tl", tmp_path / "kg", sartorius):
+        sample = load_dataset(root).samples[0]
+        clone = pickle.loads(pickle.dumps(sample))
+        np.testing.assert_array_equal(clone.load_mask(), sample.load_mask())

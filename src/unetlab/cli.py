@@ -46,6 +46,146 @@ def with_args(add: Callable[[argparse.ArgumentParser], None]):
 # Each block: the flags, then the call into the public API. Keep logic out of this file.
 # (Helpers add their command blocks above the "end of commands" marker.)
 
+CONFIG_SECTIONS = {"data": "data", "model": "model", "train": "training", "postprocess": "post-processing"}
+
+
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config leaf (``--lr``, ``--patch-size``, ``--aug-elastic`` ...); only given flags override."""
+    from .config import leaf_keys
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, (section, _field, typ, default) in leaf_keys().items():
+        if name in skip:
+            continue
+        sec = section.split(".")[0]
+        g = groups.get(section)
+        if g is None:
+            title = "augmentation" if section.endswith("augment") else CONFIG_SECTIONS.get(sec, sec)
+            g = groups[section] = p.add_argument_group(f"{title} options (config '{section}')")
+        flag = "--" + name.replace("_", "-")
+        shown = default if not isinstance(default, (list, tuple)) else ",".join(map(str, default))
+        if typ is bool:
+            g.add_argument(flag, dest=f"cfg__{name}", nargs="?", const="true", default=argparse.SUPPRESS,
+                           metavar="BOOL", help=f"(default {shown})")
+        else:
+            g.add_argument(flag, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="V",
+                           help=f"(default {shown})")
+
+
+def config_from_args(args: argparse.Namespace, base=None):
+    """The RunConfig from ``--config`` YAML (or ``base``) with every given flag applied on top."""
+    from .config import RunConfig, apply_overrides
+
+    cfg = base if base is not None else (RunConfig.load(args.config) if getattr(args, "config", None)
+                                         else RunConfig())
+    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__")}
+    if getattr(args, "data", None):
+        overrides["root"] = args.data
+    return apply_overrides(cfg, overrides)
+
+
+def _add_train(p):
+    p.add_argument("--data", help="dataset folder (any layout `unetlab inspect` recognises)")
+    p.add_argument("--out", help="run folder to create")
+    p.add_argument("--config", help="YAML config; flags override its keys")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p, skip=("root",))
+
+
+@command("train", "Train a U-Net on a folder of images and masks")
+@with_args(_add_train)
+def _run_train(args):
+    from pathlib import Path
+
+    from .config import RunConfig
+    from .training import train
+
+    if args.resume:
+        base = RunConfig.load(Path(args.resume) / "config.yaml")
+        cfg = config_from_args(args, base)
+        result = train(cfg, args.resume, resume=True, progress=not args.no_progress and None)
+    else:
+        if not args.out:
+            raise UnetlabError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        cfg = config_from_args(args)
+        if not cfg.data.root:
+            raise UnetlabError("--data DIR is required")
+        result = train(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress and None)
+    if result.run_dir is not None:
+        print(f"best {cfg.train.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; "
+              f"run folder {result.run_dir}")
+    return 0
+
+
+def _add_predict(p):
+    p.add_argument("--model", required=True, help="run folder written by `unetlab train`")
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
+    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap as a fraction (default 0.25)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
+    p.add_argument("--instances", action="store_true", help="write instance labels, counts and measurements")
+    p.add_argument("--overlays", action="store_true", help="write outline overlay PNGs")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    p.add_argument("--rle", metavar="CSV", help="write a Kaggle run-length submission CSV")
+    p.add_argument("--rle-style", default="dsb", choices=["dsb", "sartorius"])
+    p.add_argument("--rois", action="store_true", help="write ImageJ/Fiji ROI zips of the object outlines")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (slow first call)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
+    p.add_argument("--resume", action="store_true", help="skip images whose outputs already exist")
+    p.add_argument("--skip-bad", action="store_true", help="go on past unreadable images, listing them")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("predict", "Predict masks (and instance labels, counts) for new images with a trained run")
+@with_args(_add_predict)
+def _run_predict(args):
+    from .inference.predict import predict
+
+    s = predict(args.model, args.input, args.out, tile=args.tile, overlap=args.overlap,
+                batch_size=args.batch_size, device=args.device, precision=args.precision,
+                probabilities=args.probabilities, instances=args.instances, overlays=args.overlays,
+                tta=args.tta, rle=args.rle, rle_style=args.rle_style, rois=args.rois, overwrite=args.overwrite,
+                resume=args.resume, skip_bad=args.skip_bad, backend=args.backend, compile=args.compile,
+                progress=not args.no_progress and None)
+    if s["rank"] == 0:
+        msg = f"predicted {s['predicted']} image(s) into {s['out']}"
+        if s["skipped_done"]:
+            msg += f" ({s['skipped_done']} already done)"
+        if s.get("objects"):
+            msg += f"; {sum(s['objects'].values())} objects"
+        print(msg)
+        if s["bad"]:
+            print(f"{len(s['bad'])} bad file(s) skipped:")
+            for b in s["bad"]:
+                print(f"  {b}")
+    return 0
+
+
+def _add_demo(p):
+    p.add_argument("--out", default="unetlab_demo", help="folder for the synthetic data, run and predictions")
+    p.add_argument("--minutes", type=float, default=2.0, help="training time budget in minutes (default 2)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("demo", "Generate synthetic cells, train a small U-Net, predict and score held-out images")
+@with_args(_add_demo)
+def _run_demo(args):
+    from .demo import run_demo
+
+    r = run_demo(args.out, minutes=args.minutes, overwrite=args.overwrite, seed=args.seed)
+    print(f"demo: held-out Dice {r['dice']:.3f} on {r['n_test']} synthetic images "
+          f"(training {r['train_seconds']:.0f} s); outputs in {r['out']}")
+    return 0
+
+
 def _add_weightmap(p):
     p.add_argument("mask", help="a mask or instance label image")
     p.add_argument("--out", required=True, help="PNG to write (colour-mapped weights)")

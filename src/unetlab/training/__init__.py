@@ -1,1 +1,5 @@
-"""training stage."""
+"""Training: the loop, losses, weight maps, schedules and the workbench tools."""
+
+from .trainer import TrainResult, train
+
+__all__ = ["TrainResult", "train"]

@@ -1,0 +1,261 @@
+"""Load a trained run and predict images of any size: tiled, batched, fast on CPU, streaming for huge images."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..data.channels import apply_channels
+from ..data.io import normalize
+from ..errors import UnetlabError
+from ..runfolder import checkpoint_path, load_checkpoint, read_json
+from .tiling import PredictFn, count_tiles, iter_tile_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A trained model with everything needed to use it: config, channels, classes, target kind."""
+
+    path: Path | None
+    config: RunConfig
+    model: nn.Module
+    info: dict = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.info["out_channels"])
+
+    @property
+    def activation(self) -> str:
+        """'sigmoid' for binary and distance targets, 'softmax' for boundary and multiclass ones."""
+        return activation_for(self.info.get("task", "binary"), self.info.get("target", "binary"))
+
+
+def activation_for(task: str, target: str) -> str:
+    """Output activation of a model trained on ``task``/``target``."""
+    return "softmax" if task == "multiclass" or target == "boundary" else "sigmoid"
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
+    """Load a run folder (weights from ``checkpoints/best.pt``, falling back to ``last.pt``), model in eval mode."""
+    from ..models import build_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UnetlabError("run folder not found", run_dir)
+    cfg = RunConfig.load(run_dir / "config.yaml")
+    info = read_json(run_dir / "model.json")
+    path = checkpoint_path(run_dir, checkpoint)
+    if not path.exists():
+        path = checkpoint_path(run_dir, "last")
+    state = load_checkpoint(path, map_location="cpu")
+    model = build_model(_model_cfg(cfg, info))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UnetlabError(f"weights do not fit the model in config.yaml ({str(exc).splitlines()[0]})", path) from None
+    model.eval().to(device)
+    return Run(run_dir, cfg, model, info)
+
+
+def _model_cfg(cfg: RunConfig, info: dict):
+    from dataclasses import replace
+
+    return replace(cfg.model, in_channels=int(info["in_channels"]), out_channels=int(info["out_channels"]))
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    return _cpu_flags_bf16()
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags_bf16() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in text or " amx_bf16" in text
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = fp32); 'auto' picks bf16/fp16 where it pays."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise UnetlabError(f"unknown precision '{precision}' (choose auto, fp32, bf16 or fp16)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
+
+
+def _dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """The k-th of the 8 flips/rotations of the last two axes (or its inverse)."""
+    rot, flip = k % 4, k >= 4
+    if not inverse:
+        if flip:
+            x = x.flip(-1)
+        return torch.rot90(x, rot, (-2, -1))
+    x = torch.rot90(x, -rot, (-2, -1))
+    return x.flip(-1) if flip else x
+
+
+def make_predict_fn(
+    model: nn.Module,
+    activation: str,
+    device: torch.device,
+    precision: str = "auto",
+    channels_last: bool = True,
+    fuse: bool = True,
+    tta: bool | list[int] = False,
+    compile: bool = False,
+) -> PredictFn:
+    """A function (B, C, H, W) numpy -> probabilities on ``device``: eval, BN folded, channels-last, autocast, TTA."""
+    from ..models import fuse_batchnorm
+
+    net = fuse_batchnorm(model) if fuse else model
+    net = net.eval().to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if compile:
+        net = torch.compile(net, dynamic=False)
+    dtype = resolve_precision(precision, device)
+    transforms = list(range(8)) if tta is True else (list(tta) if tta else [0])
+    pin = device.type == "cuda"
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = net(x)
+        y = y.float()
+        return torch.sigmoid(y) if activation == "sigmoid" else torch.softmax(y, dim=1)
+
+    def predict(batch: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(batch)
+        if pin:
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if transforms == [0]:
+                return run(x)
+            square = x.shape[-1] == x.shape[-2]
+            ks = [k for k in transforms if square or k % 2 == 0]
+            acc = None
+            for k in ks:
+                y = _dihedral(run(_dihedral(x, k)), k, inverse=True)
+                acc = y if acc is None else acc + y
+            return acc / len(ks)
+
+    return predict
+
+
+@dataclass
+class Predictor:
+    """Everything to turn a raw image into probabilities with one run: built once, used for many images."""
+
+    run: Run
+    device: torch.device
+    tile: int = 512
+    overlap: float = 0.25
+    batch_size: int = 4
+    margin: int = 0
+    predict_fn: PredictFn | None = None
+
+    @classmethod
+    def from_run(
+        cls,
+        run: Run,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        tile: int = 512,
+        overlap: float = 0.25,
+        batch_size: int = 4,
+        tta: bool | list[int] = False,
+        compile: bool = False,
+        margin: int = 0,
+        backend: str = "torch",
+        onnx_path: str | Path | None = None,
+    ) -> Predictor:
+        """Build the predict function for ``run`` (torch, or an exported ONNX model through onnxruntime)."""
+        from .._runtime import resolve_device
+
+        dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+        if backend == "onnx":
+            from .export import load_onnx
+
+            path = Path(onnx_path) if onnx_path else (run.path / "model.onnx")
+            fn = load_onnx(path)
+            act = run.activation
+
+            def predict(batch: np.ndarray) -> torch.Tensor:
+                y = torch.as_tensor(np.asarray(fn(torch.from_numpy(batch)))).float()
+                return torch.sigmoid(y) if act == "sigmoid" else torch.softmax(y, dim=1)
+
+            dev = torch.device("cpu")
+        elif backend == "torch":
+            predict = make_predict_fn(run.model, run.activation, dev, precision, tta=tta, compile=compile)
+        else:
+            raise UnetlabError(f"unknown backend '{backend}' (choose torch or onnx)")
+        return cls(run, dev, tile, overlap, batch_size, margin, predict)
+
+    def _geometry(self) -> dict:
+        m = self.run.model
+        align = int(getattr(m, "size_multiple", 2 ** int(getattr(m, "depth", 4))))
+        return dict(
+            tile=self.tile,
+            overlap=self.overlap,
+            align=align,
+            margin=self.margin,
+            output_size=getattr(m, "output_size", lambda s: s),
+            valid_input_size=getattr(m, "valid_input_size", lambda s: s),
+        )
+
+    def prepare(self, image: np.ndarray, source: str | Path | None = None) -> np.ndarray:
+        """Normalise and select channels of a raw (C, H, W) image as training did; checks the channel count."""
+        cfg = self.run.config.data
+        img = normalize(image, cfg.normalization, cfg.norm_low, cfg.norm_high)
+        img = apply_channels(img, cfg, None, source=source)
+        want = int(self.run.info["in_channels"])
+        if img.shape[0] != want:
+            raise UnetlabError(
+                f"image has {image.shape[0]} channel(s) but the model expects {self.run.info.get('image_channels', want)}",
+                source,
+            )
+        return img
+
+    def n_tiles(self, shape: tuple[int, int]) -> int:
+        """Number of tiles one image of ``shape`` needs."""
+        g = self._geometry()
+        return count_tiles(shape, g["tile"], g["overlap"], g["align"], g["margin"], g["output_size"],
+                           g["valid_input_size"])
+
+    def predict_prepared(self, image: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Probabilities (K, H, W) float32 for an already normalised (C, H, W) image."""
+        bands = [
+            b.cpu()
+            for _y0, _y1, b in iter_tile_rows(
+                self.predict_fn, image, self.run.out_channels, batch_size=self.batch_size, device=self.device,
+                progress=progress, **self._geometry()
+            )
+        ]
+        return torch.cat(bands, 1).numpy()
+
+    def predict_image(self, image: np.ndarray, source: str | Path | None = None,
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Probabilities (K, H, W) for a raw (C, H, W) image."""
+        return self.predict_prepared(self.prepare(image, source), progress)

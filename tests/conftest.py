@@ -1,0 +1,31 @@
+"""Shared fixtures: synthetic datasets made on the fly and the location of the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+def shared_data(name: str) -> Path:
+    """Path of a real dataset in ../shared/data, skipping the test when it is absent."""
+    p = SHARED_DATA / name
+    if not p.exists():
+        pytest.skip(f"real dataset ../shared/data/{name} is not available on this machine")
+    return p
+
+
+@pytest.fixture(scope="session")
+def synthetic_cells(tmp_path_factory) -> Path:
+    """A small paired dataset of synthetic 16-bit fluorescence cells (10 images of 128x128)."""
+    from unetlab.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("cells")
+    return write_synthetic_dataset(root, n_images=10, size=(128, 128), seed=3)

@@ -1,0 +1,89 @@
+"""Reading and writing images: bit depths, channel layouts, normalisation and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from unetlab.data.io import mask_to_labels, normalize_percentile, read_image, read_label, write_image
+from unetlab.errors import UnetlabError
+
+
+def test_png_8_and_16_bit_grayscale(tmp_path):
+    a8 = (np.arange(20 * 30) % 251).reshape(20, 30).astype(np.uint8)
+    a16 = (np.arange(20 * 30) * 97 % 65535).reshape(20, 30).astype(np.uint16)
+    Image.fromarray(a8).save(tmp_path / "a8.png")
+    Image.fromarray(a16).save(tmp_path / "a16.png")
+    r8, r16 = read_image(tmp_path / "a8.png"), read_image(tmp_path / "a16.png")
+    assert r8.shape == (1, 20, 30) and r8.dtype == np.float32
+    np.testing.assert_array_equal(r8[0], a8)
+    np.testing.assert_array_equal(r16[0], a16)  # 16-bit values survive, not scaled to 8 bits
+
+
+def test_rgb_and_rgba_become_channels_first(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    rgba = np.dstack([rgb, np.full((16, 24), 255, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    r = read_image(tmp_path / "rgb.png")
+    assert r.shape == (3, 16, 24)
+    np.testing.assert_array_equal(r[1], rgb[..., 1])
+    assert read_image(tmp_path / "rgba.png").shape == (3, 16, 24)  # alpha dropped
+
+
+def test_multichannel_tiff_both_axis_orders(tmp_path):
+    chw = np.random.default_rng(1).integers(0, 65535, (5, 32, 40), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "chw.tif", chw)
+    tifffile.imwrite(tmp_path / "hwc.tif", np.moveaxis(chw[:3], 0, -1), photometric="rgb")
+    r = read_image(tmp_path / "chw.tif")
+    assert r.shape == (5, 32, 40)
+    np.testing.assert_array_equal(r[4], chw[4])
+    assert read_image(tmp_path / "hwc.tif").shape == (3, 32, 40)
+
+
+def test_write_then_read_keeps_dtype_and_is_atomic(tmp_path):
+    labels = np.zeros((30, 30), np.uint16)
+    labels[5:10, 5:10] = 700
+    write_image(tmp_path / "l.tif", labels)
+    back = read_label(tmp_path / "l.tif")
+    assert back.max() == 700
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_mask_modes():
+    binary255 = np.array([[0, 255], [255, 0]])
+    np.testing.assert_array_equal(mask_to_labels(binary255), [[0, 1], [1, 0]])
+    inst = np.array([[0, 3], [7, 7]])
+    np.testing.assert_array_equal(mask_to_labels(inst), inst)
+
+
+def test_percentile_normalisation_maps_percentiles_to_0_1():
+    img = np.random.default_rng(2).normal(1000, 50, (2, 64, 64)).astype(np.float32)
+    img[1] *= 10
+    n = normalize_percentile(img, 1, 99)
+    for c in range(2):
+        assert np.percentile(n[c], 1) == pytest.approx(0, abs=1e-3)
+        assert np.percentile(n[c], 99) == pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not an image", None])
+def test_unreadable_files_give_one_line_error_naming_the_file(tmp_path, content):
+    p = tmp_path / "bad.tif"
+    if content is None:  # a truncated TIFF
+        tifffile.imwrite(p, np.ones((64, 64), np.uint16))
+        p.write_bytes(p.read_bytes()[:200])
+    else:
+        p.write_bytes(content)
+    with pytest.raises(UnetlabError) as e:
+        read_image(p)
+    assert "bad.tif" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nan_pixels_are_refused(tmp_path):
+    a = np.ones((8, 8), np.float32)
+    a[2, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", a)
+    with pytest.raises(UnetlabError, match="NaN"):
+        read_image(tmp_path / "nan.tif")

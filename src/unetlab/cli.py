@@ -90,6 +90,8 @@ def _add_train(p):
     p.add_argument("--config", help="YAML config; flags override its keys")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out images/masks that cannot be read or do not fit, listing them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p, skip=("root",))
 
@@ -105,17 +107,23 @@ def _run_train(args):
     if args.resume:
         base = RunConfig.load(Path(args.resume) / "config.yaml")
         cfg = config_from_args(args, base)
-        result = train(cfg, args.resume, resume=True, progress=not args.no_progress and None)
+        result = train(cfg, args.resume, resume=True, progress=not args.no_progress and None,
+                       skip_bad=args.skip_bad)
     else:
         if not args.out:
             raise UnetlabError("--out RUN_DIR is required (or --resume RUN_DIR)")
         cfg = config_from_args(args)
         if not cfg.data.root:
             raise UnetlabError("--data DIR is required")
-        result = train(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress and None)
+        result = train(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress and None,
+                       skip_bad=args.skip_bad)
     if result.run_dir is not None:
         print(f"best {cfg.train.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; "
               f"run folder {result.run_dir}")
+    if result.bad:
+        print(f"{len(result.bad)} bad file(s) left out:")
+        for b in result.bad:
+            print(f"  {b}")
     return 0
 
 
@@ -245,6 +253,8 @@ def _add_evaluate(p):
     p.add_argument("--iou-thresholds", default=None, help="comma-separated IoU thresholds (default 0.5,0.55..0.95)")
     p.add_argument("--out", default=None, help="write the report to this .json and per-image rows beside it as .csv")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--classes", default=None,
+                   help="multiclass truth: the classes the model predicts, in its order (e.g. membranes,mitochondrion)")
 
 
 @command("evaluate", "Compare predicted masks with ground truth (Dice, IoU, object AP)")
@@ -260,7 +270,8 @@ def _run_evaluate(args):
         except ValueError:
             raise UnetlabError(f"bad --iou-thresholds {args.iou_thresholds!r} (expected e.g. 0.5,0.75)") from None
     report = evaluate(args.pred, args.truth, invert_mask=args.invert_mask, instances=args.instances,
-                      out=args.out, iou_thresholds=thresholds, overwrite=args.overwrite)
+                      out=args.out, iou_thresholds=thresholds, overwrite=args.overwrite,
+                      classes=args.classes.split(",") if args.classes else None)
     print(format_summary(report))
     return 0
 
@@ -289,7 +300,12 @@ def _run_inspect(args):
     report = inspect_dataset(args.data, args.layout, mask_dir=args.mask_dir, classes=classes,
                              invert_mask=args.invert_mask)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
-    return 2 if report["problems"] else 0
+    if report["problems"]:
+        first, n = report["problems"][0]["message"], len(report["problems"])
+        more = f" (and {n - 1} more problem{'s' * (n > 2)}, listed above)" if n > 1 else ""
+        print(f"unetlab inspect: error: {first}{more}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _add_patchify(p):
@@ -364,6 +380,84 @@ def _run_export(args):
     return 0
 
 
+def _add_lr_find(p):
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--config", help="YAML config; flags override its keys")
+    p.add_argument("--steps", type=int, default=100, help="batches in the sweep (default 100)")
+    p.add_argument("--lr-min", type=float, default=1e-6, help="first learning rate (default 1e-6)")
+    p.add_argument("--lr-max", type=float, default=1.0, help="last learning rate (default 1)")
+    p.add_argument("--out", metavar="PNG", help="draw loss against learning rate into this PNG")
+    add_config_flags(p, skip=("root", "lr"))
+
+
+@command("lr-find", "Sweep the learning rate over training batches and suggest one (with a loss plot)")
+@with_args(_add_lr_find)
+def _run_lr_find(args):
+    from .training.tools import lr_find, plot_lr_find
+
+    result = lr_find(config_from_args(args), steps=args.steps, lr_min=args.lr_min, lr_max=args.lr_max)
+    if args.out:
+        plot_lr_find(result, args.out)
+    stop = ", stopped when the loss diverged" if result.diverged else ""
+    print(f"suggested learning rate {result.suggestion:.2e} ({result.method}; loss lowest at "
+          f"{result.lr_at_min:.2e}{stop}){'; plot ' + args.out if args.out else ''}")
+    return 0
+
+
+def _add_overfit(p):
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--config", help="YAML config; flags override its keys")
+    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2",
+                   help="comma-separated learning rates to try (default 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2)")
+    p.add_argument("--steps", type=int, default=200, help="most steps per learning rate (default 200)")
+    p.add_argument("--tolerance", type=float, default=0.1, help="loss that counts as memorised (default 0.1)")
+    add_config_flags(p, skip=("root", "lr"))
+
+
+@command("overfit", "Check that the model can memorise one batch (exit 1 when no learning rate gets there)")
+@with_args(_add_overfit)
+def _run_overfit(args):
+    from .training.tools import format_table, overfit_check
+
+    try:
+        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    except ValueError:
+        raise UnetlabError(f"bad --lrs {args.lrs!r} (expected e.g. 1e-3,1e-2)") from None
+    rows = overfit_check(config_from_args(args), lrs=lrs, steps=args.steps, tolerance=args.tolerance)
+    print(format_table(rows, ["lr", "start_loss", "best_loss", "steps_to_tolerance", "passed", "diverged",
+                              "seconds"]))
+    passed = [r for r in rows if r["passed"]]
+    if not passed:
+        print(f"no learning rate reached loss {args.tolerance} in {args.steps} steps: check masks, targets and "
+              f"loss (or allow more --steps)")
+        return 1
+    fastest = min(passed, key=lambda r: r["steps_to_tolerance"])
+    print(f"memorised one batch: fastest at lr {fastest['lr']:g} ({fastest['steps_to_tolerance']} steps)")
+    return 0
+
+
+def _add_compare(p):
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml", help="YAML configs to train and compare")
+    p.add_argument("--data", help="dataset folder (default: the configs' data.root, which must agree)")
+    p.add_argument("--out", required=True, help="folder for the runs, compare.csv and compare.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing compare folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p, skip=("root",))
+
+
+@command("compare", "Train several configs on the same split and seed; table and bar chart of the results")
+@with_args(_add_compare)
+def _run_compare(args):
+    from .training.tools import COMPARE_COLUMNS, compare, format_table
+
+    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__")}
+    rows = compare(args.configs, args.data, args.out, overrides=overrides, overwrite=args.overwrite,
+                   progress=not args.no_progress and None)
+    print(format_table(rows, COMPARE_COLUMNS))
+    print(f"table {args.out}/compare.csv, chart {args.out}/compare.png")
+    return 0
+
+
 # --- end of commands -----------------------------------------------------------------------------------------
 
 
@@ -377,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """The text of ``exc`` on one line (library messages sometimes span several)."""
+    return " ".join(str(exc).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnetlabError as exc:
         if args.debug:
             raise
-        print(f"unetlab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"unetlab {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"unetlab {args.command}: interrupted", file=sys.stderr)
@@ -410,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"unetlab {args.command}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            f"unetlab {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(run with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -49,6 +49,7 @@ class DataConfig:
 
     root: str = ""
     layout: str | None = None  # auto-detected when None
+    include: str | None = None  # only these samples: a text file of names (one per line), a glob or 're:<regex>'
     invert_mask: bool = False
     mask_dir: str | None = None  # paired layout: a mask folder with another name
     classes: list[str] | None = None  # multiclass: the subset of classes to train
@@ -125,6 +126,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     grad_accumulation: int = 1
     sync_batchnorm: bool = False
+    tune_postprocess: bool = True  # tune threshold/min size on validation images after training
 
 
 @dataclass

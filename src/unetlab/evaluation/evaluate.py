@@ -134,7 +134,7 @@ def _is_flat_label_folder(folder: Path) -> bool:
     return not any(split_suffix(s)[1] and split_suffix(s)[0] in stems for s in stems)
 
 
-def _truth_source(truth: Path, invert: bool) -> _Source:
+def _truth_source(truth: Path, invert: bool, classes: list[str] | None = None) -> _Source:
     if truth.is_file() and truth.suffix.lower() == ".csv":
         return _csv_source(truth, invert)
     if not truth.exists():
@@ -152,7 +152,7 @@ def _truth_source(truth: Path, invert: bool) -> _Source:
         return _Source(loaders, names)
     from ..data.layouts import load_dataset
 
-    info = load_dataset(truth, invert_mask=invert)
+    info = load_dataset(truth, invert_mask=invert, classes=classes)
     loaders = {s.name: (lambda shape=None, s=s: s.load_mask()) for s in info.samples}
     names = {s.name: (s.mask_paths[0].name if len(s.mask_paths) == 1 else s.name) for s in info.samples}
     log.info("ground truth: %d samples in the %s layout", len(info.samples), info.layout)
@@ -230,6 +230,7 @@ def evaluate(
     out: str | Path | None = None,
     iou_thresholds=DEFAULT_IOU_THRESHOLDS,
     overwrite: bool = False,
+    classes: list[str] | None = None,
 ) -> dict:
     """Compare predicted masks/labels in ``pred`` with the ground truth ``truth`` (paired by name).
 
@@ -252,7 +253,7 @@ def evaluate(
     thresholds = [float(x) for x in np.atleast_1d(np.asarray(iou_thresholds, dtype=np.float64)).round(6)]
     if instances and not thresholds:
         raise UnetlabError("no IoU thresholds given")
-    truth_src = _truth_source(truth, invert_mask)
+    truth_src = _truth_source(truth, invert_mask, classes)
     pred_src = _prediction_source(pred, instances)
     pairs, unpaired_pred, unpaired_truth = _pair(pred_src, truth_src)
     if unpaired_pred:

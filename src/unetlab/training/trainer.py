@@ -7,6 +7,7 @@ atomic checkpoints. ``train(..., resume=True)`` continues a stopped run exactly 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -26,8 +27,14 @@ from .. import __version__
 from .._runtime import resolve_device, seed_everything, tune_allocator
 from ..config import RunConfig
 from ..data.channels import apply_channels, channels_out
-from ..data.dataset import EpochSampler, PatchDataset, SampleCache, default_samples_per_epoch
-from ..data.io import read_image, write_atomic
+from ..data.dataset import (
+    EpochSampler,
+    PatchDataset,
+    SampleCache,
+    default_samples_per_epoch,
+    readable_samples,
+)
+from ..data.io import read_image, remove_stale_temporaries, write_atomic
 from ..data.layouts import load_from_config
 from ..data.split import load_split, save_split, split_samples
 from ..data.targets import target_channels
@@ -56,6 +63,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     recoveries: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    bad: list[str] = field(default_factory=list)  # files left out by --skip-bad, one line each
+    rank: int = 0  # under torchrun every rank returns the same result; rank 0 is the one to report it
 
 
 # --- setup ---------------------------------------------------------------------------------------------------
@@ -64,7 +73,10 @@ class TrainResult:
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
     if resume:
         if not checkpoint_path(out, "last").exists():
-            raise UnetlabError("nothing to resume: no checkpoints/last.pt", out, "start a new run without --resume")
+            raise UnetlabError("nothing to resume: no checkpoints/last.pt", out,
+                               "start again without --resume, with --overwrite to replace the folder")
+        if main:  # a run killed while writing a checkpoint leaves its temporary file behind
+            remove_stale_temporaries(out)
         return
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UnetlabError(
@@ -109,18 +121,36 @@ class Setup:
     val_samples: list
     model: nn.Module
     patch_in: int
+    bad: list[str] = field(default_factory=list)  # files left out (skip_bad), one line each
 
 
-def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D.DistInfo) -> Setup:
-    """Read and split the data, decide channels/classes, build the model (and save split and model info)."""
+def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D.DistInfo,
+                skip_bad: bool = False) -> Setup:
+    """Read and split the data, decide channels/classes, build the model (and save split and model info).
+
+    With ``skip_bad``, unpaired files and samples whose image or mask cannot be read (or does not fit) are
+    left out with a warning instead of stopping the run.
+    """
     from ..models import build_model
 
     data = load_from_config(cfg.data)
+    bad: list[str] = []
     if data.problems:
-        more = f" (and {len(data.problems) - 1} more; run `unetlab inspect`)" if len(data.problems) > 1 else ""
-        raise UnetlabError(f"{data.problems[0]}{more}")
+        if not skip_bad:
+            more = f" (and {len(data.problems) - 1} more)" if len(data.problems) > 1 else ""
+            raise UnetlabError(f"{data.problems[0]}{more}",
+                               hint="`unetlab inspect DATA` lists them; --skip-bad leaves them out")
+        bad += data.problems
     if not data.samples:
         raise UnetlabError("no image/mask pairs found", cfg.data.root)
+    if skip_bad:
+        data.samples, unreadable = readable_samples(data.samples, cfg.data)
+        bad += unreadable
+        if not data.samples:
+            raise UnetlabError(f"no usable image/mask pairs: all {len(unreadable)} are bad", cfg.data.root,
+                               f"e.g. {unreadable[0]}" if unreadable else None)
+    if bad:
+        log.warning("--skip-bad: leaving out %d bad file(s):\n  %s", len(bad), "\n  ".join(bad))
     split_cfg = cfg.data
     if resume and run_dir is not None and (run_dir / "split.json").exists():
         split_cfg = replace(cfg.data, split_file=str(run_dir / "split.json"))
@@ -144,7 +174,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     }
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch))
     patch_in = int(model.valid_input_size(cfg.data.patch_size)) if model.padding == "valid" else cfg.data.patch_size
-    return Setup(cfg, info, train_s, val_s, model, patch_in)
+    return Setup(cfg, info, train_s, val_s, model, patch_in, bad)
 
 
 def make_loss_fn(cfg: RunConfig, info: dict):
@@ -172,6 +202,20 @@ def foreground_counts(prob: torch.Tensor, labels: np.ndarray, info: dict) -> tup
     return batch_dice_counts(logit[None, None], target[None, None])
 
 
+def _predict_val_image(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: dict, device: torch.device,
+                       source, predict=None) -> torch.Tensor:
+    """Probabilities (K, H, W) on CPU of one normalised validation image with the tiled predictor."""
+    model.eval()
+    if predict is None:
+        predict = make_predict_fn(model, activation_for(info["task"], info["target"]), device,
+                                  precision=cfg.train.precision, channels_last=cfg.train.channels_last)
+    align = int(getattr(model, "size_multiple", 2 ** int(getattr(model, "depth", 4))))
+    image = apply_channels(image, cfg.data, None, source=source)
+    return tile_predict(predict, image, info["out_channels"], tile=max(cfg.data.patch_size, 256), overlap=0.25,
+                        align=align, batch_size=4, output_size=model.output_size,
+                        valid_input_size=model.valid_input_size, device=device).cpu()
+
+
 def validate(
     model: nn.Module, cache: SampleCache, indices: list[int], cfg: RunConfig, info: dict, device: torch.device,
     dist_info: D.DistInfo,
@@ -180,17 +224,12 @@ def validate(
     model.eval()
     predict = make_predict_fn(model, activation_for(info["task"], info["target"]), device,
                               precision=cfg.train.precision, channels_last=cfg.train.channels_last)
-    align = int(getattr(model, "size_multiple", 2 ** int(getattr(model, "depth", 4))))
-    tile = max(cfg.data.patch_size, 256)
     n = info["out_channels"] - 1 if info["task"] == "multiclass" else 1
     counts = torch.zeros(3, n, dtype=torch.float64)
     truth_fg = torch.zeros(2, dtype=torch.float64)  # (truth pixels, all pixels) for the all-foreground Dice
     for i in indices:
         item = cache[i]
-        image = apply_channels(item.image, cfg.data, None, source=cache.samples[i].image)
-        prob = tile_predict(predict, image, info["out_channels"], tile=tile, overlap=0.25, align=align,
-                            batch_size=4, output_size=model.output_size, valid_input_size=model.valid_input_size,
-                            device=device).cpu()
+        prob = _predict_val_image(model, item.image, cfg, info, device, cache.samples[i].image, predict)
         c = foreground_counts(prob, item.labels, info)
         counts += torch.stack([x.double().reshape(-1) for x in c])
         truth_fg += torch.tensor([float((item.labels > 0).sum()), float(item.labels.size)], dtype=torch.float64)
@@ -240,31 +279,34 @@ class Trainer:
         tune_allocator()
         self.out = Path(out) if out is not None else None
         self.progress = progress
-        device = resolve_device(cfg.train.device)
-        self.dist = D.init_distributed(device.type)
-        if self.dist.enabled and device.type == "cuda":
-            device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
         if cfg is None:  # resume with the run's own config
             if not resume or self.out is None:
                 raise UnetlabError("a config is needed to start a run")
             cfg = RunConfig.load(self.out / "config.yaml")
-        if self.out is not None:
-            _prepare_run_dir(self.out, resume, overwrite, self.dist.is_main)
-            D.barrier(self.dist)
+        device = resolve_device(cfg.train.device)
+        self.dist = D.init_distributed(device.type)
+        device = D.rank_device(device, self.dist)  # cuda:LOCAL_RANK under torchrun
+        if self.dist.enabled and device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.dist.enabled and cfg.train.sync_batchnorm and device.type != "cuda":
+            raise UnetlabError("sync_batchnorm needs CUDA GPUs (torch has no SyncBatchNorm on CPU)",
+                               hint="use --sync-batchnorm false, or --norm group (independent of the batch)")
+        if self.out is not None:  # rank 0 checks and creates the folder, the others wait (and share its error)
+            D.run_on_main(partial(_prepare_run_dir, self.out, resume, overwrite, True), self.dist)
         seed_everything(cfg.train.seed)
         if cfg.train.lr == "auto":
             from .tools import lr_find
 
             found = lr_find(cfg)
             log.info("lr-find suggests a learning rate of %.2e", found.suggestion)
-            cfg.train.lr = float(found.suggestion)
+            cfg.train.lr = D.broadcast_object(float(found.suggestion), self.dist)  # every rank the same
         elif isinstance(cfg.train.lr, str):
             raise UnetlabError(f"bad learning rate '{cfg.train.lr}' (a number or 'auto')")
         self.cfg = cfg
-        s = build_setup(cfg, self.out, resume, self.dist)
+        s = build_setup(cfg, self.out, resume, self.dist, skip_bad=skip_bad)
         self.info, self.train_samples, self.val_samples = s.info, s.train_samples, s.val_samples
+        self.bad = s.bad
         self.model = s.model.to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -285,10 +327,22 @@ class Trainer:
             self.train_samples, cfg.data, s.patch_in, 1, multiclass=self.info["task"] == "multiclass",
             weight_fn=weight_fn, seed=cfg.train.seed,
         )
-        self.train_cache_dataset.cache.preload()
+        # read (and cache) every training sample now: bad files fail here, before any training
+        empty = check_loaded(self.train_cache_dataset.cache, self.info["image_channels"])
+        if len(empty) == len(self.train_samples):
+            raise UnetlabError(
+                f"all {len(empty)} training masks are empty (no foreground pixels): nothing to learn",
+                cfg.data.root, "masks must mark objects with non-zero values (--invert-mask if they mark the "
+                "background)")
+        if empty:
+            shown = ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else "")
+            log.warning("%d of %d training masks are empty (negative controls, fine when intended): %s",
+                        len(empty), len(self.train_samples), shown)
         length = cfg.data.samples_per_epoch or default_samples_per_epoch(self.train_cache_dataset.cache,
                                                                             cfg.data.patch_size)
-        length = max(length, cfg.train.batch_size * self.dist.world_size)
+        # several ranks: a whole number of global batches, so every rank runs the same steps
+        length = D.distributed_samples_per_epoch(length, cfg.train.batch_size, self.dist.world_size,
+                                                 cfg.train.grad_accumulation)
         self.train_cache_dataset.length = length
         self.sampler = EpochSampler(length, self.dist.rank, self.dist.world_size)
         self.loader = DataLoader(
@@ -300,6 +354,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, float(cfg.train.lr))
         self.schedule = build_scheduler(self.optimizer, cfg.train, self.steps_per_epoch, cfg.train.epochs)
         self.val_cache = SampleCache(self.val_samples, cfg.data)
+        check_loaded(self.val_cache, self.info["image_channels"])  # a bad validation file fails now too
         self.amp_dtype = resolve_precision(cfg.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.teacher = self._load_teacher()
@@ -334,6 +389,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
             "config": self.cfg.to_dict(),
             "info": self.info,
+            "world_size": self.dist.world_size,
         }
 
     def _restore(self, state: dict) -> None:
@@ -348,6 +404,11 @@ class Trainer:
         self.bad_evals = int(state.get("bad_evals", 0))
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size and self.dist.is_main:
+            b = self.cfg.train.batch_size * self.cfg.train.grad_accumulation
+            log.warning("resuming a run trained on %d process(es) with %d: the global batch changes from %d to %d",
+                        saved_world, self.dist.world_size, b * saved_world, b * self.dist.world_size)
         log.info("resuming at epoch %d (best %s %.4f at epoch %d)", self.epoch + 1, self.cfg.train.monitor,
                  self.best, self.best_epoch)
 
@@ -401,28 +462,12 @@ class Trainer:
                    disable=disable, leave=False, dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(bar):
-            x = batch["image"].to(self.device, non_blocking=True)
-            if self.cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            target = batch["target"].to(self.device, non_blocking=True)
-            weight = batch.get("weight")
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = self.net(x)
-            h, w = logits.shape[-2:]
-            target = center_crop(target, h, w)
-            if weight is not None:
-                weight = center_crop(weight.to(self.device), h, w)
-            if self.teacher is not None:
-                tl = self._teacher_logits(x, h, w)
-                loss = distillation_loss(logits, tl, target, self.cfg.train.distill_weight,
-                                         self.cfg.train.distill_temperature, self.loss_fn, weight)
-            else:
-                loss = self.loss_fn(logits, target, weight)
-            if not torch.isfinite(loss):
-                raise _NonFinite(float(loss))
-            self.scaler.scale(loss / accum).backward()
-            if (step + 1) % accum == 0:
+            stepping = (step + 1) % accum == 0
+            # DDP: gradients are all-reduced only on the micro-batch that steps (no_sync on the others)
+            sync = self.net.no_sync() if self.dist.enabled and not stepping else contextlib.nullcontext()
+            with sync:
+                loss = self._forward_backward(batch, accum)
+            if stepping:
                 if self.cfg.train.grad_clip:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -437,10 +482,38 @@ class Trainer:
         t = D.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
         return float(t[0] / max(t[1], 1))
 
+    def _forward_backward(self, batch: dict, accum: int) -> torch.Tensor:
+        """Loss of one micro-batch, back-propagated (scaled by 1/accum); a non-finite loss on any rank raises."""
+        x = batch["image"].to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = batch["target"].to(self.device, non_blocking=True)
+        weight = batch.get("weight")
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.net(x)
+        h, w = logits.shape[-2:]
+        target = center_crop(target, h, w)
+        if weight is not None:
+            weight = center_crop(weight.to(self.device), h, w)
+        if self.teacher is not None:
+            tl = self._teacher_logits(x, h, w)
+            loss = distillation_loss(logits, tl, target, self.cfg.train.distill_weight,
+                                     self.cfg.train.distill_temperature, self.loss_fn, weight)
+        else:
+            loss = self.loss_fn(logits, target, weight)
+        bad = not bool(torch.isfinite(loss))
+        if D.any_rank(bad, self.dist):  # all ranks stop together: one rank alone would deadlock DDP
+            raise _NonFinite(float(loss) if bad else float("nan"))
+        self.scaler.scale(loss / accum).backward()
+        return loss
+
     def _recover(self, reason: str) -> bool:
         """Restore the last good state, lower the learning rate, reseed; False when out of recoveries."""
+        main = self.dist.is_main  # every rank recovers identically; rank 0 tells
         if len(self.recoveries) >= self.cfg.train.max_recoveries:
-            log.error("collapse (%s) and no recoveries left (%d used)", reason, len(self.recoveries))
+            (log.error if main else log.debug)("collapse (%s) and no recoveries left (%d used)", reason,
+                                               len(self.recoveries))
             return False
         n = len(self.recoveries) + 1
         if self.good_state is not None:
@@ -458,8 +531,9 @@ class Trainer:
         event = {"epoch": self.epoch + 1, "reason": reason, "lr_now": new_lr, "recovery": n,
                  "restored": "last good checkpoint" if self.good_state else "fresh weights"}
         self.recoveries.append(event)
-        log.warning("collapse guard: %s at epoch %d; restored %s, learning rate now %.2e (recovery %d of %d)",
-                    reason, self.epoch + 1, event["restored"], new_lr, n, self.cfg.train.max_recoveries)
+        (log.warning if main else log.debug)(
+            "collapse guard: %s at epoch %d; restored %s, learning rate now %.2e (recovery %d of %d)",
+            reason, self.epoch + 1, event["restored"], new_lr, n, self.cfg.train.max_recoveries)
         return True
 
     def fit(self) -> TrainResult:
@@ -524,14 +598,17 @@ class Trainer:
                 break
         seconds = time.time() - self.start_time
         result = TrainResult(self.out, self.best, self.best_epoch, self.epoch, self.history, self.recoveries,
-                             seconds)
+                             seconds, rank=self.dist.rank)
+        tuned = None
         if main and self.out is not None:
             self._write_metrics()
+            if cfg.train.tune_postprocess and self.info["task"] != "multiclass" and len(self.val_cache):
+                tuned = self._tune_postprocess()
             write_json(self.out / "summary.json", {
                 "best_metric": self.best, "monitor": cfg.train.monitor, "best_epoch": self.best_epoch,
                 "epochs_run": self.epoch, "stop_reason": stop_reason, "recoveries": self.recoveries,
                 "seconds_this_session": seconds, "last": self.history[-1] if self.history else {},
-                "unetlab_version": __version__,
+                "postprocess": tuned, "unetlab_version": __version__,
             })
             try:
                 plot_curves(self.history, self.out / "curves.png")
@@ -539,7 +616,36 @@ class Trainer:
                 log.warning("could not draw curves.png: %s", exc)
         if self.tb is not None:
             self.tb.close()
+        D.barrier(self.dist)  # the run folder is complete when train() returns on any rank
         return result
+
+    def _tune_postprocess(self) -> dict | None:
+        """Tune threshold/min size (and marker distance) of instance post-processing on the validation images
+        with the best weights, and store them in the run's config.yaml (used by ``predict --instances``)."""
+        from dataclasses import asdict
+
+        from ..inference.postprocess import tune_postprocess
+
+        best = checkpoint_path(self.out, "best")
+        model = copy.deepcopy(self.model)
+        if best.exists():
+            model.load_state_dict(load_checkpoint(best)["model"])
+        probs, truths = [], []
+        for i in range(min(len(self.val_cache), 32)):
+            item = self.val_cache[i]
+            probs.append(_predict_val_image(model, item.image, self.cfg, self.info, self.device,
+                                            self.val_cache.samples[i].image).numpy())
+            truths.append(item.labels)
+        try:
+            pp = tune_postprocess(probs, truths, self.info["target"], base=self.cfg.postprocess)
+        except Exception as exc:  # tuning is a convenience: never lose a finished run over it
+            log.warning("post-processing was not tuned: %s", exc)
+            return None
+        self.cfg.postprocess = pp
+        self.cfg.save(self.out / "config.yaml")
+        log.info("post-processing tuned on validation images: threshold %.2f, min size %d, min distance %d",
+                 pp.threshold, pp.min_size, pp.min_distance)
+        return asdict(pp)
 
     def _log_epoch(self, row: dict) -> None:
         if not self.dist.is_main:
@@ -615,14 +721,58 @@ def plot_curves(history: list[dict], path: Path) -> Path:
 
 
 def train(cfg: RunConfig | None, out: str | Path | None, resume: bool = False, overwrite: bool = False,
-          progress: bool | None = None) -> TrainResult:
-    """Train a U-Net as ``cfg`` describes, writing the run folder ``out``; ``resume`` continues a stopped run."""
-    trainer = Trainer(cfg, Path(out) if out is not None else None, resume=resume, overwrite=overwrite,
-                      progress=progress)
+          progress: bool | None = None, skip_bad: bool = False) -> TrainResult:
+    """Train a U-Net as ``cfg`` describes, writing the run folder ``out``; ``resume`` continues a stopped run.
+
+    ``skip_bad`` leaves out unreadable, unpaired or mismatched files (listed in ``TrainResult.bad``) instead
+    of stopping. A new run that fails before its first checkpoint leaves no run folder behind.
+    """
+    out = Path(out) if out is not None else None
+    existed = out is not None and out.exists()
+    new = out is not None and not resume and (not existed or (out.is_dir() and not any(out.iterdir())))
     try:
-        return trainer.fit()
+        trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, skip_bad=skip_bad, progress=progress)
+    except BaseException:
+        if new:
+            _remove_unstarted_run(out, existed)
+        raise
+    try:
+        result = trainer.fit()
+        result.bad = list(trainer.bad)
+        return result
+    except BaseException:
+        if new:
+            _remove_unstarted_run(out, existed)
+        raise
     finally:
         D.cleanup(trainer.dist)
+
+
+def check_loaded(cache: SampleCache, image_channels: int) -> list[str]:
+    """Read every sample of ``cache`` (kept when caching) and check its channels; the names of empty masks."""
+    empty = []
+    for i in range(len(cache)):
+        item = cache[i]
+        if item.image.shape[0] != image_channels:
+            raise UnetlabError(
+                f"image has {item.image.shape[0]} channel(s) but the first training image {image_channels}",
+                cache.samples[i].image, "give all images the same channels, or --skip-bad leaves it out")
+        if not item.labels.any():
+            empty.append(cache.samples[i].name)
+    return empty
+
+
+def _remove_unstarted_run(out: Path, existed: bool) -> None:
+    """Undo the folder of a new run that stopped before its first checkpoint, so the command can run again."""
+    import shutil
+
+    if not out.is_dir() or any((out / "checkpoints").glob("*.pt")):
+        return
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():  # the folder was there (empty) before: keep it, empty again
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 __all__ = ["TrainResult", "Trainer", "train", "plot_curves", "load_split", "read_json"]

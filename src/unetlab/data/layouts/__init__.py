@@ -49,6 +49,8 @@ def detect_layout(root: str | Path) -> str:
     for layout in LAYOUTS.values():
         if layout.detect(root):
             return layout.name
+    if not any(not p.name.startswith(".") for p in root.iterdir()):
+        raise UnetlabError("the data folder is empty", root, "put images/ and masks/ subfolders in it")
     raise UnetlabError(
         "no known dataset layout found",
         root,
@@ -74,8 +76,32 @@ def load_from_config(cfg: DataConfig) -> DatasetInfo:
     """Read the dataset a :class:`DataConfig` describes (root, layout, invert_mask, mask_dir, classes)."""
     if not cfg.root:
         raise UnetlabError("no data folder given", hint="pass DATA or set data.root")
-    return load_dataset(cfg.root, cfg.layout, invert_mask=cfg.invert_mask, mask_dir=cfg.mask_dir,
+    info = load_dataset(cfg.root, cfg.layout, invert_mask=cfg.invert_mask, mask_dir=cfg.mask_dir,
                         classes=cfg.classes)
+    if cfg.include:
+        info.samples = filter_samples(info.samples, cfg.include)
+    return info
+
+
+def filter_samples(samples: list, include: str) -> list:
+    """Keep the samples named in a text file (one name or group per line), or matching a glob / 're:<regex>'."""
+    import fnmatch
+    import re
+
+    path = Path(include)
+    if path.suffix in (".txt", ".csv", ".lst") or path.is_file():
+        if not path.is_file():
+            raise UnetlabError("include list not found", path)
+        names = {ln.strip().split(",")[0] for ln in path.read_text().splitlines() if ln.strip()}
+        kept = [s for s in samples if s.name in names or s.group in names]
+    elif include.startswith("re:"):
+        rx = re.compile(include[3:])
+        kept = [s for s in samples if rx.search(s.name)]
+    else:
+        kept = [s for s in samples if fnmatch.fnmatch(s.name, include)]
+    if not kept:
+        raise UnetlabError(f"--include {include} keeps none of the {len(samples)} samples")
+    return kept
 
 
 # Registration order is detection order: most specific first.

@@ -1,10 +1,53 @@
-"""unetlab: train U-Nets on folders of microscopy images and masks; predict masks, instance labels and counts."""
+"""unetlab: train U-Nets on folders of microscopy images and masks; predict masks, instance labels and counts.
+
+The public API mirrors the command line::
+
+    import unetlab
+    cfg = unetlab.RunConfig.load("config.yaml")            # or unetlab.config_with(root="data", epochs=20)
+    result = unetlab.train(cfg, "runs/r1")                   # a run folder
+    unetlab.predict("runs/r1", "new_images/", "predictions/", instances=True)
+    report = unetlab.evaluate("predictions/masks", "truth/")
+    run = unetlab.load_run("runs/r1")                        # model + config for your own code
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import RunConfig
+from typing import Any
+
+from .config import RunConfig, apply_overrides
 from .errors import UnetlabError
 
-__all__ = ["RunConfig", "UnetlabError", "__version__"]
+
+def config_with(**overrides: Any) -> RunConfig:
+    """The default RunConfig with leaf keys replaced, e.g. ``config_with(root="data", lr=1e-3, preset="unet-slim")``."""
+    return apply_overrides(RunConfig(), overrides)
+
+
+def __getattr__(name: str):  # lazy: `import unetlab` stays light (no torch import until needed)
+    if name == "train":
+        from .training import train
+
+        return train
+    if name == "predict":
+        from .inference.predict import predict
+
+        return predict
+    if name == "evaluate":
+        from .evaluation import evaluate
+
+        return evaluate
+    if name == "load_run":
+        from .inference.predictor import load_run
+
+        return load_run
+    if name == "load_dataset":
+        from .data.layouts import load_dataset
+
+        return load_dataset
+    raise AttributeError(f"module 'unetlab' has no attribute {name!r}")
+
+
+__all__ = ["RunConfig", "UnetlabError", "__version__", "config_with", "evaluate", "load_dataset", "load_run",
+           "predict", "train"]

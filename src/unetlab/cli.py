@@ -148,6 +148,8 @@ def _add_predict(p):
     p.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
     p.add_argument("--resume", action="store_true", help="skip images whose outputs already exist")
     p.add_argument("--skip-bad", action="store_true", help="go on past unreadable images, listing them")
+    p.add_argument("--split", choices=["val", "train"], default=None,
+                   help="with a dataset folder as --input: only the run's validation (or training) samples")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -161,7 +163,7 @@ def _run_predict(args):
                 probabilities=args.probabilities, instances=args.instances, overlays=args.overlays,
                 tta=args.tta, rle=args.rle, rle_style=args.rle_style, rois=args.rois, overwrite=args.overwrite,
                 resume=args.resume, skip_bad=args.skip_bad, backend=args.backend, compile=args.compile,
-                progress=not args.no_progress and None)
+                progress=not args.no_progress and None, split=args.split)
     if s["rank"] == 0:
         msg = f"predicted {s['predicted']} image(s) into {s['out']}"
         if s["skipped_done"]:

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ..config import PostprocessConfig
-from ..data.io import IMAGE_EXTENSIONS, is_image_file, read_image, write_atomic, write_image
+from ..data.io import (
+    IMAGE_EXTENSIONS,
+    is_image_file,
+    read_image,
+    remove_stale_temporaries,
+    write_atomic,
+    write_image,
+)
 from ..errors import UnetlabError
 from .predictor import Predictor, load_run
 
 log = logging.getLogger(__name__)
 
 
-def collect_inputs(path: str | Path) -> list[tuple[str, Path]]:
-    """(output name, file) for an image file or every image under a folder (recursively, sorted)."""
+def collect_inputs(path: str | Path, split_file: str | Path | None = None, split: str = "val"
+                   ) -> list[tuple[str, Path]]:
+    """(output name, file) for an image file, the images of a dataset folder (any layout; with ``split_file``
+    only the ``split`` side of a run's split.json), or every image under a plain folder (recursively, sorted)."""
     path = Path(path)
     if not path.exists():
         raise UnetlabError("input not found", path)
@@ -26,6 +36,24 @@ def collect_inputs(path: str | Path) -> list[tuple[str, Path]]:
         if not is_image_file(path):
             raise UnetlabError(f"not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})", path)
         return [(path.stem, path)]
+    from ..data.layouts import detect_layout, load_dataset
+
+    try:
+        layout = detect_layout(path)
+    except UnetlabError:
+        layout = None
+        if split_file:
+            raise
+    if layout is not None:  # a dataset folder: its images, not its masks
+        samples = load_dataset(path, layout).samples
+        if split_file:
+            from ..data.split import load_split
+
+            wanted = set(load_split(split_file)[split])
+            samples = [s for s in samples if s.name in wanted]
+            if not samples:
+                raise UnetlabError(f"none of the '{split}' samples of {split_file} are in this dataset", path)
+        return [(s.name.replace("/", "__"), s.image) for s in samples]
     files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
@@ -56,6 +84,9 @@ def _check_out(out: Path, input: Path, overwrite: bool, resume: bool) -> None:
         raise UnetlabError("output exists and is not a folder", out)
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise UnetlabError("output folder is not empty", out, "use --overwrite to replace or --resume to finish it")
+    if out.is_dir():  # temporaries of a run killed mid-write: never a finished output, so never kept
+        for tmp in remove_stale_temporaries(out):
+            log.info("removed %s, left by an interrupted run", tmp)
 
 
 def _foreground(prob: np.ndarray, run_info: dict, threshold: float) -> np.ndarray:
@@ -88,6 +119,7 @@ def predict(
     compile: bool = False,
     postprocess: PostprocessConfig | None = None,
     progress: bool | None = None,
+    split: str | None = None,
 ) -> dict:
     """Predict every image of ``input`` with the run ``model`` into ``out``; returns a summary dict.
 
@@ -96,15 +128,18 @@ def predict(
     """
     from tqdm.auto import tqdm
 
+    from .._runtime import resolve_device
     from ..training import distributed as D
     from . import writers
 
     out = Path(out)
-    inputs = collect_inputs(input)
-    _check_out(out, Path(input), overwrite, resume)
+    inputs = collect_inputs(input, Path(model) / "split.json" if split else None, split or "val")
+    # under torchrun: Gloo carries only the coordination (objects, barriers), whatever device predicts
+    dist = D.init_distributed("cpu", backend="gloo")
+    D.run_on_main(partial(_check_out, out, Path(input), overwrite, resume), dist)  # before any rank writes
     run = load_run(model)
-    dist = D.init_distributed("cpu" if device == "cpu" else ("cuda" if device.startswith("cuda") else "cpu"))
-    predictor = Predictor.from_run(run, device=device, precision=precision, tile=tile, overlap=overlap,
+    dev = D.rank_device(resolve_device(str(device)), dist)  # cuda:LOCAL_RANK under torchrun
+    predictor = Predictor.from_run(run, device=dev, precision=precision, tile=tile, overlap=overlap,
                                    batch_size=batch_size, tta=tta, compile=compile, backend=backend)
     pp = postprocess or run.config.postprocess
     multiclass = run.info.get("task") == "multiclass"
@@ -140,8 +175,10 @@ def predict(
     for name, f in mine:
         paths = output_paths(out, name, multiclass)
         needed = [paths["mask"]] + ([paths["prob"]] if probabilities else []) + (
-            [paths["labels"]] if want_labels else [])
-        if resume and all(p.exists() for p in needed) and not rle:
+            [paths["labels"]] if want_labels else []) + ([paths["overlay"]] if overlays or instances else []) + (
+            [out / "rois" / f"{name}.zip"] if rois else [])
+        if resume and all(p.exists() for p in needed) and _resume_done(name, f, paths, want_labels, bool(rle),
+                                                                         measurements, rle_items):
             skipped.append(name)
             bar.update(predictor.n_tiles(sizes[f]) if f in sizes else 1)
             continue
@@ -178,39 +215,74 @@ def predict(
             writers.write_overlay(paths["overlay"], raw, ndi.label(fg > 0)[0], protect)
         done.append(name)
     bar.close()
+    if rle:  # several ranks: one part each, joined by rank 0 below
+        part = Path(f"{rle}.rank{dist.rank}.part") if dist.enabled else Path(rle)
+        writers.write_rle_csv(part, rle_items, style=rle_style, protect=protect)
+    if dist.enabled:  # every rank's lists, in input order, as a single process would have them
+        parts = D.gather_objects({"done": done, "skipped": skipped, "bad": bad, "measurements": measurements},
+                                 dist)
+        order = {name: i for i, (name, _f) in enumerate(inputs)}
+        done = sorted((n for p in parts for n in p["done"]), key=order.__getitem__)
+        skipped = sorted((n for p in parts for n in p["skipped"]), key=order.__getitem__)
+        bad = [b for p in parts for b in p["bad"]]
+        merged = {n: m for p in parts for n, m in p["measurements"].items()}
+        measurements = {n: merged[n] for n in sorted(merged, key=order.__getitem__)}
+        if rle and dist.is_main:
+            _merge_rle_parts(Path(rle), [Path(f"{rle}.rank{r}.part") for r in range(dist.world_size)], order)
     summary = {"images": len(inputs), "predicted": len(done), "skipped_done": len(skipped), "bad": bad,
                "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
     if measurements:
-        suffix = f".rank{dist.rank}" if dist.enabled else ""
-        writers.write_objects_csv(out / f"objects{suffix}.csv", measurements, protect)
-        writers.write_summary_csv(out / f"counts{suffix}.csv", measurements, protect)
+        if dist.is_main:  # one objects.csv and counts.csv, whatever the number of ranks
+            writers.write_objects_csv(out / "objects.csv", measurements, protect)
+            writers.write_summary_csv(out / "counts.csv", measurements, protect)
         summary["objects"] = {k: len(v) for k, v in measurements.items()}
-    if rle:
-        writers.write_rle_csv(rle, rle_items, style=rle_style, protect=protect)
-    if dist.enabled:
-        D.barrier(dist)
-        if dist.is_main and measurements is not None:
-            _merge_rank_csvs(out, dist.world_size)
-    if bad:
+    D.barrier(dist)  # every output exists when predict() returns on any rank
+    D.cleanup(dist)
+    if bad and dist.is_main:
         log.warning("%d bad file(s) skipped:\n  %s", len(bad), "\n  ".join(bad))
     return summary
 
 
-def _merge_rank_csvs(out: Path, world: int) -> None:
-    """Concatenate per-rank objects/counts CSVs into one (rank 0, after a barrier)."""
-    for stem in ("objects", "counts"):
-        parts = [out / f"{stem}.rank{r}.csv" for r in range(world)]
-        parts = [p for p in parts if p.exists()]
-        if not parts:
-            continue
-        lines: list[str] = []
-        for i, p in enumerate(parts):
-            text = p.read_text().splitlines()
-            lines += text if i == 0 else text[1:]
-        body = "\n".join(lines) + "\n"
-        write_atomic(out / f"{stem}.csv", lambda tmp, b=body: Path(tmp).write_text(b))
-        for p in parts:
-            os.remove(p)
+def _merge_rle_parts(rle: Path, parts: list[Path], order: dict[str, int]) -> None:
+    """Join the ranks' run-length CSV parts into ``rle``: the rows of each image together, in input order."""
+    import csv
+
+    header: list[str] | None = None
+    groups: dict[str, list[list[str]]] = {}
+    for part in parts:
+        with part.open(newline="") as f:
+            rows = list(csv.reader(f))
+        header = header or rows[0]
+        for row in rows[1:]:
+            groups.setdefault(row[0], []).append(row)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header or [])
+    for name in sorted(groups, key=lambda n: order.get(n, len(order))):
+        w.writerows(groups[name])
+    text = buf.getvalue()
+    write_atomic(rle, lambda tmp: Path(tmp).write_text(text))
+    for part in parts:
+        part.unlink(missing_ok=True)
+
+
+def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bool, rle: bool,
+                 measurements: dict[str, list[dict]], rle_items: list) -> bool:
+    """For ``--resume``: collect what the tables need from an image's finished outputs (its labels); False when
+    they cannot be read, and the image is predicted again."""
+    if not want_labels:
+        return True
+    from ..data.io import read_label
+    from . import writers
+
+    try:
+        labels = read_label(paths["labels"])
+        measurements[name] = writers.measure_objects(labels, read_image(image))
+    except UnetlabError:
+        return False
+    if rle:
+        rle_items.append((name, labels))
+    return True
 
 
 def _predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:

@@ -631,7 +631,7 @@ class Trainer:
         if best.exists():
             model.load_state_dict(load_checkpoint(best)["model"])
         probs, truths = [], []
-        for i in range(min(len(self.val_cache), 32)):
+        for i in range(min(len(self.val_cache), 200)):
             item = self.val_cache[i]
             probs.append(_predict_val_image(model, item.image, self.cfg, self.info, self.device,
                                             self.val_cache.samples[i].image).numpy())
@@ -643,9 +643,17 @@ class Trainer:
             return None
         self.cfg.postprocess = pp
         self.cfg.save(self.out / "config.yaml")
-        log.info("post-processing tuned on validation images: threshold %.2f, min size %d, min distance %d",
-                 pp.threshold, pp.min_size, pp.min_distance)
-        return asdict(pp)
+        from ..evaluation.metrics import as_instance_labels, match_objects, pool_matches
+        from ..inference.postprocess import probabilities_to_labels
+
+        pooled = pool_matches([match_objects(probabilities_to_labels(p, self.info["target"], pp),
+                                             as_instance_labels(t)) for p, t in zip(probs, truths)])
+        scores = {"ap50": pooled["ap"][0], "ap_mean": pooled["ap_mean_pooled"], "dsb_score": pooled["dsb_score"],
+                  "n_images": len(probs)}
+        log.info("post-processing tuned on %d validation images: threshold %.2f, min size %d, min distance %d; "
+                 "object AP@0.5 %.3f, mean AP@0.5:0.95 %.3f (DSB score %.3f)", len(probs), pp.threshold,
+                 pp.min_size, pp.min_distance, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
+        return {**asdict(pp), "validation_objects": scores}
 
     def _log_epoch(self, row: dict) -> None:
         if not self.dist.is_main:
@@ -730,6 +738,7 @@ def train(cfg: RunConfig | None, out: str | Path | None, resume: bool = False, o
     out = Path(out) if out is not None else None
     existed = out is not None and out.exists()
     new = out is not None and not resume and (not existed or (out.is_dir() and not any(out.iterdir())))
+    new = new and D.launch_rank() == 0  # under torchrun rank 0 owns the folder (and undoes it)
     try:
         trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, skip_bad=skip_bad, progress=progress)
     except BaseException:

@@ -204,8 +204,7 @@ def test_torchrun_training_matches_one_process_and_only_rank0_writes(ddp_run, si
     assert summary["epochs_run"] == 2 and summary["stop_reason"] == "finished"
     # logs and the result line from rank 0 only
     assert r.stderr.count("epoch 2/2") == 1
-    printed = [line for line in r.stdout.splitlines() if "run folder" in line]
-    assert printed and len(set(printed)) == 1  # every rank has the same result (rank 0 alone should print it)
+    assert r.stdout.count("run folder") == 1  # rank 0 alone prints the result
 
 
 @pytest.mark.slow

@@ -117,6 +117,8 @@ def _run_train(args):
             raise UnetlabError("--data DIR is required")
         result = train(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress and None,
                        skip_bad=args.skip_bad)
+    if getattr(result, "rank", 0) != 0:
+        return 0
     if result.run_dir is not None:
         print(f"best {cfg.train.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; "
               f"run folder {result.run_dir}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,25 @@ def load_sample(sample: Sample, cfg: DataConfig) -> Loaded:
             sample.mask_paths[0] if sample.mask_paths else sample.image,
         )
     return Loaded(image, labels.astype(np.int32, copy=False))
+
+
+def readable_samples(samples: list[Sample], cfg: DataConfig) -> tuple[list[Sample], list[str]]:
+    """The samples whose image and mask read, agree in size and have the most common channel count, and one
+    line per sample left out (for ``--skip-bad``). Reads every sample once; nothing is kept in memory."""
+    good: list[tuple[Sample, int]] = []
+    bad: list[str] = []
+    for s in samples:
+        try:
+            item = load_sample(s, cfg)
+        except UnetlabError as exc:
+            bad.append(str(exc))
+            continue
+        good.append((s, int(item.image.shape[0])))
+    if good:
+        channels = Counter(c for _s, c in good).most_common(1)[0][0]
+        bad += [f"{s.image}: image has {c} channel(s), most images have {channels}" for s, c in good if c != channels]
+        good = [(s, c) for s, c in good if c == channels]
+    return [s for s, _c in good], bad
 
 
 class SampleCache:

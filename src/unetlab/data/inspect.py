@@ -34,6 +34,9 @@ FIXES = {
     "shape": "each mask must have the height and width of its image: re-export the masks at the image size",
     "mask_values": "masks hold in-between values (lossy JPEG?): save masks as PNG or TIFF, or threshold them "
     "(value > half the maximum = object)",
+    "empty": "every mask is empty: masks must mark objects with non-zero values (check the mask folder, or "
+    "--invert-mask if they mark the background)",
+    "channels": "all images need the same number of channels: convert the odd ones, or move them out",
     "other": "see the problems listed below",
 }
 
@@ -58,21 +61,25 @@ def _kind_of_error(exc: UnetlabError) -> str:
 def suspicious_mask_values(values: np.ndarray, counts: np.ndarray) -> str | None:
     """Why a mask's value histogram looks like a damaged binary mask (e.g. JPEG artefacts), or None.
 
-    A binary mask saved lossily has most object pixels at the top value (255) and a spread of other values near
-    0 and near 255; instance labels have many values of similar counts and are not flagged.
+    A binary mask saved lossily keeps its values near 0 (the background often becomes 1 or 2) and near the top
+    value (255), which holds most of the bright pixels, with next to nothing in between; instance labels spread
+    over the whole range (about half of their values lie in the middle half) and are not flagged.
     """
     if len(values) <= 2:
         return None
     top = int(values.max())
-    nonzero = counts[values != 0].sum()
-    at_top = counts[values == top].sum()
     others = values[(values != 0) & (values != top)]
-    if top >= 200 and len(others) >= 2 and nonzero and at_top >= 0.5 * nonzero:
-        shown = ", ".join(str(int(v)) for v in others[:3]) + (", ..." if len(others) > 3 else "")
-        n_px = int(nonzero - at_top)
-        return (f"binary mask with {len(others)} values besides 0 and {top} ({shown}; {n_px} pixels): "
-                "looks like JPEG artefacts")
-    return None
+    if top < 200 or len(others) < 2:
+        return None
+    middle = (values > 0.25 * top) & (values < 0.75 * top)
+    high = values >= 0.75 * top
+    at_top = counts[values == top].sum()
+    if middle.sum() > 0.1 * len(values) or at_top < 0.5 * counts[high].sum():
+        return None
+    shown = ", ".join(str(int(v)) for v in others[:3]) + (", ..." if len(others) > 3 else "")
+    n_px = int(counts[(values != 0) & (values != top)].sum())
+    return (f"binary mask with {len(others)} values besides 0 and {top} ({shown}; {n_px} pixels): "
+            "looks like JPEG artefacts")
 
 
 def _histogram(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +110,7 @@ class _Collector:
         self.sizes: Counter[str] = Counter()
         self.dtypes: Counter[str] = Counter()
         self.channels: Counter[int] = Counter()
+        self.channel_files: dict[int, list[str]] = {}
         self.foreground: list[float] = []
         self.objects: list[int] = []
         self.negatives: list[str] = []
@@ -127,6 +135,7 @@ class _Collector:
         self.sizes[f"{h}x{w}"] += 1
         self.dtypes[dtype] += 1
         self.channels[int(img.shape[0])] += 1
+        self.channel_files.setdefault(int(img.shape[0]), []).append(str(sample.image))
         return h, w
 
     def _raw_mask(self, path: Path, shape: tuple[int, int], binary: bool) -> np.ndarray | None:
@@ -240,6 +249,14 @@ def inspect_dataset(root: str | Path, layout: str | None = None, progress: bool 
             col.per_object_masks(sample, shape)
         else:
             col.label_mask(sample, shape)
+    if len(col.channels) > 1:  # training needs one channel layout
+        usual = col.channels.most_common(1)[0][0]
+        for c, files in col.channel_files.items():
+            if c != usual:
+                for f in files:
+                    col.problem("channels", f"{f}: image has {c} channel(s), most images have {usual}")
+    if col.foreground and not any(col.foreground):
+        col.problem("empty", f"{info.root}: all {len(col.foreground)} masks are empty (no foreground pixels)")
     n_unpaired_images = sum(1 for p in info.problems if "image without a mask" in p)
     counts: Counter[str] = Counter(p["kind"] for p in col.problems)
     fix = None

@@ -50,7 +50,8 @@ def _read_raw(path: Path) -> np.ndarray:
     except UnetlabError:
         raise
     except Exception as exc:  # corrupt, truncated or not an image at all
-        raise UnetlabError(f"cannot read image ({type(exc).__name__}: {exc})".replace("\n", " "), path) from exc
+        raise UnetlabError(f"cannot read image ({_reason(exc, path)})", path,
+                           "re-export the file, or move it out of the folder") from exc
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     if arr.ndim not in (2, 3):
@@ -58,6 +59,18 @@ def _read_raw(path: Path) -> np.ndarray:
         if arr.ndim not in (2, 3):
             raise UnetlabError(f"unsupported image shape {arr.shape}; expected 2-D or 2-D with channels", path)
     return arr
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """A short, one-line reason for a failed read: no repeated path, no multi-line library text."""
+    text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+    text = " ".join(text.split())
+    if type(exc).__name__ == "UnidentifiedImageError" or "cannot identify image file" in text:
+        return "not an image, or a damaged one"
+    if "truncated" in text or "failed to read" in text or "unexpected end" in text.lower():
+        detail = f": {text}" if "truncated" not in text else ""
+        return f"the file is cut short{detail}; an interrupted copy?"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def to_channels_first(arr: np.ndarray) -> np.ndarray:
@@ -113,9 +126,16 @@ def read_label(path: str | Path) -> np.ndarray:
 
 def mask_to_labels(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
     """Interpret a raw mask: {0, v} -> 0/1 binary; anything else is taken as instance labels (kept)."""
-    values = np.unique(arr)
+    values, counts = np.unique(arr, return_counts=True)
     if len(values) <= 2:
         return (arr > 0).astype(np.int32)
+    if values[-1] >= 200:  # many values up to ~255: a binary mask damaged by lossy compression?
+        from .inspect import suspicious_mask_values
+
+        why = suspicious_mask_values(values, counts)
+        if why:
+            raise UnetlabError(f"mask values fit no mask mode: {why}", path,
+                               "save masks as PNG or TIFF, or threshold them: value > half the maximum = object")
     return arr.astype(np.int32)
 
 
@@ -164,6 +184,25 @@ def write_atomic(path: str | Path, writer) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`write_atomic` leaves behind when a process is killed mid-write.
+
+    Only names of its exact form (``.<stem>.<8 random chars>.tmp<suffix>``) under ``folder`` are removed.
+    """
+    import re
+
+    pattern = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.rglob(".*.tmp*"):
+        if p.is_file() and pattern.match(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def write_image(path: str | Path, array: np.ndarray, compress: bool = True) -> Path:

@@ -280,13 +280,14 @@ def evaluate(
             t = truth_src.loaders[tk](p.shape)
         if p.shape != t.shape:
             problems.append(f"{pred_src.files[pk]}: size {p.shape} differs from the truth's {t.shape}; skipped")
-            log.warning(problems[-1])
             continue
         row = {"image": name, "pred_file": pred_src.files[pk], "truth_file": truth_src.files[tk]}
         row.update(_evaluate_pair(p, t, instances, thresholds, truth_src.task, truth_src.num_classes))
         rows.append(row)
     if not rows:
         raise UnetlabError("no prediction could be compared with its ground truth", pred, problems[0] if problems else None)
+    for problem in problems[len(truth_src.problems or []):]:  # after the check above: a failure stays one line
+        log.warning(problem)
     report = _summarize(rows, instances, multiclass, thresholds)
     report.update({
         "pred": str(pred), "truth": str(truth), "invert_mask": invert_mask, "instances": instances,

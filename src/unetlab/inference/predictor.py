@@ -234,7 +234,7 @@ class Predictor:
         if img.shape[0] != want:
             raise UnetlabError(
                 f"image has {image.shape[0]} channel(s) but the model expects {self.run.info.get('image_channels', want)}",
-                source,
+                source, "convert the image, or predict it with a model trained on such images",
             )
         return img
 

@@ -268,6 +268,12 @@ def collapsed(history: list[dict], patience: int) -> str | None:
     return "validation Dice stuck at 0" if stuck_zero else "validation Dice stuck at the all-foreground value"
 
 
+def healthy(row: dict) -> bool:
+    """Whether an evaluation row is a state worth returning to: Dice above 0 and not the all-foreground value."""
+    dice = row.get("val_dice", 0.0)
+    return dice > 1e-3 and abs(dice - row.get("all_foreground_dice", -1.0)) >= 1e-3
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -363,7 +369,8 @@ class Trainer:
         self.recoveries: list[dict] = []
         self.best = -math.inf
         self.best_epoch = -1
-        self.good_state: dict | None = None
+        self.good_state: dict | None = None  # the collapse guard's restore point (latest healthy evaluation)
+        self.good_epoch = -1
         self.bad_evals = 0
         self.start_time = time.time()
         self.tb = None
@@ -386,6 +393,9 @@ class Trainer:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "bad_evals": self.bad_evals,
+            # the restore point: usually this very state (then not stored twice), else its own copy
+            "good_epoch": self.good_epoch,
+            "good_state": self.good_state if self.good_epoch != self.epoch else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
             "config": self.cfg.to_dict(),
             "info": self.info,
@@ -402,6 +412,13 @@ class Trainer:
         self.recoveries = list(state["recoveries"])
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
         self.bad_evals = int(state.get("bad_evals", 0))
+        self.good_epoch = int(state.get("good_epoch", -1))
+        if self.good_epoch == self.epoch and self.good_epoch >= 0:
+            self.good_state = self._snapshot()
+        else:
+            self.good_state = state.get("good_state")
+        if self.recoveries:  # a recovery reseeded the patch stream
+            pass  # TEMP
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         saved_world = int(state.get("world_size", 1))
@@ -508,8 +525,10 @@ class Trainer:
         self.scaler.scale(loss / accum).backward()
         return loss
 
-    def _recover(self, reason: str) -> bool:
-        """Restore the last good state, lower the learning rate, reseed; False when out of recoveries."""
+    def _recover(self, reason: str, epoch: int) -> bool:
+        """Restore the last good state, lower the learning rate, reseed; False when out of recoveries.
+
+        ``epoch`` (1-based) is the epoch whose training or validation showed the collapse."""
         main = self.dist.is_main  # every rank recovers identically; rank 0 tells
         if len(self.recoveries) >= self.cfg.train.max_recoveries:
             (log.error if main else log.debug)("collapse (%s) and no recoveries left (%d used)", reason,
@@ -528,12 +547,13 @@ class Trainer:
         new_lr = scale_lr(self.schedule, RECOVERY_LR_FACTOR)
         torch.manual_seed(self.cfg.train.seed + 1000 * n)
         self.train_cache_dataset.seed = self.cfg.train.seed + 1000 * n
-        event = {"epoch": self.epoch + 1, "reason": reason, "lr_now": new_lr, "recovery": n,
-                 "restored": "last good checkpoint" if self.good_state else "fresh weights"}
+        event = {"epoch": epoch, "reason": reason, "lr_now": new_lr, "recovery": n,
+                 "restored": f"last good state (epoch {self.good_epoch})" if self.good_state else "fresh weights",
+                 "history_len": len(self.history)}  # collapse checks look only at evaluations after this
         self.recoveries.append(event)
         (log.warning if main else log.debug)(
             "collapse guard: %s at epoch %d; restored %s, learning rate now %.2e (recovery %d of %d)",
-            reason, self.epoch + 1, event["restored"], new_lr, n, self.cfg.train.max_recoveries)
+            reason, epoch, event["restored"], new_lr, n, self.cfg.train.max_recoveries)
         return True
 
     def fit(self) -> TrainResult:
@@ -553,7 +573,7 @@ class Trainer:
             try:
                 loss = self._train_epoch()
             except _NonFinite as exc:
-                if not self._recover(f"non-finite loss ({exc.value})"):
+                if not self._recover(f"non-finite loss ({exc.value})", self.epoch + 1):
                     stop_reason = "collapsed"
                     break
                 continue
@@ -568,9 +588,11 @@ class Trainer:
             metric = row.get(cfg.train.monitor, -loss if not self.val_samples else None)
             if evaluated or not self.val_samples:
                 self.schedule.step_epoch(metric)
-                why = collapsed(self.history, cfg.train.collapse_patience) if evaluated else None
+                since = self.recoveries[-1].get("history_len", 0) if self.recoveries else 0
+                why = collapsed(self.history[since:], cfg.train.collapse_patience) if evaluated else None
                 if why:
-                    if self._recover(why):
+                    self._log_epoch(row)
+                    if self._recover(why, self.epoch):
                         self.bad_evals = 0
                         continue
                     stop_reason = "collapsed"
@@ -582,8 +604,8 @@ class Trainer:
                                          "config": cfg.to_dict(), "info": self.info})
                 else:
                     self.bad_evals += 1
-                if evaluated and row.get("val_dice", 0) > 1e-3 and not why:
-                    self.good_state = self._snapshot()
+                if evaluated and healthy(row) and not why:
+                    self.good_state, self.good_epoch = self._snapshot(), self.epoch
             self._log_epoch(row)
             if main and self.out is not None and (self.epoch % cfg.train.save_every == 0 or last):
                 save_checkpoint(checkpoint_path(self.out, "last"), self._state())
@@ -764,7 +786,7 @@ def check_loaded(cache: SampleCache, image_channels: int) -> list[str]:
         item = cache[i]
         if item.image.shape[0] != image_channels:
             raise UnetlabError(
-                f"image has {item.image.shape[0]} channel(s) but the first training image {image_channels}",
+                f"image has {item.image.shape[0]} channel(s), the first training image has {image_channels}",
                 cache.samples[i].image, "give all images the same channels, or --skip-bad leaves it out")
         if not item.labels.any():
             empty.append(cache.samples[i].name)

@@ -418,7 +418,7 @@ class Trainer:
         else:
             self.good_state = state.get("good_state")
         if self.recoveries:  # a recovery reseeded the patch stream
-            pass  # TEMP
+            self.train_cache_dataset.seed = self.cfg.train.seed + 1000 * len(self.recoveries)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         saved_world = int(state.get("world_size", 1))

@@ -1,0 +1,239 @@
+"""The trainer itself: it learns, it is reproducible, it resumes exactly, the collapse guard recovers,
+early stopping stops and a student learns from a teacher run. Tiny models on synthetic cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unetlab.config import RunConfig, apply_overrides
+from unetlab.errors import UnetlabError
+from unetlab.runfolder import checkpoint_path, load_checkpoint
+from unetlab.training import train
+from unetlab.training import trainer as trainer_module
+from unetlab.training.trainer import collapsed, healthy
+
+TINY = {"preset": "unet", "depth": 2, "base_width": 8, "patch_size": 64, "batch_size": 8, "samples_per_epoch": 32,
+        "tensorboard": False, "lr": 1e-2, "val_fraction": 0.2, "seed": 0}
+TINY_FLAGS = ["--preset", "unet", "--depth", "2", "--base-width", "8", "--patch-size", "64", "--batch-size", "8",
+              "--samples-per-epoch", "32", "--tensorboard", "false", "--lr", "1e-2", "--val-fraction", "0.2",
+              "--seed", "0", "--no-progress"]
+EPOCHS = 5
+# A learning rate ~100x what lr-find suggests for this model: validation collapses to "all foreground"
+COLLAPSE = {"optimizer": "adamw", "lr": 5.0, "epochs": 12, "collapse_patience": 2, "max_recoveries": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads are many times slower,
+    and the subprocesses below run with OMP_NUM_THREADS=1, so in-process numbers match theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory) -> Path:
+    from unetlab.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("cells"), n_images=6, size=(96, 96), seed=0)
+
+
+def config(root: Path, **over) -> RunConfig:
+    return apply_overrides(RunConfig(), {**TINY, "root": str(root), **over})
+
+
+def metrics(run: Path) -> list[dict]:
+    return list(csv.DictReader((run / "metrics.csv").open()))
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], tol: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    assert a and set(a[0]) == set(b[0])
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k == "seconds":
+                continue
+            assert float(ra[k]) == pytest.approx(float(rb[k]), abs=tol, rel=0), (ra["epoch"], k)
+
+
+@pytest.fixture(scope="module")
+def baseline(cells, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("baseline") / "run"
+    train(config(cells, epochs=EPOCHS), run, progress=False)
+    return run
+
+
+def test_training_lowers_the_loss_and_beats_the_trivial_baseline(baseline):
+    rows = metrics(baseline)
+    assert len(rows) == EPOCHS
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < 0.7 * losses[0]
+    dice = [float(r["val_dice"]) for r in rows]
+    all_foreground = float(rows[0]["all_foreground_dice"])  # predicting "cell" everywhere
+    assert max(dice) > 0.75 and max(dice) > all_foreground + 0.3
+    summary = json.loads((baseline / "summary.json").read_text())
+    assert summary["best_metric"] == pytest.approx(max(dice))
+    assert summary["stop_reason"] == "finished" and summary["recoveries"] == []
+    best = load_checkpoint(checkpoint_path(baseline, "best"))
+    assert best["epoch"] == summary["best_epoch"] == 1 + dice.index(max(dice))
+
+
+def test_seeded_runs_give_the_same_metrics_and_another_seed_does_not(cells, tmp_path):
+    a = train(config(cells, epochs=2), tmp_path / "a", progress=False)
+    b = train(config(cells, epochs=2), tmp_path / "b", progress=False)
+    c = train(config(cells, epochs=2, seed=1), tmp_path / "c", progress=False)
+    assert_same_metrics(metrics(tmp_path / "a"), metrics(tmp_path / "b"), tol=0)
+    assert a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
+    assert c.history[-1]["train_loss"] != a.history[-1]["train_loss"]
+
+
+def _epochs_written(run: Path) -> int:
+    try:
+        return len(metrics(run))
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(cells, baseline, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "unetlab", "-q", "train", "--data", str(cells), "--out", str(run), "--epochs",
+           str(EPOCHS), *TINY_FLAGS]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while not (checkpoint_path(run, "last").exists() and _epochs_written(run) >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "no checkpoint within 2 minutes"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = _epochs_written(run)
+    assert 1 <= done < EPOCHS and not (run / "summary.json").exists(), "the run was not interrupted"
+    resumed = subprocess.run([sys.executable, "-m", "unetlab", "-q", "train", "--resume", str(run),
+                              "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_metrics(metrics(run), metrics(baseline))
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == EPOCHS
+
+
+def test_collapsed_spots_stuck_dice_only_while_the_loss_is_flat():
+    def rows(dice, losses, fg=0.25):
+        return [{"epoch": i + 1, "train_loss": loss, "val_dice": d, "all_foreground_dice": fg}
+                for i, (d, loss) in enumerate(zip(dice, losses))]
+
+    assert collapsed(rows([0, 0, 0], [1.0, 1.0, 1.0]), 3) == "validation Dice stuck at 0"
+    assert "all-foreground" in collapsed(rows([0.25, 0.25, 0.25], [2.0, 2.1, 2.0]), 3)
+    assert collapsed(rows([0, 0, 0], [1.2, 0.97, 0.84]), 3) is None  # Dice 0 but still learning
+    assert collapsed(rows([0, 0.3, 0], [1.0, 1.0, 1.0]), 3) is None  # not stuck
+    assert collapsed(rows([0, 0], [1.0, 1.0]), 3) is None  # too few evaluations
+    assert collapsed(rows([0, 0, 0], [1.0, 1.0, 1.0]), 0) is None  # guard off
+    assert collapsed(rows([0.9, 0, 0], [1.0, 1.0, 1.0]), 2) == "validation Dice stuck at 0"
+    assert healthy({"val_dice": 0.6, "all_foreground_dice": 0.25})
+    assert not healthy({"val_dice": 0.25, "all_foreground_dice": 0.25})
+    assert not healthy({"val_dice": 0.0, "all_foreground_dice": 0.25})
+
+
+@pytest.fixture(scope="module")
+def collapse_run(cells, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("collapse") / "run"
+    train(config(cells, **COLLAPSE), run, progress=False)
+    return run
+
+
+def test_collapse_guard_recovers_a_run_with_a_diverging_learning_rate(collapse_run):
+    summary = json.loads((collapse_run / "summary.json").read_text())
+    events = summary["recoveries"]
+    assert events, "the guard never stepped in"
+    assert all("stuck" in e["reason"] or "non-finite" in e["reason"] for e in events)
+    assert [e["recovery"] for e in events] == list(range(1, len(events) + 1))
+    assert all(b["lr_now"] < a["lr_now"] for a, b in zip(events, events[1:]))  # the rate goes down each time
+    assert events[0]["lr_now"] < COLLAPSE["lr"]
+    rows = metrics(collapse_run)
+    assert summary["stop_reason"] == "finished" and len(rows) == COLLAPSE["epochs"]
+    assert float(rows[-1]["val_dice"]) > 0.6 and summary["best_metric"] > 0.6  # clearly learned after all
+
+
+def test_resume_after_a_recovery_matches_the_uninterrupted_run(cells, collapse_run, tmp_path, monkeypatch):
+    events = json.loads((collapse_run / "summary.json").read_text())["recoveries"]
+    stop_after = events[0]["epoch"] + 2  # interrupt after the first recovery
+    real_save = trainer_module.save_checkpoint
+
+    def save_then_stop(path, state):
+        out = real_save(path, state)
+        if Path(path).name == "last.pt" and state["epoch"] == stop_after:
+            raise KeyboardInterrupt  # as if killed right after this checkpoint
+        return out
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_stop)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cells, **COLLAPSE), run, progress=False)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    assert load_checkpoint(checkpoint_path(run, "last"))["recoveries"]
+    train(None, run, resume=True, progress=False)
+    assert_same_metrics(metrics(run), metrics(collapse_run))
+    resumed = json.loads((run / "summary.json").read_text())["recoveries"]
+    assert [e["epoch"] for e in resumed] == [e["epoch"] for e in events]
+
+
+def test_non_finite_loss_restarts_from_fresh_weights_at_a_lower_rate(cells, tmp_path, monkeypatch):
+    real = trainer_module.make_loss_fn
+    calls = {"n": 0}
+
+    def poisoned(cfg, info):
+        loss_fn = real(cfg, info)
+
+        def fn(logits, target, weight=None):
+            calls["n"] += 1
+            loss = loss_fn(logits, target, weight)
+            return loss * math.nan if calls["n"] == 2 else loss  # one bad batch in the first epoch
+
+        return fn
+
+    monkeypatch.setattr(trainer_module, "make_loss_fn", poisoned)
+    result = train(config(cells, epochs=3, lr=1e-2), tmp_path / "run", progress=False)
+    (event,) = result.recoveries
+    assert event["reason"].startswith("non-finite loss") and event["epoch"] == 1
+    assert event["restored"] == "fresh weights" and event["lr_now"] < 1e-2
+    assert result.epochs_run == 3 and all(math.isfinite(h["train_loss"]) for h in result.history)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recoveries"][0]["reason"] == event["reason"]
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(cells, tmp_path):
+    # a rate too small to change anything: the score never improves on the first evaluation
+    result = train(config(cells, epochs=10, lr=1e-9, schedule="constant", early_stopping=2, collapse_patience=0),
+                   tmp_path / "run", progress=False)
+    assert result.epochs_run == 3 and result.best_epoch == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"].startswith("early stopping")
+    assert len(metrics(tmp_path / "run")) == 3
+    assert load_checkpoint(checkpoint_path(tmp_path / "run", "last"))["epoch"] == 3
+
+
+def test_student_learns_from_a_teacher_run(cells, baseline, tmp_path):
+    student = config(cells, epochs=4, base_width=4, lr=1e-2, teacher=str(baseline), distill_weight=0.7)
+    result = train(student, tmp_path / "student", progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result.best_metric > 0.6
+    saved = RunConfig.load(tmp_path / "student" / "config.yaml")
+    assert saved.train.teacher == str(baseline) and saved.model.base_width == 4
+    # a teacher with another output (two-class boundary target) is refused with a clear message
+    with pytest.raises(UnetlabError, match="teacher predicts"):
+        train(config(cells, epochs=1, target="boundary", teacher=str(baseline)), tmp_path / "bad", progress=False)

@@ -58,7 +58,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        raise UnetlabError(f"cannot read checkpoint ({type(exc).__name__}: {exc})".splitlines()[0], path) from exc
+        detail = (str(exc).splitlines() or [""])[0].split(". ")[0]  # torch's first sentence says enough
+        raise UnetlabError(f"cannot read checkpoint, the file is damaged or incomplete ({type(exc).__name__}: "
+                           f"{detail})", path, "use the run's other checkpoint (best.pt or last.pt), or train again"
+                           ) from exc
     if not isinstance(state, dict) or "model" not in state:
         raise UnetlabError("not a unetlab checkpoint (no model weights inside)", path)
     fmt = state.get("format")

@@ -300,6 +300,8 @@ class Trainer:
                                hint="use --sync-batchnorm false, or --norm group (independent of the batch)")
         if self.out is not None:  # rank 0 checks and creates the folder, the others wait (and share its error)
             D.run_on_main(partial(_prepare_run_dir, self.out, resume, overwrite, True), self.dist)
+        # read the checkpoint to resume before anything is written: a damaged one then changes nothing
+        resume_state = load_checkpoint(checkpoint_path(self.out, "last")) if resume and self.out else None
         seed_everything(cfg.train.seed)
         if cfg.train.lr == "auto":
             from .tools import lr_find
@@ -377,8 +379,8 @@ class Trainer:
         if self.out is not None and self.dist.is_main:
             cfg.save(self.out / "config.yaml")
             write_json(self.out / "model.json", self.info)
-        if resume and self.out is not None:
-            self._restore(load_checkpoint(checkpoint_path(self.out, "last")))
+        if resume_state is not None:
+            self._restore(resume_state)
 
     # -- state ---------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -521,7 +523,7 @@ class Trainer:
             loss = self.loss_fn(logits, target, weight)
         bad = not bool(torch.isfinite(loss))
         if D.any_rank(bad, self.dist):  # all ranks stop together: one rank alone would deadlock DDP
-            raise _NonFinite(float(loss) if bad else float("nan"))
+            raise _NonFinite(float(loss.detach()) if bad else float("nan"))
         self.scaler.scale(loss / accum).backward()
         return loss
 

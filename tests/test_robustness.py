@@ -237,6 +237,22 @@ def test_predict_with_a_missing_run_folder(tmp_path, capsys):
     assert_one_line_error(err, "predict", "no_run")
 
 
+def test_single_paths_that_are_missing_or_not_images(tmp_path, capsys, run_dir):
+    data = good_dataset(tmp_path / "data", n=1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", tmp_path / "notes.txt", "--out",
+                        tmp_path / "pred", *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "notes.txt")
+    rc, _out, err = cli(capsys, "evaluate", "--pred", tmp_path / "no_preds", "--truth", data)
+    assert rc == 2
+    assert_one_line_error(err, "evaluate", "no_preds")
+    rc, _out, err = cli(capsys, "train", "--resume", tmp_path / "no_run")
+    assert rc == 2
+    assert_one_line_error(err, "train", "no_run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]  # nothing was created
+
+
 def test_predict_rgb_image_with_a_grey_model(tmp_path, capsys, run_dir):
     from PIL import Image
 
@@ -331,7 +347,8 @@ def test_predict_resume_skips_finished_images_and_completes_the_tables(tmp_path,
 # --- out of memory, internal errors, --debug -----------------------------------------------------------------
 
 
-def _oom_predict_fn(monkeypatch, seen: list[int], message: str = "CUDA out of memory. Tried to allocate 2 GiB"):
+def _oom_predict_fn(monkeypatch, seen: list[int], message: str = "CUDA out of memory. Tried to allocate 2 GiB",
+                    always: bool = False):
     import unetlab.inference.predictor as predictor
 
     original = predictor.make_predict_fn
@@ -341,7 +358,7 @@ def _oom_predict_fn(monkeypatch, seen: list[int], message: str = "CUDA out of me
 
         def predict(batch):
             seen.append(int(batch.shape[0]))
-            if batch.shape[0] > 1:
+            if batch.shape[0] > 1 or always:
                 raise RuntimeError(message)
             return fn(batch)
 
@@ -351,7 +368,7 @@ def _oom_predict_fn(monkeypatch, seen: list[int], message: str = "CUDA out of me
 
 
 def test_out_of_memory_falls_back_to_smaller_tile_batches(tmp_path, capsys, caplog, monkeypatch, run_dir):
-    data = good_dataset(tmp_path / "data", n=2, size=96)
+    data = good_dataset(tmp_path / "data", n=2, size=64)
     common = ["predict", "--model", run_dir, "--input", data / "images", *PREDICT_FLAGS, "--probabilities"]
     rc, _out, err = cli(capsys, *common, "--out", tmp_path / "ref", "--batch-size", "1")
     assert rc == 0, err
@@ -359,7 +376,9 @@ def test_out_of_memory_falls_back_to_smaller_tile_batches(tmp_path, capsys, capl
     _oom_predict_fn(monkeypatch, seen)
     rc, _out, err = cli(capsys, *common, "--out", tmp_path / "oom", "--batch-size", "4")
     assert rc == 0, err
-    assert max(seen) == 4 and 2 in seen and seen[-1] == 1  # halved twice, then went on with single tiles
+    tries = seen[: seen.index(1)]  # the batches that ran out of memory before the first one that fitted
+    assert tries and tries[0] > 1 and all(a > b for a, b in zip(tries, tries[1:]))
+    assert set(seen[len(tries):]) == {1}, "the second image should start at the batch size that fitted"
     assert any("out of memory" in r.getMessage() for r in caplog.records)
     for name in ("cells_000", "cells_001"):
         ref = read_image(tmp_path / "ref" / "probabilities" / f"{name}.tif")
@@ -367,6 +386,16 @@ def test_out_of_memory_falls_back_to_smaller_tile_batches(tmp_path, capsys, capl
         np.testing.assert_allclose(got, ref, atol=1e-5)
         assert (read_label(tmp_path / "oom" / "masks" / f"{name}.png")
                 == read_label(tmp_path / "ref" / "masks" / f"{name}.png")).all()
+
+
+def test_out_of_memory_with_single_tiles_is_a_user_error(tmp_path, capsys, monkeypatch, run_dir):
+    data = good_dataset(tmp_path / "data", n=1)
+    _oom_predict_fn(monkeypatch, [], always=True)
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", data / "images", "--out",
+                        tmp_path / "pred", *PREDICT_FLAGS, "--batch-size", "2")
+    assert rc == 2
+    assert_one_line_error(err, "predict", "cells_000.tif")
+    assert "out of memory" in err and "--tile" in err
 
 
 def test_internal_error_exits_1_with_one_line_and_a_traceback_only_under_debug(tmp_path, capsys, monkeypatch,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -286,18 +285,22 @@ def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bo
 
 
 def _predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:
-    """Predict, halving the tile batch on out-of-memory errors instead of failing."""
+    """Predict, halving the tile batch on out-of-memory errors instead of failing; the smaller batch is kept
+    for the images that follow. Out of memory with single tiles is a one-line error saying what to change."""
     p = predictor
     while True:
         try:
             return p.predict_image(raw, source, progress)
         except (RuntimeError, MemoryError) as exc:
             oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-            if not oom or p.batch_size <= 1:
+            if not oom:
                 raise
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            p = replace(p, batch_size=max(1, p.batch_size // 2))
+            if p.batch_size <= 1:
+                raise UnetlabError(f"out of memory even with one {p.tile}-pixel tile per batch", source,
+                                   "use a smaller --tile, or --device cpu") from exc
+            p.batch_size = max(1, p.batch_size // 2)  # kept: the next images start at the size that fits
             log.warning("out of memory on %s: retrying with %d tiles per batch", source.name, p.batch_size)

@@ -49,6 +49,7 @@ def load_sample(sample: Sample, cfg: DataConfig) -> Loaded:
             f"mask size {labels.shape[0]}x{labels.shape[1]} does not match image size "
             f"{image.shape[1]}x{image.shape[2]}",
             sample.mask_paths[0] if sample.mask_paths else sample.image,
+            "re-export the mask at the size of its image",
         )
     return Loaded(image, labels.astype(np.int32, copy=False))
 

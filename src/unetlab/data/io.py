@@ -31,7 +31,7 @@ def _read_raw(path: Path) -> np.ndarray:
     if not path.exists():
         raise UnetlabError("file not found", path)
     if path.stat().st_size == 0:
-        raise UnetlabError("file is empty (0 bytes)", path)
+        raise UnetlabError("file is empty (0 bytes)", path, READ_HINT)
     try:
         if path.suffix.lower() in _TIFF:
             import tifffile
@@ -50,8 +50,7 @@ def _read_raw(path: Path) -> np.ndarray:
     except UnetlabError:
         raise
     except Exception as exc:  # corrupt, truncated or not an image at all
-        raise UnetlabError(f"cannot read image ({_reason(exc, path)})", path,
-                           "re-export the file, or move it out of the folder") from exc
+        raise UnetlabError(f"cannot read image ({describe_read_error(exc, path)})", path, READ_HINT) from exc
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     if arr.ndim not in (2, 3):
@@ -61,8 +60,11 @@ def _read_raw(path: Path) -> np.ndarray:
     return arr
 
 
-def _reason(exc: BaseException, path: Path) -> str:
-    """A short, one-line reason for a failed read: no repeated path, no multi-line library text."""
+READ_HINT = "re-export the file, or move it out of the folder"
+
+
+def describe_read_error(exc: BaseException, path: str | Path) -> str:
+    """A short, one-line reason for a failed image read: no repeated path, no multi-line library text."""
     text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
     text = " ".join(text.split())
     if type(exc).__name__ == "UnidentifiedImageError" or "cannot identify image file" in text:

@@ -340,8 +340,8 @@ class Trainer:
         if len(empty) == len(self.train_samples):
             raise UnetlabError(
                 f"all {len(empty)} training masks are empty (no foreground pixels): nothing to learn",
-                cfg.data.root, "masks must mark objects with non-zero values (--invert-mask if they mark the "
-                "background)")
+                cfg.data.root, "masks must mark objects with non-zero values; --invert-mask if they mark the "
+                "background")
         if empty:
             shown = ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else "")
             log.warning("%d of %d training masks are empty (negative controls, fine when intended): %s",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UnetlabError
-from ..io import is_image_file, read_label
+from ..io import READ_HINT, describe_read_error, is_image_file, read_label
 
 _PIL_DTYPES = {
     "1": "bool", "L": "uint8", "P": "uint8", "LA": "uint8", "PA": "uint8", "RGB": "uint8", "RGBA": "uint8",
@@ -68,7 +68,7 @@ def image_header(path: str | Path) -> tuple[int, int, int, str]:
     if not path.exists():
         raise UnetlabError("file not found", path)
     if path.stat().st_size == 0:
-        raise UnetlabError("file is empty (0 bytes)", path)
+        raise UnetlabError("file is empty (0 bytes)", path, READ_HINT)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -96,7 +96,7 @@ def image_header(path: str | Path) -> tuple[int, int, int, str]:
     except UnetlabError:
         raise
     except Exception as exc:
-        raise UnetlabError(f"cannot read image header ({type(exc).__name__}: {exc})".replace("\n", " "), path) from exc
+        raise UnetlabError(f"cannot read image ({describe_read_error(exc, path)})", path, READ_HINT) from exc
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -317,6 +317,29 @@ def test_evaluate_does_not_overwrite_a_report_without_overwrite(tmp_path, capsys
     assert snapshot(tmp_path) == before
 
 
+def test_a_full_disk_is_a_one_line_error_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch, run_dir):
+    import errno
+
+    from PIL import Image
+
+    data = good_dataset(tmp_path / "data", n=2)
+    original = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        if "masks" in str(fp):
+            Path(fp).write_bytes(b"half a png")  # some bytes reached the disk, then it was full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", data / "images", "--out",
+                        tmp_path / "pred", *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "cells_000.png")
+    assert "No space left on device" in err and "free some disk space" in err
+    assert list((tmp_path / "pred" / "masks").iterdir()) == []  # neither a partial mask nor a temporary
+
+
 # --- predict --resume ----------------------------------------------------------------------------------------
 
 

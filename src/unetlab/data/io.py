@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterable
@@ -175,17 +176,34 @@ def atomic_path(path: str | Path) -> Path:
 
 
 def write_atomic(path: str | Path, writer) -> Path:
-    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path`` (never a half-written file)."""
+    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path`` (never a half-written file).
+
+    A full disk, a quota or a folder without write permission is a one-line :class:`UnetlabError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_path(path)
         writer(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise UnetlabError(f"cannot write: {exc.strerror or exc}", path, _WRITE_ERRNOS[exc.errno]) from exc
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
     return path
+
+
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "free some disk space, or write somewhere else",
+    errno.EDQUOT: "free some space in your quota, or write somewhere else",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+    errno.EROFS: "the disk is read-only: choose another folder",
+}
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -430,9 +430,10 @@ def plot_compare(rows: list[dict], png: str | Path) -> Path:
     for bar, v in zip(bars, dice):
         a.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
     a.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
-    a.set_ylim(0, 1.18)
+    a.set_ylim(0, 1.3)
+    a.set_yticks(np.linspace(0, 1, 6))
     a.set_title("validation (best epoch)")
-    a.legend(loc="upper right", fontsize=8, ncol=2)
+    a.legend(loc="upper left", fontsize=8, ncol=2)
     secs = [r["train_seconds"] for r in rows]
     b.bar(x, secs, 0.5, color="C2")
     for xi, v in zip(x, secs):

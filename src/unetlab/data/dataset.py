@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -165,6 +166,14 @@ class PatchDataset(Dataset):
             self._weights[i] = wm
         return wm
 
+    def precompute(self) -> None:
+        """Decode every image and compute its foreground index and weight map now, in this process: done
+        before worker processes fork, they share these (copy-on-write) instead of each computing its own."""
+        for i in range(len(self.cache)):
+            item = self.cache[i]
+            self._foreground(i, item.labels)
+            self._weight_map(i, item.labels)
+
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(k)])
         i = int(rng.integers(len(self.cache)))
@@ -215,6 +224,22 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return math.ceil((self.length - self.rank) / self.world)
+
+
+def default_num_workers(device_type: str, cores: int | None = None, processes: int = 1) -> int:
+    """Patch-loading worker processes for training on ``device_type`` when the config leaves it open.
+
+    CPU training keeps the data in the main process: its network is compute-bound, a batch of patches costs
+    well under 1% of a step (measured by benchmarks/bench_train.py), and a worker would take a core from the
+    convolutions. A GPU trainer gets up to 4 workers from its share of the cores (``processes`` training
+    processes on this machine), leaving one core to the process that drives the GPU.
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cores // max(1, processes)
+    if device_type == "cpu" or share < 2:
+        return 0
+    return min(4, share - 1)
 
 
 def default_samples_per_epoch(cache: SampleCache, patch_size: int) -> int:

@@ -20,6 +20,7 @@ from ..data.io import (
 )
 from ..errors import UnetlabError
 from .predictor import Predictor, load_run
+from .streaming import STREAM_THRESHOLD, should_stream
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,15 @@ def predict(
     postprocess: PostprocessConfig | None = None,
     progress: bool | None = None,
     split: str | None = None,
+    stream_threshold: int | None = STREAM_THRESHOLD,
 ) -> dict:
     """Predict every image of ``input`` with the run ``model`` into ``out``; returns a summary dict.
 
     Writes ``masks/`` (or ``classes/``), and on request ``probabilities/`` (float32 TIFF), ``labels/`` (uint16
     instance labels) with ``objects.csv`` and ``counts.csv``, ``overlays/``, a Kaggle RLE CSV and ImageJ ROIs.
+    TIFF images of more than ``stream_threshold`` pixels (None: never) are read, predicted and written band by
+    band with bounded memory; their mask is then a tiled TIFF (``masks/<name>.tif``) and they support masks
+    and probabilities only.
     """
     from tqdm.auto import tqdm
 
@@ -173,6 +178,9 @@ def predict(
     bar = tqdm(total=total_tiles, desc="predict", unit="tile", disable=disable, dynamic_ncols=True)
     for name, f in mine:
         paths = output_paths(out, name, multiclass)
+        stream = should_stream(f, stream_threshold)
+        if stream:  # PNG cannot be written band by band
+            paths["mask"] = paths["mask"].with_suffix(".tif")
         needed = [paths["mask"]] + ([paths["prob"]] if probabilities else []) + (
             [paths["labels"]] if want_labels else []) + ([paths["overlay"]] if overlays or instances else []) + (
             [out / "rois" / f"{name}.zip"] if rois else [])
@@ -182,6 +190,11 @@ def predict(
             bar.update(predictor.n_tiles(sizes[f]) if f in sizes else 1)
             continue
         try:
+            if stream:
+                _predict_streaming(predictor, f, paths, probabilities, want_labels or overlays, protect,
+                                   lambda p: _foreground(p, run.info, pp.threshold), bar.update, stream_threshold)
+                done.append(name)
+                continue
             raw = read_image(f)
             prob = _predict_with_fallback(predictor, raw, f, bar.update)
         except UnetlabError as exc:
@@ -282,6 +295,22 @@ def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bo
     if rle:
         rle_items.append((name, labels))
     return True
+
+
+def _predict_streaming(predictor: Predictor, f: Path, paths: dict[str, Path], probabilities: bool,
+                       whole_image_outputs: bool, protect: list[Path], foreground, progress, threshold: int) -> None:
+    """Predict a huge TIFF band by band into its mask (and probabilities) TIFF."""
+    from . import writers
+    from .streaming import stream_predict_file
+
+    if whole_image_outputs:
+        raise UnetlabError(
+            f"image is over {threshold / 1e6:g} Mpx and is predicted tile by tile with bounded memory: instance "
+            "labels, overlays, RLE and ROIs need the whole image in memory", f,
+            "predict masks (and probabilities) only, or split the image into smaller ones")
+    mask = writers.check_output(paths["mask"], protect)
+    prob = writers.check_output(paths["prob"], protect) if probabilities else None
+    stream_predict_file(predictor, f, mask, prob, foreground, progress)
 
 
 def _predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -254,6 +254,32 @@ class Predictor:
             )
         ]
         return torch.cat(bands, 1).numpy()
+
+    def predict_stream(self, image, source: str | Path | None = None,
+                       progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(y0, y1, probabilities (K, y1 - y0, W))`` band by band for a raw (C, H, W) array-like that is
+        read lazily (e.g. :class:`~unetlab.inference.streaming.TiffRows`): the normalisation statistics come from
+        a strided subsample and are applied to each band as it is read, so memory stays bounded by one band."""
+        from .streaming import band_normalizer
+
+        cfg = self.run.config.data
+        norm = band_normalizer(image, cfg.normalization, cfg.norm_low, cfg.norm_high)
+
+        def transform(band: np.ndarray) -> np.ndarray:
+            return apply_channels(norm(band), cfg, None, source=source)
+
+        want = int(self.run.info["in_channels"])
+        got = transform(np.asarray(image[:, :1, :1])).shape[0]
+        if got != want:
+            raise UnetlabError(
+                f"image has {image.shape[0]} channel(s) but the model expects {self.run.info.get('image_channels', want)}",
+                source,
+            )
+        for y0, y1, band in iter_tile_rows(
+            self.predict_fn, image, self.run.out_channels, batch_size=self.batch_size, device=self.device,
+            progress=progress, transform=transform, **self._geometry()
+        ):
+            yield y0, y1, band.cpu().numpy()
 
     def predict_image(self, image: np.ndarray, source: str | Path | None = None,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:

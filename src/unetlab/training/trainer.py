@@ -31,6 +31,7 @@ from ..data.dataset import (
     EpochSampler,
     PatchDataset,
     SampleCache,
+    default_num_workers,
     default_samples_per_epoch,
     readable_samples,
 )
@@ -353,11 +354,7 @@ class Trainer:
                                                  cfg.train.grad_accumulation)
         self.train_cache_dataset.length = length
         self.sampler = EpochSampler(length, self.dist.rank, self.dist.world_size)
-        self.loader = DataLoader(
-            self.train_cache_dataset, batch_size=cfg.train.batch_size, sampler=self.sampler,
-            num_workers=cfg.data.num_workers, drop_last=True, persistent_workers=cfg.data.num_workers > 0,
-            pin_memory=device.type == "cuda",
-        )
+        self.loader = make_train_loader(self.train_cache_dataset, self.sampler, cfg, device, self.dist)
         self.steps_per_epoch = max(1, len(self.loader) // cfg.train.grad_accumulation)
         self.optimizer = build_optimizer(self.model, cfg.train, float(cfg.train.lr))
         self.schedule = build_scheduler(self.optimizer, cfg.train, self.steps_per_epoch, cfg.train.epochs)
@@ -779,6 +776,22 @@ def train(cfg: RunConfig | None, out: str | Path | None, resume: bool = False, o
         raise
     finally:
         D.cleanup(trainer.dist)
+
+
+def make_train_loader(dataset: PatchDataset, sampler: EpochSampler, cfg: RunConfig, device: torch.device,
+                      dist_info: D.DistInfo) -> DataLoader:
+    """The training DataLoader: patches cut and augmented in ``cfg.data.num_workers`` worker processes (None or
+    negative: :func:`default_num_workers`), which fork after the images are decoded so they share the cache."""
+    workers = cfg.data.num_workers
+    if workers is None or workers < 0:
+        workers = default_num_workers(device.type, processes=dist_info.local_world_size)
+    if workers > 0:
+        dataset.precompute()  # decoded images, foreground indices and weight maps: made once, shared
+    return DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def check_loaded(cache: SampleCache, image_channels: int) -> list[str]:

@@ -1,0 +1,370 @@
+"""Huge TIFF images, tile by tile: read rows on demand, normalise from a subsample, write outputs band by band.
+
+:func:`open_tiff_rows` gives a lazy channels-first view of a TIFF whose ``[:, y0:y1, x0:x1]`` reads only those
+rows: uncompressed contiguous data by positioned reads (no memory map, so pages read never count as the
+process's resident memory), compressed or tiled pages by decoding only the strips/tiles the rows touch.
+:func:`band_normalizer` computes the normalisation from a strided subsample and applies it per band, and
+:func:`stream_predict_file` writes the mask as a compressed tiled TIFF and the probabilities as a float32 TIFF
+while the predictor yields finished bands, so memory stays bounded by one band of tiles whatever the image size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UnetlabError
+
+log = logging.getLogger(__name__)
+
+STREAM_THRESHOLD = 64_000_000  # pixels: larger TIFF images are predicted tile by tile from disk
+SUBSAMPLE_MAX = 32_000_000  # at most this many pixels (per channel) go into the normalisation percentiles
+MASK_TILE = 256
+
+
+@dataclass
+class _Plane:
+    """Where one channel's pixels are: a page (and the sample inside it) of the TIFF."""
+
+    page: object
+    sample: int
+
+
+class TiffRows:
+    """A lazy (C, H, W) view of one TIFF series: ``view[:, y0:y1, x0:x1]`` reads only rows ``y0:y1``.
+
+    Supports contiguous uncompressed data (positioned reads) and single-sample-per-page or multi-sample pages
+    in strips or 2-D tiles, any compression tifffile decodes. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except Exception as exc:
+            raise UnetlabError(f"cannot read TIFF ({type(exc).__name__}: {exc})", self.path) from exc
+        try:
+            self._setup()
+        except Exception:
+            self._tif.close()
+            raise
+        self._cache: dict[tuple[int, int], np.ndarray] = {}  # (plane, tile row) -> (S, rows, W) decoded
+
+    def _setup(self) -> None:
+        series = self._tif.series[0]
+        pages = list(series.pages)
+        if any(p is None for p in pages):
+            raise UnetlabError("TIFF layout cannot be streamed (virtual pages)", self.path)
+        pages = [p.aspage() for p in pages]  # frames -> full pages (tags needed to decode)
+        first = pages[0]
+        if int(getattr(first, "tiledepth", 1) or 1) > 1:
+            raise UnetlabError("TIFF layout cannot be streamed (volumetric tiles)", self.path)
+        h, w = int(first.imagelength), int(first.imagewidth)
+        spp = int(first.samplesperpixel)
+        if len(pages) > 1 and (spp != 1 or any((p.imagelength, p.imagewidth, p.samplesperpixel) != (h, w, 1)
+                                               for p in pages)):
+            raise UnetlabError(f"TIFF series of shape {series.shape} cannot be streamed", self.path)
+        self.height, self.width = h, w
+        self.channels = len(pages) * spp
+        self.dtype = np.dtype(self._tif.byteorder + series.dtype.char)
+        self._offset = series.dataoffset  # contiguous uncompressed data: the file offset of pixel (0, 0)
+        self._contig_samples = spp if first.planarconfig == 1 else 1  # samples interleaved per pixel
+        self._pages = pages
+
+    # -- the array-like face used by tiling.read_window --------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or not all(isinstance(k, slice) for k in key):
+            raise IndexError("TiffRows takes [channels, rows, columns] slices")
+        cs, ys, xs = key + (slice(None),) * (3 - len(key))
+        y0, y1, ystep = ys.indices(self.height)
+        x0, x1, xstep = xs.indices(self.width)
+        rows = self.rows(y0, max(y0, y1))
+        return rows[cs, ::ystep, x0:x1:xstep]
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``y0:y1`` of every channel, (C, y1 - y0, W), in the file's dtype."""
+        if self._offset is not None:
+            return self._read_contiguous(y0, y1)
+        return self._read_segments(y0, y1)
+
+    def _read_contiguous(self, y0: int, y1: int) -> np.ndarray:
+        n, w, item = y1 - y0, self.width, self.dtype.itemsize
+        fh = self._tif.filehandle
+        if self._contig_samples > 1 or self.channels == 1:  # one block: rows of interleaved samples
+            s = self._contig_samples
+            fh.seek(self._offset + y0 * w * s * item)
+            buf = fh.read(n * w * s * item)
+            arr = np.frombuffer(buf, self.dtype).reshape(n, w, s)
+            return np.moveaxis(arr, -1, 0)
+        out = np.empty((self.channels, n, w), self.dtype)
+        plane = self.height * w * item
+        for c in range(self.channels):
+            fh.seek(self._offset + c * plane + y0 * w * item)
+            out[c] = np.frombuffer(fh.read(n * w * item), self.dtype).reshape(n, w)
+        return out
+
+    def _segment_rows(self, page) -> int:
+        return int(page.tilelength) if page.is_tiled else min(int(page.rowsperstrip or self.height), self.height)
+
+    def _decode_row(self, page, plane_in_page: int, ty: int) -> np.ndarray:
+        """Decode the tiles/strip of tile row ``ty`` of one page plane: (samples, rows, W)."""
+        h, w = self.height, self.width
+        tl = self._segment_rows(page)
+        tw = int(page.tilewidth) if page.is_tiled else w
+        nx = math.ceil(w / tw)
+        ny = math.ceil(h / tl)
+        planes = int(page.samplesperpixel) if page.planarconfig == 2 else 1
+        if len(page.dataoffsets) != planes * ny * nx:
+            raise UnetlabError("TIFF segment layout not understood; cannot stream it", self.path)
+        spp = 1 if page.planarconfig == 2 else int(page.samplesperpixel)
+        rows = min(tl, h - ty * tl)
+        out = np.zeros((spp, rows, w), self.dtype)
+        fh = self._tif.filehandle
+        for tx in range(nx):
+            i = (plane_in_page * ny + ty) * nx + tx
+            if not page.databytecounts[i]:
+                continue
+            fh.seek(page.dataoffsets[i])
+            seg, idx, _shape = page.decode(fh.read(page.databytecounts[i]), i, jpegtables=page.jpegtables)
+            if seg is None:
+                continue
+            x = int(idx[-2])
+            seg = seg[0]  # (rows, cols, samples)
+            cols = min(seg.shape[1], w - x)
+            out[:, :, x : x + cols] = np.moveaxis(seg[:rows, :cols], -1, 0)
+        return out
+
+    def _read_segments(self, y0: int, y1: int) -> np.ndarray:
+        out = np.empty((self.channels, y1 - y0, self.width), self.dtype)
+        c = 0
+        keep = set()
+        for page in self._pages:
+            tl = self._segment_rows(page)
+            planes = int(page.samplesperpixel) if page.planarconfig == 2 else 1
+            for plane in range(planes):
+                for ty in range(y0 // tl, (max(y1, y0 + 1) - 1) // tl + 1):
+                    key = (c, ty)
+                    keep.add(key)
+                    block = self._cache.get(key)
+                    if block is None:
+                        block = self._cache[key] = self._decode_row(page, plane, ty)
+                    a, b = max(y0, ty * tl), min(y1, ty * tl + block.shape[1])
+                    if b > a:
+                        out[c : c + block.shape[0], a - y0 : b - y0] = block[:, a - ty * tl : b - ty * tl]
+                c += 1 if page.planarconfig == 2 else int(page.samplesperpixel)
+        for key in [k for k in self._cache if k not in keep]:  # bands move down: drop rows above
+            del self._cache[key]
+        return out
+
+    def close(self) -> None:
+        """Close the file."""
+        self._cache.clear()
+        self._tif.close()
+
+    def __enter__(self) -> TiffRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_tiff_rows(path: str | Path) -> TiffRows:
+    """A lazy channels-first view of the TIFF at ``path`` (see :class:`TiffRows`)."""
+    return TiffRows(path)
+
+
+def tiff_pixels(path: str | Path) -> int | None:
+    """Height x width of the first series of a TIFF, read from its header (None if it cannot be read)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as t:
+            page = t.series[0].pages[0]
+            return int(page.imagelength) * int(page.imagewidth)
+    except Exception:
+        return None
+
+
+def should_stream(path: str | Path, threshold: int | None = STREAM_THRESHOLD) -> bool:
+    """True for TIFF files with more than ``threshold`` pixels (None: never stream)."""
+    if threshold is None or Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return False
+    n = tiff_pixels(path)
+    return n is not None and n > threshold
+
+
+def subsample_stride(height: int, width: int, limit: int = SUBSAMPLE_MAX) -> int:
+    """Row/column stride of the normalisation subsample: 4 (as in-memory normalisation does for images over
+    1 Mpx) unless more than ``limit`` pixels would remain."""
+    if height * width <= 1_000_000:
+        return 1
+    return max(4, math.ceil(math.sqrt(height * width / limit)))
+
+
+def strided_subsample(image, stride: int, block_rows: int = 1024) -> np.ndarray:
+    """``image[:, ::stride, ::stride]`` as float32, read ``block_rows`` rows at a time."""
+    c, h, _w = image.shape
+    parts = []
+    for y0 in range(0, h, block_rows):
+        y1 = min(h, y0 + block_rows)
+        first = -(-y0 // stride) * stride  # first row of the stride grid in this block
+        if first >= y1:
+            continue
+        parts.append(np.asarray(image[:, first:y1:stride, ::stride], dtype=np.float32))
+    return np.concatenate(parts, axis=1)
+
+
+def band_normalizer(image, mode: str = "percentile", low: float = 1.0, high: float = 99.8
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """A per-band version of :func:`unetlab.data.io.normalize` for an image too big to hold: the statistics
+    come from a strided subsample (the same one the in-memory path uses up to ~500 Mpx), the scaling per band."""
+    c, h, w = image.shape
+    if mode == "none":
+        return lambda band: np.asarray(band, dtype=np.float32)
+    if mode == "dtype":
+        big = any(float(np.asarray(image[:, y0 : y0 + 1024]).max()) > 255 for y0 in range(0, h, 1024))
+        scale = np.float32(65535.0 if big else 255.0)
+        return lambda band: (np.asarray(band, dtype=np.float32) / scale).astype(np.float32)
+    if mode not in ("percentile", "minmax"):
+        raise UnetlabError(f"unknown normalisation '{mode}' (choose percentile, minmax, dtype or none)")
+    if mode == "minmax":  # as in memory: the extremes of the subsample
+        low, high = 0.0, 100.0
+    sub = strided_subsample(image, subsample_stride(h, w))
+    lo = np.percentile(sub, low, axis=(1, 2), keepdims=True)
+    hi = np.percentile(sub, high, axis=(1, 2), keepdims=True)
+    del sub
+    scale = np.maximum(hi - lo, 1e-6)
+
+    def normalize_band(band: np.ndarray) -> np.ndarray:
+        return ((np.asarray(band, dtype=np.float32) - lo) / scale).astype(np.float32)
+
+    return normalize_band
+
+
+class BandTiffWriter:
+    """An uncompressed TIFF of ``shape`` ((H, W) or (K, H, W)) filled band by band with positioned writes.
+
+    The file is laid out by ``tifffile.memmap`` (sparse until written) and renamed onto ``path`` by
+    :meth:`commit`; data goes through the file, never through a memory map, so it costs no resident memory.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype) -> None:
+        import tifffile
+
+        from ..data.io import atomic_path
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = atomic_path(self.path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        mm = tifffile.memmap(self.tmp, shape=self.shape, dtype=self.dtype, photometric="minisblack")
+        self.offset = int(mm.offset)
+        del mm
+        self._fh = open(self.tmp, "r+b")  # noqa: SIM115 - closed in commit/abort
+
+    def write_rows(self, y0: int, rows: np.ndarray) -> None:
+        """Write ``rows`` ((n, W) or (K, n, W)) at row ``y0``."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        h, w = self.shape[-2:]
+        item = self.dtype.itemsize
+        planes = rows.reshape((-1,) + rows.shape[-2:])
+        for k, plane in enumerate(planes):
+            self._fh.seek(self.offset + (k * h * w + y0 * w) * item)
+            self._fh.write(plane.tobytes())
+
+    def commit(self) -> Path:
+        """Flush, close and move the finished file into place."""
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the unfinished file."""
+        self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _mask_tiles(rows_iter: Iterator[tuple[int, np.ndarray]], height: int, width: int,
+                tile: int = MASK_TILE) -> Iterator[np.ndarray]:
+    """Re-cut (y0, rows) bands into the row-major (tile, tile) tiles tifffile writes."""
+    pending: list[np.ndarray] = []
+    have = 0
+    done = 0
+    for _y0, rows in rows_iter:
+        pending.append(rows)
+        have += rows.shape[0]
+        while have >= tile or (done + have == height and have > 0):
+            block = np.concatenate(pending, 0)
+            n = min(tile, block.shape[0])
+            for x in range(0, width, tile):
+                yield block[:n, x : x + tile]
+            rest = block[n:]
+            pending = [rest] if rest.shape[0] else []
+            have -= n
+            done += n
+
+
+def stream_predict_file(
+    predictor,
+    path: Path,
+    mask_path: Path,
+    prob_path: Path | None,
+    foreground: Callable[[np.ndarray], np.ndarray],
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Predict the huge TIFF ``path`` band by band; write the mask (uint8, 0/255 or class ids) as a compressed
+    tiled TIFF at ``mask_path`` and, when ``prob_path``, the float32 probabilities. Returns shape and counts."""
+    import tifffile
+
+    from ..data.io import atomic_path
+
+    with open_tiff_rows(path) as image:
+        _c, h, w = image.shape
+        k = int(predictor.run.out_channels)
+        prob_writer = BandTiffWriter(prob_path, (k, h, w), np.float32) if prob_path is not None else None
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_path(mask_path)
+        foreground_pixels = 0
+
+        def mask_rows() -> Iterator[tuple[int, np.ndarray]]:
+            nonlocal foreground_pixels
+            for y0, _y1, prob in predictor.predict_stream(image, source=path, progress=progress):
+                if prob_writer is not None:
+                    prob_writer.write_rows(y0, prob)
+                fg = foreground(prob)
+                if fg.dtype == bool:
+                    foreground_pixels += int(fg.sum())
+                    fg = fg.astype(np.uint8) * 255
+                yield y0, fg.astype(np.uint8, copy=False)
+
+        try:
+            tifffile.imwrite(tmp, _mask_tiles(mask_rows(), h, w), shape=(h, w), dtype=np.uint8,
+                             tile=(MASK_TILE, MASK_TILE), compression="zlib", photometric="minisblack")
+            os.replace(tmp, mask_path)
+            if prob_writer is not None:
+                prob_writer.commit()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if prob_writer is not None:
+                prob_writer.abort()
+            raise
+    log.info("streamed %s (%dx%d) tile by tile into %s", path.name, h, w, mask_path)
+    return {"shape": (h, w), "foreground_pixels": foreground_pixels}

@@ -82,12 +82,17 @@ def test_fold_channels_last_and_batching_match_the_plain_module(run):
     assert 0.05 < float((ref > 0.5).float().mean()) < 0.95  # a real mask, not a constant
 
 
-def test_fold_leaves_the_run_model_untouched(run):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_predict_fn_leaves_the_run_model_untouched(run, fuse):
+    run.model.train()
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    make_predict_fn(run.model, "sigmoid", torch.device("cpu"), "fp32")
+    make_predict_fn(run.model, "sigmoid", torch.device("cpu"), "fp32", channels_last=True, fuse=fuse)
     after = run.model.state_dict()
+    assert run.model.training  # not switched to eval behind the caller's back
+    run.model.eval()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(v.is_contiguous() for v in after.values())  # memory format not changed in place
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in run.model.modules())
 
 

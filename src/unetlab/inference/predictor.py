@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def make_predict_fn(
     """A function (B, C, H, W) numpy -> probabilities on ``device``: eval, BN folded, channels-last, autocast, TTA."""
     from ..models import fuse_batchnorm
 
-    net = fuse_batchnorm(model) if fuse else model
+    net = fuse_batchnorm(model) if fuse else copy.deepcopy(model)  # a copy: the caller's model stays as it is
     net = net.eval().to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

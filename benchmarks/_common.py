@@ -75,12 +75,15 @@ def machine_info(device: torch.device) -> dict:
 
 
 def contention_note(info: dict) -> str:
-    """One line saying whether other processes were competing for the cores during the run."""
+    """One line saying whether other processes were competing for the cores during the run (the 1-minute load
+    average before the run, and after it less this benchmark's own threads)."""
     start, end = info.get("load_average_start", 0.0), info.get("load_average_end", load_average())
     cores = info.get("cores_available") or 1
-    busy = max(start, end) > 0.5 * cores + 0.5
-    what = "SHARED: other processes were busy" if busy else "quiet"
-    return f"load average {start:.1f} -> {end:.1f} on {cores} core(s): {what}"
+    own = min(info.get("torch_threads") or 1, cores)
+    others = max(start, end - own)
+    what = "SHARED: other processes were busy" if others > 0.5 else "quiet"
+    return (f"load average {start:.1f} before, {end:.1f} after (this benchmark: up to {own}) on {cores} "
+            f"core(s): {what}")
 
 
 def sync(device: torch.device) -> None:

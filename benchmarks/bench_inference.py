@@ -205,11 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     line = f"\nunetlab default is {monai_t / un:.2f}x MONAI's default (sw_batch 1)"
     if monai_b4:
         line += f" and {monai_b4 / un:.2f}x MONAI with sw_batch 4"
+    un_flops = counters["unetlab"].flops
+    ceiling = monai_t / (un_flops / (peak * 1e9))
     print(line + f"; {C.contention_note(info)}")
+    print(f"ceiling: running every conv at the {best} peak ({peak:.0f} GFLOP/s), unetlab would be "
+          f"{ceiling:.2f}x MONAI's default on these {counters['unetlab'].tiles} tiles")
     path = C.write_results("bench_inference", {
         "benchmark": "inference", "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
         "args": vars(args), "machine": info, "conv_peak": peaks, "rows": rows,
         "run": str(run_dir), "contention": C.contention_note(info),
+        "speedup_ceiling_at_peak": monai_t / (counters["unetlab"].flops / (peak * 1e9)),
         "flops_note": "conv multiply-adds x2 of the tiles actually run, counted by forward hooks; bias, "
                       "activation, pooling, up-sampling and blending not counted",
     }, args.json)

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from unetlab._runtime import resolve_device, tune_allocator  # noqa: E402
+from unetlab._runtime import resolve_device, tune_allocator, use_channels_last  # noqa: E402
 from unetlab.config import RunConfig, apply_overrides  # noqa: E402
-from unetlab.data.dataset import PatchDataset  # noqa: E402
+from unetlab.data.dataset import PatchDataset, default_num_workers  # noqa: E402
 from unetlab.data.synthetic import write_synthetic_dataset  # noqa: E402
 from unetlab.models import build_model  # noqa: E402
 from unetlab.training.schedules import build_optimizer  # noqa: E402
@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"building the trainer ({args.preset}, {args.patch} px patches, batch {args.batch_size}) ...")
     trainer, unetlab_fn = trainer_epoch(base)
     plain_fn = plain_epoch(trainer, base, device)  # built before the trainer's first step: same initial weights
+    cl_default = use_channels_last(base.train.channels_last, device)
+    workers_default = (base.data.num_workers if base.data.num_workers is not None
+                       else default_num_workers(device.type))
     cfg_desc = (f"unetlab trainer (defaults: precision {base.train.precision}, channels_last "
-                f"{base.train.channels_last}, num_workers {base.data.num_workers})")
+                f"{cl_default}, num_workers {workers_default})")
     head = {cfg_desc: unetlab_fn, "plain PyTorch loop (fp32, contiguous, default DataLoader)": plain_fn}
     log(f"head to head: {len(head)} rows x {args.repeats} alternating epochs of {args.samples} patches ...")
     timings = C.time_alternating(head, args.repeats, device, log=log)
@@ -145,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ablations:
         fns = {}
         for w in args.workers:
-            if w == base.data.num_workers:
+            if w == workers_default:
                 continue
             _t, fns[f"unetlab trainer, num_workers {w}"] = trainer_epoch(make_config(root, args, num_workers=w))
-        _t, fns[f"unetlab trainer, channels_last {not base.train.channels_last}"] = trainer_epoch(
-            make_config(root, args, channels_last=not base.train.channels_last))
+        _t, fns[f"unetlab trainer, channels_last {not cl_default}"] = trainer_epoch(
+            make_config(root, args, channels_last=not cl_default))
         if device.type == "cpu" and torch.get_num_threads() > 1:  # on a shared machine one thread can win
             fns["unetlab trainer, 1 thread"] = C.with_threads(unetlab_fn, 1)
             fns["plain PyTorch loop, 1 thread"] = C.with_threads(plain_fn, 1)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     log("data pipeline alone ...")
     pipe_rows = []
     for aug_name, over in (("default augmentation", {}), ("heavy augmentation", HEAVY_AUG)):
-        for w in sorted({base.data.num_workers, *args.workers}):
+        for w in sorted({workers_default, *args.workers}):
             cfg = make_config(root, args, num_workers=w, samples_per_epoch=args.data_samples, **over)
             t = Trainer(cfg, None, progress=False)
             rate = pipeline_rate(t.loader, t.sampler, args.data_samples)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads on a quiet 2-core CI machine; UNETLAB_THREADS=1 where the machine is shared with other jobs.
+torch.set_num_threads(int(os.environ.get("UNETLAB_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 

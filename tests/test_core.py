@@ -111,7 +111,6 @@ def test_bad_flag_value_is_one_line_exit_2(synthetic_cells, tmp_path, capsys):
 @pytest.mark.slow
 def test_epfl_multiclass_subset_trains_predicts_and_evaluates(tmp_path):
     from conftest import shared_data
-
     from unetlab.data.io import read_label
 
     root = shared_data("epfl_em")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -50,6 +52,15 @@ def test_write_then_read_keeps_dtype_and_is_atomic(tmp_path):
     back = read_label(tmp_path / "l.tif")
     assert back.max() == 700
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_atomic_outputs_get_umask_permissions_not_private_temp_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_image(tmp_path / "m.png", np.zeros((8, 8), np.uint8))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.png").stat().st_mode & 0o777 == 0o644  # others can read results, as with open()
 
 
 def test_mask_modes():

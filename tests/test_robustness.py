@@ -197,6 +197,17 @@ def test_predict_skip_bad_goes_on_and_lists_the_bad_images(tmp_path, capsys, run
     assert snapshot(data) == before
 
 
+def test_predict_skip_bad_with_only_bad_images_is_an_error_not_success(tmp_path, capsys, run_dir):
+    folder = tmp_path / "all_bad"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(b"not a tiff")
+    (folder / "b.png").write_bytes(b"")
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", folder, "--out", tmp_path / "pred",
+                        *PREDICT_FLAGS, "--skip-bad")
+    assert rc == 2 and "none of the 2 input image(s) could be read" in err
+    assert_one_line_error(err, "predict", "a.tif")
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 

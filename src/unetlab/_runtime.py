@@ -35,6 +35,25 @@ def tune_allocator() -> None:
         pass
 
 
+def set_threads(threads: int | None = None) -> None:
+    """Set PyTorch's CPU thread count from ``threads`` or ``$UNETLAB_THREADS``; leave it alone when neither is set."""
+    from .errors import UnetlabError
+
+    if threads is None:
+        env = os.environ.get("UNETLAB_THREADS", "").strip()
+        if not env:
+            return
+        try:
+            threads = int(env)
+        except ValueError:
+            raise UnetlabError(f"UNETLAB_THREADS must be a whole number, not '{env}'") from None
+    if threads < 1:
+        raise UnetlabError(f"--threads must be at least 1 (got {threads})")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def resolve_device(name: str = "auto"):
     """'auto' -> cuda if available (then mps), else cpu; otherwise the named torch device."""
     import torch
@@ -62,3 +81,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def use_channels_last(setting: bool | None, device, training: bool = True) -> bool:
+    """Whether to run the network in channels-last memory format: ``setting`` when given, else automatic.
+
+    Automatic means always for inference, and for training only on CUDA: on CPU the channels-last backward pass
+    measured about 28% slower (benchmarks/bench_train.py).
+    """
+    if setting is not None:
+        return bool(setting)
+    return (not training) or getattr(device, "type", str(device)) == "cuda"

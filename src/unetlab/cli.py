@@ -152,6 +152,9 @@ def _add_predict(p):
     p.add_argument("--skip-bad", action="store_true", help="go on past unreadable images, listing them")
     p.add_argument("--split", choices=["val", "train"], default=None,
                    help="with a dataset folder as --input: only the run's validation (or training) samples")
+    p.add_argument("--stream-threshold", type=float, default=64.0, metavar="MPX",
+                   help="TIFFs larger than this many megapixels are read, predicted and written band by band "
+                        "from disk (default 64; 0 = never)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -165,7 +168,8 @@ def _run_predict(args):
                 probabilities=args.probabilities, instances=args.instances, overlays=args.overlays,
                 tta=args.tta, rle=args.rle, rle_style=args.rle_style, rois=args.rois, overwrite=args.overwrite,
                 resume=args.resume, skip_bad=args.skip_bad, backend=args.backend, compile=args.compile,
-                progress=not args.no_progress and None, split=args.split)
+                progress=not args.no_progress and None, split=args.split,
+                stream_threshold=int(args.stream_threshold * 1e6) if args.stream_threshold > 0 else None)
     if s["rank"] == 0:
         msg = f"predicted {s['predicted']} image(s) into {s['out']}"
         if s["skipped_done"]:
@@ -465,13 +469,21 @@ def _run_compare(args):
 # --- end of commands -----------------------------------------------------------------------------------------
 
 
+_COMMAND_ORDER = ("demo", "train", "predict", "evaluate", "inspect")  # the main journey first in --help
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per registered command."""
     parser = argparse.ArgumentParser(prog="unetlab", description="Train and run U-Nets on microscopy images.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for PyTorch (default: $UNETLAB_THREADS, else PyTorch's choice); "
+                             "1 is often fastest on a machine shared with other jobs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add, _run) in COMMANDS.items():
+    first = [n for n in _COMMAND_ORDER if n in COMMANDS]
+    for name in first + [n for n in COMMANDS if n not in first]:
+        help_text, add, _run = COMMANDS[name]
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
     return parser
@@ -484,7 +496,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``unetlab`` console script."""
-    from ._runtime import tune_allocator
+    from ._runtime import set_threads, tune_allocator
 
     tune_allocator()
     parser = build_parser()
@@ -499,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _help, _add, run = COMMANDS[args.command]
     try:
+        set_threads(args.threads)
         rc = run(args)
         return int(rc or 0)
     except UnetlabError as exc:

@@ -7,6 +7,7 @@ Every leaf key is also a command-line flag: ``train.lr`` is ``--lr``, ``data.pat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -67,7 +68,7 @@ class DataConfig:
     patch_size: int = 256
     foreground_fraction: float = 0.5  # share of patches centred on a foreground pixel
     samples_per_epoch: int | None = None  # default: enough patches to cover the training images once
-    num_workers: int = 0
+    num_workers: int | None = None  # None: automatic (0 on CPU, up to 4 beside a GPU)
     cache: bool = True  # keep decoded images in memory
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -110,7 +111,7 @@ class TrainConfig:
     sigma: float = 5.0
     grad_clip: float | None = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool = True
+    channels_last: bool | None = None  # None: on CUDA only (measured slower for CPU training)
     val_every: int = 1
     save_every: int = 1
     monitor: str = "val_dice"
@@ -188,6 +189,7 @@ def _plain(x: Any) -> Any:
     return x
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -186,6 +186,7 @@ def write_atomic(path: str | Path, writer) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = atomic_path(path)
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
@@ -195,6 +196,13 @@ def write_atomic(path: str | Path, writer) -> Path:
         if tmp is not None and tmp.exists():
             tmp.unlink()
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _WRITE_ERRNOS = {

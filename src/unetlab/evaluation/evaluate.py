@@ -155,7 +155,7 @@ def _truth_source(truth: Path, invert: bool, classes: list[str] | None = None) -
     info = load_dataset(truth, invert_mask=invert, classes=classes)
     loaders = {s.name: (lambda shape=None, s=s: s.load_mask()) for s in info.samples}
     names = {s.name: (s.mask_paths[0].name if len(s.mask_paths) == 1 else s.name) for s in info.samples}
-    log.info("ground truth: %d samples in the %s layout", len(info.samples), info.layout)
+    log.debug("ground truth: %d samples in the %s layout", len(info.samples), info.layout)
     return _Source(loaders, names, task=info.task, num_classes=len(info.classes), problems=list(info.problems))
 
 

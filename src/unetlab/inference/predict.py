@@ -250,6 +250,8 @@ def predict(
         summary["objects"] = {k: len(v) for k, v in measurements.items()}
     D.barrier(dist)  # every output exists when predict() returns on any rank
     D.cleanup(dist)
+    if bad and not done and not skipped:
+        raise UnetlabError(f"none of the {len(inputs)} input image(s) could be read; the first: {bad[0]}")
     if bad and dist.is_main:
         log.warning("%d bad file(s) skipped:\n  %s", len(bad), "\n  ".join(bad))
     return summary

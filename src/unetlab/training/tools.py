@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._runtime import resolve_device, seed_everything
+from .._runtime import resolve_device, seed_everything, use_channels_last
 from ..config import RunConfig, apply_overrides
 from ..data.dataset import PatchDataset
 from ..data.io import write_atomic
@@ -64,7 +64,7 @@ def _bench(cfg: RunConfig, length: int, augment: bool = True) -> _Bench:
     device = resolve_device(cfg.train.device)
     setup = build_setup(cfg, None, False, D.DistInfo())
     model = setup.model.to(device)
-    if cfg.train.channels_last:
+    if use_channels_last(cfg.train.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     weight_fn = None
     if cfg.train.border_weight:
@@ -215,7 +215,7 @@ def lr_find(cfg: RunConfig, steps: int = 100, lr_min: float = 1e-6, lr_max: floa
             for lr, batch in zip(lrs_all, loader):
                 for g in optimizer.param_groups:
                     g["lr"] = float(lr)
-                loss = _batch_loss(b, batch, cfg.train.channels_last)
+                loss = _batch_loss(b, batch, use_channels_last(cfg.train.channels_last, b.device))
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     diverged = True
@@ -291,7 +291,7 @@ def overfit_check(cfg: RunConfig, lrs: Sequence[float] = DEFAULT_OVERFIT_LRS, st
             start = best = final = math.nan
             reached, diverged = None, False
             for step in range(1, steps + 1):
-                loss = _batch_loss(b, batch, cfg.train.channels_last)
+                loss = _batch_loss(b, batch, use_channels_last(cfg.train.channels_last, b.device))
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     diverged = True

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import __version__
-from .._runtime import resolve_device, seed_everything, tune_allocator
+from .._runtime import resolve_device, seed_everything, tune_allocator, use_channels_last
 from ..config import RunConfig
 from ..data.channels import apply_channels, channels_out
 from ..data.dataset import (
@@ -209,7 +209,8 @@ def _predict_val_image(model: nn.Module, image: np.ndarray, cfg: RunConfig, info
     model.eval()
     if predict is None:
         predict = make_predict_fn(model, activation_for(info["task"], info["target"]), device,
-                                  precision=cfg.train.precision, channels_last=cfg.train.channels_last)
+                                  precision=cfg.train.precision,
+                                  channels_last=use_channels_last(cfg.train.channels_last, device, training=False))
     align = int(getattr(model, "size_multiple", 2 ** int(getattr(model, "depth", 4))))
     image = apply_channels(image, cfg.data, None, source=source)
     return tile_predict(predict, image, info["out_channels"], tile=max(cfg.data.patch_size, 256), overlap=0.25,
@@ -224,7 +225,8 @@ def validate(
     """Whole-image validation with the tiled predictor: Dice and IoU reduced exactly over images and ranks."""
     model.eval()
     predict = make_predict_fn(model, activation_for(info["task"], info["target"]), device,
-                              precision=cfg.train.precision, channels_last=cfg.train.channels_last)
+                              precision=cfg.train.precision,
+                                  channels_last=use_channels_last(cfg.train.channels_last, device, training=False))
     n = info["out_channels"] - 1 if info["task"] == "multiclass" else 1
     counts = torch.zeros(3, n, dtype=torch.float64)
     truth_fg = torch.zeros(2, dtype=torch.float64)  # (truth pixels, all pixels) for the all-foreground Dice
@@ -317,7 +319,8 @@ class Trainer:
         self.info, self.train_samples, self.val_samples = s.info, s.train_samples, s.val_samples
         self.bad = s.bad
         self.model = s.model.to(device)
-        if cfg.train.channels_last:
+        self.channels_last = use_channels_last(cfg.train.channels_last, device)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.train.sync_batchnorm:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -501,7 +504,7 @@ class Trainer:
     def _forward_backward(self, batch: dict, accum: int) -> torch.Tensor:
         """Loss of one micro-batch, back-propagated (scaled by 1/accum); a non-finite loss on any rank raises."""
         x = batch["image"].to(self.device, non_blocking=True)
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         target = batch["target"].to(self.device, non_blocking=True)
         weight = batch.get("weight")

@@ -6,6 +6,9 @@ default); the Sartorius competition numbers them row-major (``order="C"``).
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import UnetlabError
@@ -76,3 +79,61 @@ def rles_to_labels(rles: list[str], shape: tuple[int, int], order: str = "F", sk
     for (starts, lengths), label in zip(reversed(runs), labels[::-1]):  # earlier objects are painted last
         out[_run_indices(starts, lengths)] = label
     return out.reshape((h, w), order=order)
+
+
+# (id column, rle column, pixel order) of each known convention, matched case-insensitively
+RLE_CONVENTIONS = (("imageid", "encodedpixels", "F"), ("id", "predicted", "C"), ("id", "annotation", "C"))
+
+
+def rle_convention(header: list[str]) -> tuple[str, str, str] | None:
+    """The (id column, rle column, order) a CSV header follows, or None when it is no run-length table."""
+    low = [h.strip().lower() for h in header]
+    for id_col, rle_col, order in RLE_CONVENTIONS:
+        if id_col in low and rle_col in low:
+            return id_col, rle_col, order
+    return None
+
+
+def _rle_columns(header: list[str], path: Path) -> tuple[int, int, str]:
+    low = [h.strip().lower() for h in header]
+    conv = rle_convention(header)
+    if conv is not None:
+        id_col, rle_col, order = conv
+        return low.index(id_col), low.index(rle_col), order
+    raise UnetlabError(
+        f"CSV header {','.join(header[:4])!r} is not a run-length table",
+        path,
+        "expected ImageId,EncodedPixels (DSB) or id,predicted / id,annotation (Sartorius)",
+    )
+
+
+def read_rle_table(path: str | Path) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], str]:
+    """Parse a run-length CSV: ({image id: [rle, ...]}, {image id: (height, width)} where the CSV gives sizes,
+    pixel order "F" for DSB or "C" for Sartorius headers). Images with only empty rows map to []."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnetlabError("run-length CSV not found", path)
+    rles: dict[str, list[str]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise UnetlabError("run-length CSV is empty", path)
+        i_id, i_rle, order = _rle_columns(header, path)
+        low = [h.strip().lower() for h in header]
+        i_h = low.index("height") if "height" in low else None
+        i_w = low.index("width") if "width" in low else None
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                key, rle = row[i_id].strip(), row[i_rle].strip()
+                if i_h is not None and i_w is not None and key not in sizes and row[i_h] and row[i_w]:
+                    sizes[key] = (int(float(row[i_h])), int(float(row[i_w])))
+            except (IndexError, ValueError):
+                raise UnetlabError(f"line {line}: malformed row {','.join(row)[:60]!r}", path) from None
+            rles.setdefault(key, [])
+            if rle:
+                rles[key].append(rle)
+    return rles, sizes, order

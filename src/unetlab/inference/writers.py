@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.io import normalize_percentile, write_atomic, write_image
+from ..data.rle import read_rle_table
 from ..errors import UnetlabError
 
 log = logging.getLogger(__name__)
@@ -271,54 +272,6 @@ def write_rle_csv(
         rles = [r for r in labels_to_rles(lab, order=order) if r]
         rows.extend([image_id, r] for r in rles) if rles else rows.append([image_id, ""])
     return _write_csv(Path(path), [id_col, rle_col], rows, protect)
-
-
-def _rle_columns(header: list[str], path: Path) -> tuple[int, int, str]:
-    low = [h.strip().lower() for h in header]
-    for id_col, rle_col, order in (
-        ("imageid", "encodedpixels", "F"),
-        ("id", "predicted", "C"),
-        ("id", "annotation", "C"),
-    ):
-        if id_col in low and rle_col in low:
-            return low.index(id_col), low.index(rle_col), order
-    raise UnetlabError(
-        f"CSV header {','.join(header[:4])!r} is not a run-length table",
-        path,
-        "expected ImageId,EncodedPixels (DSB) or id,predicted / id,annotation (Sartorius)",
-    )
-
-
-def read_rle_table(path: str | Path) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], str]:
-    """Parse a run-length CSV: ({image id: [rle, ...]}, {image id: (height, width)} where the CSV gives sizes,
-    pixel order "F" for DSB or "C" for Sartorius headers). Images with only empty rows map to []."""
-    path = Path(path)
-    if not path.is_file():
-        raise UnetlabError("run-length CSV not found", path)
-    rles: dict[str, list[str]] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise UnetlabError("run-length CSV is empty", path)
-        i_id, i_rle, order = _rle_columns(header, path)
-        low = [h.strip().lower() for h in header]
-        i_h = low.index("height") if "height" in low else None
-        i_w = low.index("width") if "width" in low else None
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                key, rle = row[i_id].strip(), row[i_rle].strip()
-                if i_h is not None and i_w is not None and key not in sizes and row[i_h] and row[i_w]:
-                    sizes[key] = (int(float(row[i_h])), int(float(row[i_w])))
-            except (IndexError, ValueError):
-                raise UnetlabError(f"line {line}: malformed row {','.join(row)[:60]!r}", path) from None
-            rles.setdefault(key, [])
-            if rle:
-                rles[key].append(rle)
-    return rles, sizes, order
 
 
 def read_rle_csv(path: str | Path) -> dict[str, list[str]]:

@@ -23,14 +23,12 @@ import numpy as np
 
 from ...errors import UnetlabError
 from ..io import is_image_file
-from ..rle import rles_to_labels
+from ..rle import read_rle_table, rle_convention, rles_to_labels
 from ..sample import DatasetInfo, Sample
 from . import Layout, register_layout
 from .common import image_size
 
 IMAGE_DIRS = ("train", "images", "imgs", "stage1_train", "train_images", "image")
-# (id column, rle column, order) for each convention, matched case-insensitively
-CONVENTIONS = (("imageid", "encodedpixels", "F"), ("id", "annotation", "C"))
 
 
 def _header(path: Path) -> list[str]:
@@ -41,13 +39,6 @@ def _header(path: Path) -> list[str]:
         return []
 
 
-def _convention(header: list[str]) -> tuple[str, str, str] | None:
-    for id_col, rle_col, order in CONVENTIONS:
-        if id_col in header and rle_col in header:
-            return id_col, rle_col, order
-    return None
-
-
 def find_csv(root: Path) -> Path | None:
     """The first CSV in ``root`` (sorted) whose header is a known RLE convention."""
     try:
@@ -55,7 +46,7 @@ def find_csv(root: Path) -> Path | None:
     except OSError:
         return None
     for c in csvs:
-        if _convention(_header(c)) is not None:
+        if rle_convention(_header(c)) is not None:
             return c
     return None
 
@@ -108,34 +99,10 @@ def load(root: Path, csv_file: str | None = None, image_dir: str | None = None, 
     if path is None or not path.is_file():
         raise UnetlabError("no CSV of run-length encoded masks found", root,
                            "expected columns ImageId,EncodedPixels or id,annotation")
-    header = _header(path)
-    conv = _convention(header)
-    if conv is None:
-        raise UnetlabError(f"CSV header {header[:4]} is not ImageId,EncodedPixels nor id,annotation", path)
-    id_col, rle_col, order = conv
+    rles, sizes, order = read_rle_table(path)
     order = (rle_order or order).upper()
     if order not in ("F", "C"):
         raise UnetlabError(f"rle_order must be 'F' (column-major) or 'C' (row-major), got {rle_order!r}")
-    rles: dict[str, list[str]] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        cols = [h.strip().lower() for h in next(reader)]
-        i_id, i_rle = cols.index(id_col), cols.index(rle_col)
-        i_h = cols.index("height") if "height" in cols else None
-        i_w = cols.index("width") if "width" in cols else None
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                key, rle = row[i_id], row[i_rle].strip()
-                if i_h is not None and i_w is not None and key not in sizes and row[i_h] and row[i_w]:
-                    sizes[key] = (int(float(row[i_h])), int(float(row[i_w])))
-            except (IndexError, ValueError):
-                raise UnetlabError(f"line {line}: malformed row {','.join(row)[:60]!r}", path) from None
-            rles.setdefault(key, [])
-            if rle:
-                rles[key].append(rle)
     images = _image_index(root, image_dir)
     samples, problems, notes = [], [], []
     for key in sorted(rles):

@@ -167,6 +167,8 @@ def test_train_skip_bad_leaves_out_every_kind_of_bad_file(tmp_path, capsys, capl
 
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == [f"cells_{i:03d}" for i in range(4)]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["left_out"]) == len(bad)  # the run folder records what it was trained without
     assert any("--skip-bad" in r.getMessage() for r in caplog.records)
     assert snapshot(data) == before
 

@@ -632,7 +632,7 @@ class Trainer:
                 "best_metric": self.best, "monitor": cfg.train.monitor, "best_epoch": self.best_epoch,
                 "epochs_run": self.epoch, "stop_reason": stop_reason, "recoveries": self.recoveries,
                 "seconds_this_session": seconds, "last": self.history[-1] if self.history else {},
-                "postprocess": tuned, "unetlab_version": __version__,
+                "postprocess": tuned, "left_out": list(self.bad), "unetlab_version": __version__,
             })
             try:
                 plot_curves(self.history, self.out / "curves.png")

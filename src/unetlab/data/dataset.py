@@ -226,6 +226,13 @@ class EpochSampler(Sampler[int]):
         return math.ceil((self.length - self.rank) / self.world)
 
 
+def resolve_num_workers(setting: int | None, device_type: str, processes: int = 1) -> int:
+    """The worker count to use: ``setting`` when it is 0 or more, else :func:`default_num_workers`."""
+    if setting is None or setting < 0:
+        return default_num_workers(device_type, processes=processes)
+    return int(setting)
+
+
 def default_num_workers(device_type: str, cores: int | None = None, processes: int = 1) -> int:
     """Patch-loading worker processes for training on ``device_type`` when the config leaves it open.
 

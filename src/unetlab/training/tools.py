@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from .._runtime import resolve_device, seed_everything, use_channels_last
 from ..config import RunConfig, apply_overrides
-from ..data.dataset import PatchDataset
+from ..data.dataset import PatchDataset, resolve_num_workers
 from ..data.io import write_atomic
 from ..errors import UnetlabError
 from ..inference.predictor import resolve_precision
@@ -206,8 +206,8 @@ def lr_find(cfg: RunConfig, steps: int = 100, lr_min: float = 1e-6, lr_max: floa
             b = _bench(cfg, steps * bs)
             lrs_all = lr_min * (lr_max / lr_min) ** (np.arange(steps) / (steps - 1))
             optimizer = build_optimizer(b.model, cfg.train, lr_min)
-            loader = DataLoader(b.dataset, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers,
-                                drop_last=True)
+            workers = resolve_num_workers(cfg.data.num_workers, b.device.type)
+            loader = DataLoader(b.dataset, batch_size=bs, shuffle=False, num_workers=workers, drop_last=True)
             b.model.train()
             lrs: list[float] = []
             losses: list[float] = []

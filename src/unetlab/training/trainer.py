@@ -31,9 +31,9 @@ from ..data.dataset import (
     EpochSampler,
     PatchDataset,
     SampleCache,
-    default_num_workers,
     default_samples_per_epoch,
     readable_samples,
+    resolve_num_workers,
 )
 from ..data.io import read_image, remove_stale_temporaries, write_atomic
 from ..data.layouts import load_from_config
@@ -785,9 +785,7 @@ def make_train_loader(dataset: PatchDataset, sampler: EpochSampler, cfg: RunConf
                       dist_info: D.DistInfo) -> DataLoader:
     """The training DataLoader: patches cut and augmented in ``cfg.data.num_workers`` worker processes (None or
     negative: :func:`default_num_workers`), which fork after the images are decoded so they share the cache."""
-    workers = cfg.data.num_workers
-    if workers is None or workers < 0:
-        workers = default_num_workers(device.type, processes=dist_info.local_world_size)
+    workers = resolve_num_workers(cfg.data.num_workers, device.type, dist_info.local_world_size)
     if workers > 0:
         dataset.precompute()  # decoded images, foreground indices and weight maps: made once, shared
     return DataLoader(

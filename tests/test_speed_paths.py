@@ -210,6 +210,20 @@ def test_streamed_image_refuses_whole_image_outputs_with_one_line(run_dir, tmp_p
     assert "\n" not in str(e.value)
 
 
+def test_stream_threshold_flag_sets_when_predict_streams(run_dir, tmp_path, capsys):
+    from unetlab.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    tifffile.imwrite(src / "big.tif", cells_image(300, 300))  # 0.09 Mpx
+    base = ["predict", "--model", str(run_dir), "--input", str(src), "--tile", "256", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "s"), "--stream-threshold", "0.05"]) == 0
+    assert (tmp_path / "s" / "masks" / "big.tif").exists()  # streamed: the mask is written as a tiled TIFF
+    assert main([*base, "--out", str(tmp_path / "m"), "--stream-threshold", "0"]) == 0
+    assert (tmp_path / "m" / "masks" / "big.png").exists()  # 0 = never stream
+    capsys.readouterr()
+
+
 # --- data loading in worker processes -----------------------------------------------------------------------
 
 

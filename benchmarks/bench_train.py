@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from unetlab._runtime import resolve_device, tune_allocator, use_channels_last  # noqa: E402
 from unetlab.config import RunConfig, apply_overrides  # noqa: E402
-from unetlab.data.dataset import PatchDataset, default_num_workers  # noqa: E402
+from unetlab.data.dataset import PatchDataset, resolve_num_workers  # noqa: E402
 from unetlab.data.synthetic import write_synthetic_dataset  # noqa: E402
 from unetlab.models import build_model  # noqa: E402
 from unetlab.training.schedules import build_optimizer  # noqa: E402
@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer, unetlab_fn = trainer_epoch(base)
     plain_fn = plain_epoch(trainer, base, device)  # built before the trainer's first step: same initial weights
     cl_default = use_channels_last(base.train.channels_last, device)
-    workers_default = (base.data.num_workers if base.data.num_workers is not None
-                       else default_num_workers(device.type))
+    workers_default = resolve_num_workers(base.data.num_workers, device.type)
     cfg_desc = (f"unetlab trainer (defaults: precision {base.train.precision}, channels_last "
                 f"{cl_default}, num_workers {workers_default})")
     head = {cfg_desc: unetlab_fn, "plain PyTorch loop (fp32, contiguous, default DataLoader)": plain_fn}

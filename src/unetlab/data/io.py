@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import tempfile
 from collections.abc import Iterable
@@ -198,8 +199,9 @@ def write_atomic(path: str | Path, writer) -> Path:
     return path
 
 
+@functools.cache
 def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
+    """The process umask, read once (by setting and restoring it, which is not thread-safe to repeat)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -95,11 +95,11 @@ def rle_convention(header: list[str]) -> tuple[str, str, str] | None:
 
 
 def _rle_columns(header: list[str], path: Path) -> tuple[int, int, str]:
-    low = [h.strip().lower() for h in header]
+    """Indices of the id and run-length columns of ``header`` and the pixel order; a user error otherwise."""
     conv = rle_convention(header)
     if conv is not None:
-        id_col, rle_col, order = conv
-        return low.index(id_col), low.index(rle_col), order
+        low = [h.strip().lower() for h in header]
+        return low.index(conv[0]), low.index(conv[1]), conv[2]
     raise UnetlabError(
         f"CSV header {','.join(header[:4])!r} is not a run-length table",
         path,

@@ -58,13 +58,15 @@ class _Bench:
     dataset: PatchDataset
     device: torch.device
     amp_dtype: torch.dtype | None
+    channels_last: bool  # the model's memory format, which each batch then takes too
 
 
 def _bench(cfg: RunConfig, length: int, augment: bool = True) -> _Bench:
     device = resolve_device(cfg.train.device)
     setup = build_setup(cfg, None, False, D.DistInfo())
     model = setup.model.to(device)
-    if use_channels_last(cfg.train.channels_last, device):
+    channels_last = use_channels_last(cfg.train.channels_last, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     weight_fn = None
     if cfg.train.border_weight:
@@ -81,13 +83,13 @@ def _bench(cfg: RunConfig, length: int, augment: bool = True) -> _Bench:
     dataset = PatchDataset(setup.train_samples, data_cfg, setup.patch_in, length,
                            multiclass=setup.info["task"] == "multiclass", weight_fn=weight_fn, seed=cfg.train.seed)
     return _Bench(setup, model, make_loss_fn(cfg, setup.info), dataset, device,
-                  resolve_precision(cfg.train.precision, device))
+                  resolve_precision(cfg.train.precision, device), channels_last)
 
 
-def _batch_loss(b: _Bench, batch: dict, channels_last: bool) -> torch.Tensor:
+def _batch_loss(b: _Bench, batch: dict) -> torch.Tensor:
     """The training loss of one batch, computed exactly as the trainer does."""
     x = batch["image"].to(b.device)
-    if channels_last:
+    if b.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(b.device.type, dtype=b.amp_dtype or torch.float32, enabled=b.amp_dtype is not None):
         logits = b.model(x)
@@ -215,7 +217,7 @@ def lr_find(cfg: RunConfig, steps: int = 100, lr_min: float = 1e-6, lr_max: floa
             for lr, batch in zip(lrs_all, loader):
                 for g in optimizer.param_groups:
                     g["lr"] = float(lr)
-                loss = _batch_loss(b, batch, use_channels_last(cfg.train.channels_last, b.device))
+                loss = _batch_loss(b, batch)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     diverged = True
@@ -291,7 +293,7 @@ def overfit_check(cfg: RunConfig, lrs: Sequence[float] = DEFAULT_OVERFIT_LRS, st
             start = best = final = math.nan
             reached, diverged = None, False
             for step in range(1, steps + 1):
-                loss = _batch_loss(b, batch, use_channels_last(cfg.train.channels_last, b.device))
+                loss = _batch_loss(b, batch)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     diverged = True

@@ -210,7 +210,7 @@ def _predict_val_image(model: nn.Module, image: np.ndarray, cfg: RunConfig, info
     if predict is None:
         predict = make_predict_fn(model, activation_for(info["task"], info["target"]), device,
                                   precision=cfg.train.precision,
-                                  channels_last=use_channels_last(cfg.train.channels_last, device, training=False))
+                              channels_last=use_channels_last(cfg.train.channels_last, device, training=False))
     align = int(getattr(model, "size_multiple", 2 ** int(getattr(model, "depth", 4))))
     image = apply_channels(image, cfg.data, None, source=source)
     return tile_predict(predict, image, info["out_channels"], tile=max(cfg.data.patch_size, 256), overlap=0.25,
@@ -226,7 +226,7 @@ def validate(
     model.eval()
     predict = make_predict_fn(model, activation_for(info["task"], info["target"]), device,
                               precision=cfg.train.precision,
-                                  channels_last=use_channels_last(cfg.train.channels_last, device, training=False))
+                              channels_last=use_channels_last(cfg.train.channels_last, device, training=False))
     n = info["out_channels"] - 1 if info["task"] == "multiclass" else 1
     counts = torch.zeros(3, n, dtype=torch.float64)
     truth_fg = torch.zeros(2, dtype=torch.float64)  # (truth pixels, all pixels) for the all-foreground Dice

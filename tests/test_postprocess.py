@@ -10,6 +10,7 @@ from unetlab.data.targets import make_target, target_channels
 from unetlab.errors import UnetlabError
 from unetlab.evaluation.metrics import match_objects
 from unetlab.inference.postprocess import (
+    distance_markers,
     foreground_mask,
     probabilities_to_classes,
     probabilities_to_labels,
@@ -122,7 +123,7 @@ def test_distance_target_round_trip_splits_touching():
     lab = touching_pair()
     d = make_target(lab, "distance")
     prob = np.stack([(d > 0).astype(np.float32), d])
-    out = probabilities_to_labels(prob, "distance", PostprocessConfig(min_size=0, min_distance=4))
+    out = probabilities_to_labels(prob, "distance", PostprocessConfig(min_size=0))
     assert match_objects(out, lab, thresholds=[0.7])["tp"] == [2]
 
 
@@ -133,6 +134,29 @@ def test_binary_distance_markers_split_overlapping_discs():
     split = probabilities_to_labels(prob, "binary", PostprocessConfig(min_size=0, markers="distance"))
     assert plain.max() == 1 and split.max() == 2
     assert match_objects(split, lab, thresholds=[0.8])["tp"] == [2]
+
+
+def two_bumps(h1, h2, width=6.0):
+    """A 1-D ridge of two Gaussian bumps (heights h1, h2) 20 px apart, as a (1, 60) image."""
+    x = np.arange(60, dtype=np.float64)
+    return (h1 * np.exp(-((x - 20) ** 2) / (2 * width**2)) + h2 * np.exp(-((x - 40) ** 2) / (2 * width**2)))[None]
+
+
+def test_distance_markers_count_peaks_by_prominence():
+    ridge = two_bumps(1.0, 0.8)
+    fg = np.ones(ridge.shape, bool)
+    saddle = ridge[0, 20:41].min()
+    dip = 0.8 - saddle  # how far the lower peak stands above the saddle
+    assert 0.05 < dip < 0.5
+    assert distance_markers(ridge, fg, dip / 2).max() == 2
+    one = distance_markers(ridge, fg, dip * 2)
+    assert one.max() == 1 and one[0, 20] == 1  # the surviving marker sits on the higher peak
+    # twin peaks of equal height with a shallow saddle are one plateau, so one marker, not one per tip
+    twins = two_bumps(1.0, 1.0)
+    assert distance_markers(twins, fg, 1.0 - twins[0, 30] + 0.05).max() == 1
+    assert distance_markers(twins, fg, 1.0 - twins[0, 30] - 0.05).max() == 2
+    # nothing outside the foreground seeds anything
+    assert distance_markers(ridge, np.zeros_like(fg), 0.01).max() == 0
 
 
 def test_bad_inputs_raise_clear_errors():

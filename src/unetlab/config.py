@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 
 from .errors import UnetlabError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,7 +141,10 @@ class PostprocessConfig:
     min_size: int = 10
     fill_holes: bool = True
     markers: str = "auto"  # auto | interior | distance | none
-    min_distance: int = 5
+    # how far a distance peak must rise above the saddle to a higher neighbour to seed an object of its own:
+    # in units of the predicted normalised distance (distance target) or in pixels (Euclidean distance of the
+    # interior or mask: boundary and binary targets); None: 0.05 for the distance target, 1.0 otherwise
+    prominence: float | None = None
 
 
 @dataclass
@@ -194,9 +200,16 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# keys older versions wrote into config.yaml: read and dropped with a warning, so old runs still load
+RETIRED_KEYS = {"postprocess.min_distance": "watershed markers now use postprocess.prominence"}
+
+
 def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     hints = _hints(cls)
     names = {f.name for f in fields(cls)}
+    for k in [k for k in d if f"{prefix}{k}" in RETIRED_KEYS]:
+        log.warning("config key '%s%s' is no longer used (%s)", prefix, k, RETIRED_KEYS[f"{prefix}{k}"])
+        d = {key: v for key, v in d.items() if key != k}
     unknown = [k for k in d if k not in names]
     if unknown:
         raise UnetlabError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
@@ -232,7 +245,8 @@ def coerce(value: Any, typ: Any, key: str = "") -> Any:
     if origin in (list, tuple):
         items = value
         if isinstance(value, str):
-            items = [s for s in value.replace(" ", "").split(",") if s != ""]
+            # "1,2", "1, 2" or YAML-style "[1, 2]"
+            items = [s for s in value.replace(" ", "").strip("[]()").split(",") if s != ""]
         if not isinstance(items, (list, tuple)):
             items = [items]
         inner = args[0] if args else str

@@ -5,7 +5,7 @@ Three kinds, each a (H, W) array made by :func:`make_target` and predicted with 
 - ``binary``: {0, 1} foreground; 1 output channel (sigmoid).
 - ``boundary``: 3 classes, 0 background, 1 object interior, 2 object boundary (every object pixel that touches
   the background or another object, so touching cells are separated by boundary pixels); 3 output channels
-  (softmax). Post-processing seeds a watershed with the interior class.
+  (softmax). Post-processing seeds a watershed with the peaks of the interior's distance transform.
 - ``distance``: float32, each object's Euclidean distance to its outside (background or another object),
   divided by the object's maximum, so 0 outside and (0, 1] inside. It is predicted with 2 output channels:
   channel 0 is the foreground logit (trained against ``target > 0``), channel 1 the distance logit (sigmoid,

@@ -4,10 +4,19 @@ Probability layouts by target kind (see :mod:`unetlab.data.targets`):
 ``binary`` (H, W) or (1, H, W) foreground; ``boundary`` (3, H, W) background/interior/boundary softmax;
 ``distance`` (2, H, W) foreground probability and normalised distance.
 
-Markers (``PostprocessConfig.markers``): ``auto`` is ``interior`` for the boundary target, ``distance`` for the
-distance target and ``none`` (plain connected components) for the binary target; ``distance`` on a binary
-target seeds the watershed with peaks of the mask's distance transform; ``interior`` needs a boundary or
-distance target (interior class, or distance > 0.5).
+Markers (``PostprocessConfig.markers``) seed a watershed that splits touching objects:
+
+- ``distance``: one marker per peak of a distance map that stands at least ``prominence`` above the saddle to
+  any higher neighbour (the h-maxima of the map smoothed with sigma 1). The map is the predicted normalised
+  distance (distance target), or the Euclidean distance transform of the predicted interior (boundary target)
+  or of the mask (binary target). The watershed floods the negated map. Prominence, not a minimum peak
+  spacing, decides, so small and large nuclei in one image are split alike.
+- ``interior``: one marker per connected component of the interior class (or of distance > 0.5).
+- ``none``: plain connected components of the foreground.
+- ``auto``: ``distance`` for the boundary and distance targets, ``none`` for the binary target.
+
+On the DSB 2018 fluorescence validation images distance markers found far more of the touching nuclei than
+interior components (object AP@0.5 0.80 against 0.71 for one boundary model; see README).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ def resolve_markers(kind: str, markers: str) -> str:
     if markers not in MARKERS:
         raise UnetlabError(f"unknown markers '{markers}' (choose {', '.join(MARKERS)})")
     if markers == "auto":
-        return {"binary": "none", "boundary": "interior", "distance": "distance"}[kind]
+        return {"binary": "none", "boundary": "distance", "distance": "distance"}[kind]
     if markers == "interior" and kind == "binary":
         raise UnetlabError(
             "markers 'interior' need a boundary or distance target", hint="use --markers distance or none"
@@ -62,11 +71,21 @@ def resolve_markers(kind: str, markers: str) -> str:
     return markers
 
 
-def _peaks(height: np.ndarray, fg: np.ndarray, min_distance: int, min_height: float) -> np.ndarray:
-    """Markers at local maxima of ``height`` within ``min_distance``; a plateau of maxima is one marker."""
-    size = 2 * max(int(min_distance), 1) + 1
-    local_max = ndi.maximum_filter(height, size=size, mode="nearest")
-    peaks = (height >= local_max) & fg & (height > min_height)
+def default_prominence(kind: str) -> float:
+    """Default marker prominence: 0.05 of the normalised distance (distance target), else 1 pixel."""
+    return 0.05 if kind == "distance" else 1.0
+
+
+def distance_markers(height: np.ndarray, fg: np.ndarray, prominence: float) -> np.ndarray:
+    """Markers (int32 labels) at the peaks of ``height`` inside ``fg`` that rise at least ``prominence`` above
+    the saddle to any higher peak: the regional maxima of the h-maxima transform (peaks closer in height
+    than that merge into one plateau, which is one marker)."""
+    from skimage.morphology import local_maxima, reconstruction
+
+    h = max(float(prominence), 1e-6)
+    img = np.where(fg, height, 0.0).astype(np.float64)
+    hmax = reconstruction(img - h, img, method="dilation")
+    peaks = local_maxima(hmax, connectivity=2, allow_borders=True) & fg
     markers, _ = ndi.label(peaks, structure=np.ones((3, 3), bool))
     return markers
 
@@ -130,12 +149,13 @@ def probabilities_to_labels(
         labels = _watershed(1.0 - p[1], markers, fg)
     else:  # distance
         if kind == "distance":
-            height = ndi.gaussian_filter(np.where(fg, p[1], 0.0).astype(np.float32), 1.0)
-            min_height = 0.05
+            dist = np.where(fg, p[1], 0.0)
         else:
-            height = ndi.distance_transform_edt(fg).astype(np.float32)
-            min_height = 0.0
-        markers = _peaks(height, fg, cfg.min_distance, min_height)
+            inside = fg & (p[1] > cfg.threshold) if kind == "boundary" else fg
+            dist = ndi.distance_transform_edt(inside)
+        height = ndi.gaussian_filter(dist.astype(np.float32), 1.0)
+        prominence = default_prominence(kind) if cfg.prominence is None else cfg.prominence
+        markers = distance_markers(height, fg, prominence)
         labels = _watershed(-height, markers, fg)
     labels = labels.astype(np.int32, copy=False)
     if cfg.fill_holes:
@@ -159,10 +179,11 @@ def tune_postprocess(
     base: PostprocessConfig | None = None,
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7),
     min_sizes: tuple[int, ...] = (0, 10, 25, 50),
-    min_distances: tuple[int, ...] = (3, 5, 8),
+    prominence_factors: tuple[float, ...] = (0.5, 1.0, 2.0),
     metric: str = "ap_mean",
 ) -> PostprocessConfig:
-    """Grid-search threshold, min_size (and min_distance when markers come from distances) on validation
+    """Grid-search threshold, min_size (and the marker prominence, as factors of the target's default, when
+    markers come from distances) on validation
     predictions against true label images; returns the config with the best mean ``metric``
     (``ap_mean``: DSB AP averaged over IoU 0.5..0.95, or ``f1``: F1 at IoU 0.5)."""
     from ..evaluation.metrics import as_instance_labels, match_objects
@@ -173,12 +194,13 @@ def tune_postprocess(
         raise UnetlabError(f"unknown tuning metric '{metric}' (choose ap_mean or f1)")
     base = base or PostprocessConfig()
     mode = resolve_markers(kind, base.markers)
-    distances = tuple(min_distances) if mode == "distance" else (base.min_distance,)
+    prominences = ((base.prominence,) if mode != "distance" else
+                   tuple(round(f * default_prominence(kind), 6) for f in prominence_factors))
     truth_labels = [as_instance_labels(t) for t in truths]
     iou_thr = None if metric == "ap_mean" else (0.5,)
     best: tuple[float, PostprocessConfig] | None = None
-    for thr, md in itertools.product(thresholds, distances):
-        cfg0 = replace(base, threshold=float(thr), min_distance=int(md), min_size=0)
+    for thr, prom in itertools.product(thresholds, prominences):
+        cfg0 = replace(base, threshold=float(thr), prominence=prom, min_size=0)
         raw = [probabilities_to_labels(p, kind, cfg0) for p in probs]
         for ms in min_sizes:
             scores = []
@@ -187,12 +209,12 @@ def tune_postprocess(
                 m = match_objects(pred, truth) if iou_thr is None else match_objects(pred, truth, iou_thr)
                 scores.append(m["ap_mean"] if metric == "ap_mean" else m["f1"][0])
             score = float(np.mean(scores))
-            log.debug("tune: threshold=%.2f min_distance=%d min_size=%d -> %s %.4f", thr, md, ms, metric, score)
+            log.debug("tune: threshold=%.2f prominence=%s min_size=%d -> %s %.4f", thr, prom, ms, metric, score)
             if best is None or score > best[0] + 1e-12:
                 best = (score, replace(cfg0, min_size=int(ms)))
     assert best is not None
     log.info(
-        "tuned post-processing: threshold=%.2f min_size=%d min_distance=%d (%s %.4f)",
-        best[1].threshold, best[1].min_size, best[1].min_distance, metric, best[0],
+        "tuned post-processing: threshold=%.2f min_size=%d prominence=%s (%s %.4f)",
+        best[1].threshold, best[1].min_size, best[1].prominence, metric, best[0],
     )
     return best[1]

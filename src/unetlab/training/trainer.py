@@ -674,9 +674,9 @@ class Trainer:
                                              as_instance_labels(t)) for p, t in zip(probs, truths)])
         scores = {"ap50": pooled["ap"][0], "ap_mean": pooled["ap_mean_pooled"], "dsb_score": pooled["dsb_score"],
                   "n_images": len(probs)}
-        log.info("post-processing tuned on %d validation images: threshold %.2f, min size %d, min distance %d; "
+        log.info("post-processing tuned on %d validation images: threshold %.2f, min size %d, prominence %s; "
                  "object AP@0.5 %.3f, mean AP@0.5:0.95 %.3f (DSB score %.3f)", len(probs), pp.threshold,
-                 pp.min_size, pp.min_distance, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
+                 pp.min_size, pp.prominence, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
         return {**asdict(pp), "validation_objects": scores}
 
     def _log_epoch(self, row: dict) -> None:

@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     lab = synthetic_nuclei(args.size, args.objects)
     n_true = int(len(np.unique(lab)) - 1)
-    cases = [("binary", "none"), ("binary", "distance"), ("boundary", "interior"), ("distance", "distance")]
+    cases = [("binary", "none"), ("binary", "distance"), ("boundary", "interior"), ("boundary", "distance"), ("distance", "distance")]
     rows = []
     for kind, markers in cases:
         prob = fake_probabilities(lab, kind)

@@ -207,9 +207,10 @@ RETIRED_KEYS = {"postprocess.min_distance": "watershed markers now use postproce
 def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     hints = _hints(cls)
     names = {f.name for f in fields(cls)}
-    for k in [k for k in d if f"{prefix}{k}" in RETIRED_KEYS]:
+    retired = [k for k in d if f"{prefix}{k}" in RETIRED_KEYS]
+    for k in retired:
         log.warning("config key '%s%s' is no longer used (%s)", prefix, k, RETIRED_KEYS[f"{prefix}{k}"])
-        d = {key: v for key, v in d.items() if key != k}
+    d = {k: v for k, v in d.items() if k not in retired}
     unknown = [k for k in d if k not in names]
     if unknown:
         raise UnetlabError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")

@@ -99,6 +99,12 @@ def distance_markers(height: np.ndarray, fg: np.ndarray, prominence: float) -> n
     return markers
 
 
+def _interior(p: np.ndarray, kind: str, fg: np.ndarray, threshold: float) -> np.ndarray:
+    """Predicted object interiors inside ``fg``: interior class above ``threshold`` (boundary target) or
+    normalised distance above 0.5 (distance target)."""
+    return fg & (p[1] > (threshold if kind == "boundary" else 0.5))
+
+
 def _watershed(elevation: np.ndarray, markers: np.ndarray, fg: np.ndarray) -> np.ndarray:
     from skimage.segmentation import watershed
 
@@ -153,15 +159,13 @@ def probabilities_to_labels(
     if mode == "none":
         labels, _ = ndi.label(fg)
     elif mode == "interior":
-        core = (p[1] > cfg.threshold) if kind == "boundary" else (p[1] > 0.5)
-        markers, _ = ndi.label(core & fg)
+        markers, _ = ndi.label(_interior(p, kind, fg, cfg.threshold))
         labels = _watershed(1.0 - p[1], markers, fg)
     else:  # distance
         if kind == "distance":
             dist = np.where(fg, p[1], 0.0)
         else:
-            inside = fg & (p[1] > cfg.threshold) if kind == "boundary" else fg
-            dist = ndi.distance_transform_edt(inside)
+            dist = ndi.distance_transform_edt(_interior(p, kind, fg, cfg.threshold) if kind == "boundary" else fg)
         height = ndi.gaussian_filter(dist.astype(np.float32), 1.0)
         prominence = default_prominence(kind) if cfg.prominence is None else cfg.prominence
         markers = distance_markers(height, fg, prominence)
@@ -192,8 +196,8 @@ def tune_postprocess(
     metric: str = "ap_mean",
 ) -> PostprocessConfig:
     """Grid-search threshold, min_size (and the marker prominence, as factors of the target's default, when
-    markers come from distances) on validation
-    predictions against true label images; returns the config with the best mean ``metric``
+    markers come from distances) on validation predictions against true label images; returns the config with
+    the best mean ``metric``
     (``ap_mean``: DSB AP averaged over IoU 0.5..0.95, or ``f1``: F1 at IoU 0.5)."""
     from ..evaluation.metrics import as_instance_labels, match_objects
 

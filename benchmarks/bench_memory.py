@@ -62,18 +62,19 @@ def write_big_tiff(path: Path, size: int, layout: str) -> Path:
     """A ``size`` x ``size`` uint16 mosaic of synthetic cell fields, written without holding the image."""
     import tifffile
 
+    from unetlab.files import atomic_output
     from unetlab.inference.streaming import BandTiffWriter
 
     fields = C.synthetic_fields(6, 512, seed=9)
     if layout == "raw":
-        w = BandTiffWriter(path, (size, size), np.uint16)
-        try:
-            for y0, rows in C.mosaic_rows(size, size, fields, seed=9):
-                w.write_rows(y0, rows)
-            return w.commit()
-        except BaseException:
-            w.abort()
-            raise
+        with atomic_output(path) as tmp:
+            w = BandTiffWriter(tmp, (size, size), np.uint16)
+            try:
+                for y0, rows in C.mosaic_rows(size, size, fields, seed=9):
+                    w.write_rows(y0, rows)
+            finally:
+                w.close()
+        return path
 
     def tiles():
         for _y0, rows in C.mosaic_rows(size, size, fields, seed=9):  # 512-row bands = one row of tiles

@@ -162,10 +162,10 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML atomically."""
-        from .data.io import write_atomic
+        from .files import write_text
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+        write_text(path, text)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RunConfig:
@@ -226,6 +226,21 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def split_list(text: str) -> list[str]:
+    """Items of a list flag: "1,2", "1, 2" or YAML-style "[1, 2]" / "(1, 2)".
+
+    Brackets are list syntax only when they enclose the whole value, so glob patterns such as ``[ab]*`` or
+    ``*Pos00[89]`` keep theirs.
+    """
+    text = text.strip()
+    if len(text) >= 2 and (text[0], text[-1]) in (("[", "]"), ("(", ")")):
+        inner = text[1:-1]
+        # "[ab]" on its own is a one-item list; a glob such as "[ab]x[cd]" is not enclosed by one pair
+        if text[0] == "(" or "[" not in inner and "]" not in inner:
+            text = inner
+    return [item.strip() for item in text.split(",") if item.strip() != ""]
+
+
 def coerce(value: Any, typ: Any, key: str = "") -> Any:
     """Convert ``value`` (often a string from the command line) to the annotated type ``typ``."""
     origin = typing.get_origin(typ)
@@ -246,8 +261,7 @@ def coerce(value: Any, typ: Any, key: str = "") -> Any:
     if origin in (list, tuple):
         items = value
         if isinstance(value, str):
-            # "1,2", "1, 2" or YAML-style "[1, 2]"
-            items = [s for s in value.replace(" ", "").strip("[]()").split(",") if s != ""]
+            items = split_list(value)
         if not isinstance(items, (list, tuple)):
             items = [items]
         inner = args[0] if args else str

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import errno
-import functools
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UnetlabError
+from ..files import write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 _TIFF = (".tif", ".tiff")
@@ -166,73 +163,6 @@ def normalize(image: np.ndarray, mode: str = "percentile", low: float = 1.0, hig
     if mode == "none":
         return image.astype(np.float32, copy=False)
     raise UnetlabError(f"unknown normalisation '{mode}' (choose percentile, minmax, dtype or none)")
-
-
-def atomic_path(path: str | Path) -> Path:
-    """A temporary path in the same folder as ``path``, for write-then-rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def write_atomic(path: str | Path, writer) -> Path:
-    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path`` (never a half-written file).
-
-    A full disk, a quota or a folder without write permission is a one-line :class:`UnetlabError`.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic_path(path)
-        writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno not in _WRITE_ERRNOS:
-            raise
-        raise UnetlabError(f"cannot write: {exc.strerror or exc}", path, _WRITE_ERRNOS[exc.errno]) from exc
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
-    return path
-
-
-@functools.cache
-def _umask() -> int:
-    """The process umask, read once (by setting and restoring it, which is not thread-safe to repeat)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_WRITE_ERRNOS = {
-    errno.ENOSPC: "free some disk space, or write somewhere else",
-    errno.EDQUOT: "free some space in your quota, or write somewhere else",
-    errno.EACCES: "choose a folder you can write to",
-    errno.EPERM: "choose a folder you can write to",
-    errno.EROFS: "the disk is read-only: choose another folder",
-}
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files that :func:`write_atomic` leaves behind when a process is killed mid-write.
-
-    Only names of its exact form (``.<stem>.<8 random chars>.tmp<suffix>``) under ``folder`` are removed.
-    """
-    import re
-
-    pattern = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
-    folder = Path(folder)
-    removed: list[Path] = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.rglob(".*.tmp*"):
-        if p.is_file() and pattern.match(p.name):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def write_image(path: str | Path, array: np.ndarray, compress: bool = True) -> Path:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UnetlabError
-from .io import read_image, write_atomic, write_image
+from ..files import write_atomic, write_text
+from .io import read_image, write_image
 from .layouts import load_dataset
 from .layouts.common import image_header
 from .sample import DatasetInfo, Sample
@@ -100,9 +101,9 @@ def _finish(out: Path, info: DatasetInfo, groups: list[tuple[str, str]], params:
 
     write_atomic(out / "groups.csv", write_groups)
     if info.task == "multiclass":
-        write_atomic(out / "codes.txt", lambda tmp: Path(tmp).write_text("\n".join(info.classes) + "\n"))
+        write_text(out / "codes.txt", "\n".join(info.classes) + "\n")
     doc = {"source": str(info.root), "layout": info.layout, "count": len(groups), **params}
-    write_atomic(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+    write_text(out / MANIFEST, json.dumps(doc, indent=1))
 
 
 def patchify(root: str | Path, size: int, stride: int, out: str | Path, layout: str | None = None,

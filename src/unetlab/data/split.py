@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import UnetlabError
-from .io import write_atomic
+from ..files import write_text
 from .sample import DatasetInfo, Sample
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def save_split(path: str | Path, train: list[Sample], val: list[Sample]) -> Path
         "val_groups": _groups_of(val),
     }
     text = json.dumps(doc, indent=1)
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_text(path, text)
 
 
 def load_split(path: str | Path) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import list_images, mask_to_labels, read_label, write_atomic
+from ..data.io import list_images, mask_to_labels, read_label
 from ..errors import UnetlabError
+from ..files import write_text
 from .metrics import (
     DEFAULT_IOU_THRESHOLDS,
     adapted_rand_error,
@@ -328,7 +329,7 @@ def _summarize(rows: list[dict], instances: bool, multiclass: bool, thresholds: 
 def write_report(report: dict, json_path: str | Path, csv_path: str | Path | None = None) -> None:
     """Write the report as JSON (NaN as null) and, optionally, its per-image rows as CSV; both atomically."""
     text = json.dumps(_nan_to_none(report), indent=2)
-    write_atomic(json_path, lambda tmp: Path(tmp).write_text(text))
+    write_text(json_path, text)
     if csv_path is None:
         return
     cols: list[str] = []
@@ -343,7 +344,7 @@ def write_report(report: dict, json_path: str | Path, csv_path: str | Path | Non
         w.writerow(["" if (isinstance(r.get(k), float) and math.isnan(r[k])) else
                     (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols])
     csv_text = buf.getvalue()
-    write_atomic(csv_path, lambda tmp: Path(tmp).write_text(csv_text))
+    write_text(csv_path, csv_text)
     log.info("wrote %s and %s", json_path, csv_path)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UnetlabError
+from ..files import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +50,21 @@ def export_model(
     if model_channels is not None and int(model_channels) != int(in_channels):
         raise UnetlabError(f"the model takes {model_channels} input channels, not {in_channels}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().float().eval()
     sizes = [_accepted_size(model, h, w) for h, w in CHECK_SIZES]
     example = torch.randn(1, int(in_channels), *sizes[0])
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        if fmt == "onnx":
-            _export_onnx(model, example, tmp, opset, onnx_exporter)
-            runner: Callable[[torch.Tensor], torch.Tensor] = load_onnx(tmp)
-        else:
-            _export_torchscript(model, tmp)
-            runner = load_torchscript(tmp)
-        if check:
-            _check_outputs(model, runner, int(in_channels), sizes, fmt)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"{tmp}.data").unlink()
+    with atomic_output(out) as tmp:
+        try:
+            if fmt == "onnx":
+                _export_onnx(model, example, tmp, opset, onnx_exporter)
+                runner: Callable[[torch.Tensor], torch.Tensor] = load_onnx(tmp)
+            else:
+                _export_torchscript(model, tmp)
+                runner = load_torchscript(tmp)
+            if check:
+                _check_outputs(model, runner, int(in_channels), sizes, fmt)
+        finally:
+            Path(f"{tmp}.data").unlink(missing_ok=True)  # external weights, should an exporter write them
     log.info("exported %s model to %s", fmt, out)
     return out
 
@@ -97,7 +92,8 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int
         except Exception as exc:  # the tracing exporter is deprecated: fall back to torch.export
             if exporter == "trace":
                 raise
-            log.info("tracing ONNX exporter failed (%s); trying the torch.export-based one", exc)
+            log.warning("the tracing ONNX exporter failed (%s: %s); trying the torch.export-based one",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _export_onnx_dynamo(model, example, path, opset)
     _add_onnx_metadata(path, model)
 

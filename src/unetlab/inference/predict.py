@@ -10,15 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PostprocessConfig
-from ..data.io import (
-    IMAGE_EXTENSIONS,
-    is_image_file,
-    read_image,
-    remove_stale_temporaries,
-    write_atomic,
-    write_image,
-)
+from ..data.io import IMAGE_EXTENSIONS, is_image_file, read_image, write_image
 from ..errors import UnetlabError
+from ..files import remove_stale_temporaries, write_text
 from .predictor import Predictor, load_run
 from .streaming import STREAM_THRESHOLD, should_stream
 
@@ -172,7 +166,9 @@ def predict(
                 with Image.open(f) as im:
                     sizes[f] = (im.height, im.width)
             total_tiles += predictor.n_tiles(sizes[f])
-        except Exception:
+        except Exception as exc:  # the image itself is read (and its problem reported) when its turn comes
+            log.warning("%s: size not readable from the header (%s: %s); the progress bar counts it as one tile",
+                        f, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             total_tiles += 1
     disable = True if (progress is False or not dist.is_main) else (False if progress else None)
     bar = tqdm(total=total_tiles, desc="predict", unit="tile", disable=disable, dynamic_ncols=True)
@@ -275,7 +271,7 @@ def _merge_rle_parts(rle: Path, parts: list[Path], order: dict[str, int]) -> Non
     for name in sorted(groups, key=lambda n: order.get(n, len(order))):
         w.writerows(groups[name])
     text = buf.getvalue()
-    write_atomic(rle, lambda tmp: Path(tmp).write_text(text))
+    write_text(rle, text)
     for part in parts:
         part.unlink(missing_ok=True)
 

@@ -17,7 +17,7 @@ from ..config import RunConfig
 from ..data.channels import apply_channels
 from ..data.io import normalize
 from ..errors import UnetlabError
-from ..runfolder import checkpoint_path, load_checkpoint, read_json
+from ..runfolder import checkpoint_path, load_checkpoint, read_model_info
 from .tiling import PredictFn, count_tiles, iter_tile_rows
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     if not run_dir.is_dir():
         raise UnetlabError("run folder not found", run_dir)
     cfg = RunConfig.load(run_dir / "config.yaml")
-    info = read_json(run_dir / "model.json")
+    info = read_model_info(run_dir / "model.json")
     path = checkpoint_path(run_dir, checkpoint)
     if not path.exists():
         path = checkpoint_path(run_dir, "last")

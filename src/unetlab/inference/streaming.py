@@ -10,9 +10,9 @@ while the predictor yields finished bands, so memory stays bounded by one band o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UnetlabError
+from ..files import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,8 @@ def tiff_pixels(path: str | Path) -> int | None:
         with tifffile.TiffFile(path) as t:
             page = t.series[0].pages[0]
             return int(page.imagelength) * int(page.imagewidth)
-    except Exception:
+    except Exception as exc:  # the image is read (and its problem reported) by the normal reader instead
+        log.warning("%s: TIFF header not readable (%s: %s); not streaming it", path, type(exc).__name__, exc)
         return None
 
 
@@ -259,26 +261,21 @@ def band_normalizer(image, mode: str = "percentile", low: float = 1.0, high: flo
 
 
 class BandTiffWriter:
-    """An uncompressed TIFF of ``shape`` ((H, W) or (K, H, W)) filled band by band with positioned writes.
-
-    The file is laid out by ``tifffile.memmap`` (sparse until written) and renamed onto ``path`` by
-    :meth:`commit`; data goes through the file, never through a memory map, so it costs no resident memory.
-    """
+    """An uncompressed TIFF of ``shape`` ((H, W) or (K, H, W)) at ``path``, filled band by band with positioned
+    writes. The file is laid out by ``tifffile.memmap`` (sparse until written); data goes through the file,
+    never through a memory map, so it costs no resident memory. ``path`` is a temporary from
+    :func:`unetlab.files.atomic_output`, which moves it into place."""
 
     def __init__(self, path: str | Path, shape: tuple[int, ...], dtype) -> None:
         import tifffile
 
-        from ..data.io import atomic_path
-
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = atomic_path(self.path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        mm = tifffile.memmap(self.tmp, shape=self.shape, dtype=self.dtype, photometric="minisblack")
+        mm = tifffile.memmap(self.path, shape=self.shape, dtype=self.dtype, photometric="minisblack")
         self.offset = int(mm.offset)
         del mm
-        self._fh = open(self.tmp, "r+b")  # noqa: SIM115 - closed in commit/abort
+        self._fh = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
 
     def write_rows(self, y0: int, rows: np.ndarray) -> None:
         """Write ``rows`` ((n, W) or (K, n, W)) at row ``y0``."""
@@ -290,16 +287,9 @@ class BandTiffWriter:
             self._fh.seek(self.offset + (k * h * w + y0 * w) * item)
             self._fh.write(plane.tobytes())
 
-    def commit(self) -> Path:
-        """Flush, close and move the finished file into place."""
+    def close(self) -> None:
+        """Flush and close the file."""
         self._fh.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        """Close and delete the unfinished file."""
-        self._fh.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def _mask_tiles(rows_iter: Iterator[tuple[int, np.ndarray]], height: int, width: int,
@@ -334,14 +324,14 @@ def stream_predict_file(
     tiled TIFF at ``mask_path`` and, when ``prob_path``, the float32 probabilities. Returns shape and counts."""
     import tifffile
 
-    from ..data.io import atomic_path
-
-    with open_tiff_rows(path) as image:
+    with open_tiff_rows(path) as image, contextlib.ExitStack() as outputs:
         _c, h, w = image.shape
         k = int(predictor.run.out_channels)
-        prob_writer = BandTiffWriter(prob_path, (k, h, w), np.float32) if prob_path is not None else None
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic_path(mask_path)
+        prob_writer = None
+        if prob_path is not None:
+            prob_writer = BandTiffWriter(outputs.enter_context(atomic_output(prob_path)), (k, h, w), np.float32)
+            outputs.callback(prob_writer.close)  # closed before its rename (callbacks run last-in first-out)
+        tmp = outputs.enter_context(atomic_output(mask_path))
         foreground_pixels = 0
 
         def mask_rows() -> Iterator[tuple[int, np.ndarray]]:
@@ -355,16 +345,7 @@ def stream_predict_file(
                     fg = fg.astype(np.uint8) * 255
                 yield y0, fg.astype(np.uint8, copy=False)
 
-        try:
-            tifffile.imwrite(tmp, _mask_tiles(mask_rows(), h, w), shape=(h, w), dtype=np.uint8,
-                             tile=(MASK_TILE, MASK_TILE), compression="zlib", photometric="minisblack")
-            os.replace(tmp, mask_path)
-            if prob_writer is not None:
-                prob_writer.commit()
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            if prob_writer is not None:
-                prob_writer.abort()
-            raise
+        tifffile.imwrite(tmp, _mask_tiles(mask_rows(), h, w), shape=(h, w), dtype=np.uint8,
+                         tile=(MASK_TILE, MASK_TILE), compression="zlib", photometric="minisblack")
     log.info("streamed %s (%dx%d) tile by tile into %s", path.name, h, w, mask_path)
     return {"shape": (h, w), "foreground_pixels": foreground_pixels}

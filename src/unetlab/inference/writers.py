@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import normalize_percentile, write_atomic, write_image
+from ..data.io import normalize_percentile, write_image
 from ..data.rle import read_rle_table
 from ..errors import UnetlabError
+from ..files import write_atomic, write_text
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence], prot
     for r in rows:
         w.writerow(r)
     text = buf.getvalue()
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_text(path, text)
 
 
 def _fmt(x) -> str:

@@ -81,8 +81,9 @@ def build_optimizer(params: Any, cfg: TrainConfig, lr: float) -> torch.optim.Opt
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     try:
         import bitsandbytes as bnb
-    except ImportError:
-        raise UnetlabError("8-bit AdamW needs bitsandbytes: pip install bitsandbytes") from None
+    except ImportError as exc:
+        raise UnetlabError(f"optimizer adamw8bit needs the bitsandbytes package ({exc})",
+                           hint='pip install "unetlab[bnb]", or choose --optimizer adamw') from None
     return bnb.optim.AdamW8bit(groups, lr=lr)
 
 

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 from .._runtime import resolve_device, seed_everything, use_channels_last
 from ..config import RunConfig, apply_overrides
 from ..data.dataset import PatchDataset, resolve_num_workers
-from ..data.io import write_atomic
 from ..errors import UnetlabError
+from ..files import write_bytes, write_text
 from ..inference.predictor import resolve_precision
 from . import distributed as D
 from .schedules import build_optimizer
@@ -262,7 +262,7 @@ def plot_lr_find(result: LRFindResult, png: str | Path) -> Path:
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     data = _png_bytes(fig)
-    return write_atomic(Path(png), lambda tmp: Path(tmp).write_bytes(data))
+    return write_bytes(Path(png), data)
 
 
 # --- overfit check -------------------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def _write_compare_csv(path: Path, rows: list[dict]) -> Path:
     w.writeheader()
     w.writerows([{k: r.get(k) for k in COMPARE_COLUMNS} for r in rows])
     text = buf.getvalue()
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_text(path, text)
 
 
 def plot_compare(rows: list[dict], png: str | Path) -> Path:
@@ -445,7 +445,7 @@ def plot_compare(rows: list[dict], png: str | Path) -> Path:
     b.set_title("training time")
     fig.tight_layout()
     data = _png_bytes(fig)
-    return write_atomic(Path(png), lambda tmp: Path(tmp).write_bytes(data))
+    return write_bytes(Path(png), data)
 
 
 __all__ = ["LRFindResult", "lr_find", "plot_lr_find", "smooth_losses", "suggest_lr", "overfit_check", "compare",

@@ -35,12 +35,13 @@ from ..data.dataset import (
     readable_samples,
     resolve_num_workers,
 )
-from ..data.io import read_image, remove_stale_temporaries, write_atomic
+from ..data.io import read_image
 from ..data.layouts import load_from_config
 from ..data.split import load_split, save_split, split_samples
 from ..data.targets import target_channels
 from ..errors import UnetlabError
 from ..evaluation.metrics import batch_dice_counts, dice_from_counts
+from ..files import remove_stale_temporaries, write_bytes, write_text
 from ..inference.predictor import activation_for, make_predict_fn, resolve_precision
 from ..inference.tiling import tile_predict
 from ..runfolder import checkpoint_path, load_checkpoint, read_json, save_checkpoint, write_json
@@ -398,7 +399,7 @@ class Trainer:
             # the restore point: usually this very state (then not stored twice), else its own copy
             "good_epoch": self.good_epoch,
             "good_state": self.good_state if self.good_epoch != self.epoch else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
             "config": self.cfg.to_dict(),
             "info": self.info,
             "world_size": self.dist.world_size,
@@ -422,7 +423,7 @@ class Trainer:
         if self.recoveries:  # a recovery reseeded the patch stream
             self.train_cache_dataset.seed = self.cfg.train.seed + 1000 * len(self.recoveries)
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size and self.dist.is_main:
             b = self.cfg.train.batch_size * self.cfg.train.grad_accumulation
@@ -701,7 +702,20 @@ class Trainer:
         w.writeheader()
         w.writerows(self.history)
         text = buf.getvalue()
-        write_atomic(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(text))
+        write_text(self.out / "metrics.csv", text)
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as plain values and a tensor (a checkpoint loads with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    """Inverse of :func:`_numpy_rng_state`."""
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
 class _NonFinite(Exception):
@@ -715,9 +729,15 @@ def _tensorboard(out: Path, enabled: bool):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: CSV and PNG only
+    except ImportError as exc:
+        log.warning("TensorBoard logging skipped: %s (pip install \"unetlab[tensorboard]\", or --tensorboard "
+                    "false to silence this); metrics.csv and curves.png are written as usual", exc)
         return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    try:
+        return SummaryWriter(log_dir=str(out / "tensorboard"))
+    except OSError as exc:
+        log.warning("TensorBoard logging skipped: cannot write %s (%s)", out / "tensorboard", exc)
+        return None
 
 
 def plot_curves(history: list[dict], path: Path) -> Path:
@@ -749,7 +769,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     data = buf.getvalue()
-    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+    return write_bytes(path, data)
 
 
 def train(cfg: RunConfig | None, out: str | Path | None, resume: bool = False, overwrite: bool = False,

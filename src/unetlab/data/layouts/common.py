@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from ...errors import UnetlabError
 from ..io import READ_HINT, describe_read_error, is_image_file, read_label
+
+log = logging.getLogger(__name__)
 
 _PIL_DTYPES = {
     "1": "bool", "L": "uint8", "P": "uint8", "LA": "uint8", "PA": "uint8", "RGB": "uint8", "RGBA": "uint8",
@@ -21,7 +24,8 @@ def find_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     """The first subfolder of ``root`` whose name is one of ``names`` (case-insensitive), else None."""
     try:
         subdirs = {e.name.lower(): Path(e.path) for e in os.scandir(root) if e.is_dir()}
-    except OSError:
+    except OSError as exc:
+        log.warning("%s: folder not listable (%s); skipping it", root, exc)
         return None
     for n in names:
         if n.lower() in subdirs:
@@ -57,8 +61,8 @@ def read_mask_raw(path: str | Path) -> np.ndarray:
             with Image.open(path) as im:
                 im.load()
                 return np.asarray(im).astype(np.int32)
-        except Exception:
-            pass  # let read_label produce the one-line error
+        except Exception as exc:  # read_label below reports the file's problem as one line
+            log.warning("%s: palette PNG not readable as class indices (%s); reading it as a label image", path, exc)
     return read_label(path)
 
 

@@ -15,6 +15,7 @@ without objects (a negative control).
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,8 @@ from ..rle import read_rle_table, rle_convention, rles_to_labels
 from ..sample import DatasetInfo, Sample
 from . import Layout, register_layout
 from .common import image_size
+
+log = logging.getLogger(__name__)
 
 IMAGE_DIRS = ("train", "images", "imgs", "stage1_train", "train_images", "image")
 
@@ -43,7 +46,8 @@ def find_csv(root: Path) -> Path | None:
     """The first CSV in ``root`` (sorted) whose header is a known RLE convention."""
     try:
         csvs = sorted(Path(e.path) for e in os.scandir(root) if e.name.lower().endswith(".csv") and e.is_file())
-    except OSError:
+    except OSError as exc:
+        log.warning("%s: folder not listable (%s); skipping it", root, exc)
         return None
     for c in csvs:
         if rle_convention(_header(c)) is not None:

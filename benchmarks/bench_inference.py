@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from unetlab._runtime import resolve_device, tune_allocator  # noqa: E402
-from unetlab.inference.predictor import Predictor, load_run, make_predict_fn, resolve_precision  # noqa: E402
+from unetlab.inference.predictor import Predictor, make_predict_fn, resolve_precision  # noqa: E402
+from unetlab.runfolder import load_run  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -82,7 +82,7 @@ def test_seeded_training_is_reproducible(synthetic_cells, tmp_path):
 
 def test_multichannel_16bit_training_and_channel_selection(tmp_path):
     from unetlab.data.synthetic import make_synthetic_cells
-    from unetlab.inference.predictor import load_run
+    from unetlab.runfolder import load_run
     from unetlab.training import train
 
     rng = np.random.default_rng(0)

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from conftest import shared_data
+from unetlab import distributed as D
 from unetlab.cli import main
 from unetlab.data.dataset import EpochSampler
 from unetlab.errors import UnetlabError
-from unetlab.training import distributed as D
 
 DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TOL = 1e-3  # train loss and validation Dice, 2 ranks vs 1 process (observed differences are ~1e-6)
@@ -226,7 +226,7 @@ def test_torchrun_resume_continues_like_an_uninterrupted_run(ddp_run, single_run
 NAN_ON_RANK1 = """
 import json, sys
 from unetlab.config import RunConfig, apply_overrides
-from unetlab.training import distributed as D
+from unetlab import distributed as D
 from unetlab.training.trainer import Trainer
 
 cfg = apply_overrides(RunConfig(), json.loads(sys.argv[2]))

@@ -26,12 +26,16 @@ from corpus.make_corpus import (
     every_bad_file,
     foreign_checkpoint,
     good_dataset,
+    malicious_checkpoint,
+    other_architecture_checkpoint,
     snapshot,
     tiny_run,
     truncated_checkpoint,
+    wrong_model_json,
 )
 from unetlab.cli import main
 from unetlab.data.io import read_image, read_label
+from unetlab.runfolder import checkpoint_path
 
 PREDICT_FLAGS = ["--tile", "32", "--no-progress"]
 
@@ -240,6 +244,56 @@ def test_train_resume_with_a_truncated_checkpoint_changes_nothing(tmp_path, caps
     assert rc == 2
     assert_one_line_error(err, "train", "last.pt")
     assert snapshot(bad_run) == before
+
+
+def test_a_malicious_pickle_in_a_run_folder_is_refused_and_never_runs(tmp_path, capsys, run_dir):
+    marker = tmp_path / "pwned"
+    hostile = malicious_checkpoint(run_dir, tmp_path / "run", marker)
+    data = good_dataset(tmp_path / "data")
+    rc, _out, err = cli(capsys, "predict", "--model", hostile, "--input", data / "images", "--out",
+                        tmp_path / "pred", *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "best.pt")
+    assert "could run code" in err and "was not loaded" in err
+    rc, _out, err = cli(capsys, "train", "--resume", hostile, "--no-progress")
+    assert rc == 2
+    assert_one_line_error(err, "train", "last.pt")
+    rc, _out, err = cli(capsys, "train", "--data", data, "--out", tmp_path / "student", "--teacher", hostile,
+                        *TINY_TRAIN_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "train", "best.pt")
+    assert not marker.exists(), "loading a run folder executed code from it"
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "student").exists()
+    # the payload is live: an unsafe load does create the file, so the checks above mean something
+    import torch
+
+    torch.load(checkpoint_path(hostile, "best"), weights_only=False)
+    assert marker.exists()
+
+
+def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys, run_dir):
+    other = other_architecture_checkpoint(run_dir, tmp_path / "run")
+    data = good_dataset(tmp_path / "data")
+    rc, _out, err = cli(capsys, "predict", "--model", other, "--input", data / "images", "--out",
+                        tmp_path / "pred", *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "best.pt")
+    assert "do not fit the model" in err
+    before = snapshot(other)
+    rc, _out, err = cli(capsys, "train", "--resume", other, "--no-progress")
+    assert rc == 2
+    assert_one_line_error(err, "train", "last.pt")
+    assert "do not fit the model" in err and snapshot(other) == before
+
+
+def test_a_run_folder_with_a_wrong_model_json_is_one_line(tmp_path, capsys, run_dir):
+    broken = wrong_model_json(run_dir, tmp_path / "run")
+    data = good_dataset(tmp_path / "data")
+    rc, _out, err = cli(capsys, "predict", "--model", broken, "--input", data / "images", "--out",
+                        tmp_path / "pred", *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "model.json")
+    assert "'in_channels' must be a positive integer" in err
 
 
 def test_predict_with_a_missing_run_folder(tmp_path, capsys):

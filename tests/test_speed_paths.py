@@ -17,7 +17,7 @@ from unetlab.data.io import normalize
 from unetlab.data.synthetic import make_synthetic_cells, write_synthetic_dataset
 from unetlab.errors import UnetlabError
 from unetlab.inference.predict import predict
-from unetlab.inference.predictor import Predictor, load_run, make_predict_fn
+from unetlab.inference.predictor import Predictor, make_predict_fn
 from unetlab.inference.streaming import (
     TiffRows,
     band_normalizer,
@@ -26,6 +26,7 @@ from unetlab.inference.streaming import (
     subsample_stride,
 )
 from unetlab.inference.tiling import tile_predict
+from unetlab.runfolder import load_run
 from unetlab.training import train
 
 TINY = {"preset": "unet", "depth": 2, "base_width": 8, "patch_size": 64, "batch_size": 8, "samples_per_epoch": 64,

@@ -39,7 +39,7 @@ def __getattr__(name: str):  # lazy: `import unetlab` stays light (no torch impo
 
         return evaluate
     if name == "load_run":
-        from .inference.predictor import load_run
+        from .runfolder import load_run
 
         return load_run
     if name == "load_dataset":

@@ -15,14 +15,18 @@ import json
 import logging
 import pickle
 import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import __version__
+from .config import ModelConfig, RunConfig
 from .errors import UnetlabError
 from .files import write_bytes, write_text
+from .models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,25 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: Path) -> None:
+    """Load ``weights`` into ``model`` strictly; a checkpoint of another architecture is one line saying how."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UnetlabError("not a unetlab checkpoint (its model entry is not a set of weights)", path)
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in weights]
+    unexpected = [k for k in weights if k not in mine]
+    shaped = [k for k in mine if k in weights and tuple(weights[k].shape) != tuple(mine[k].shape)]
+    if missing or unexpected or shaped:
+        parts = [f"{len(x)} {what}" for x, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                     (shaped, "of another shape")) if x]
+        example = (f"'{shaped[0]}' is {list(mine[shaped[0]].shape)} in the model, "
+                   f"{list(weights[shaped[0]].shape)} in the file" if shaped else
+                   f"'{(missing or unexpected)[0]}'")
+        raise UnetlabError(f"weights do not fit the model in config.yaml ({', '.join(parts)} tensors; e.g. "
+                           f"{example})", path, "the checkpoint belongs to another architecture or run")
+    model.load_state_dict(weights)
+
+
 def _first_sentence(exc: BaseException) -> str:
     """torch's first sentence of an error says enough for one line."""
     return (str(exc).splitlines() or [""])[0].split(". ")[0]
@@ -124,3 +147,51 @@ def read_json(path: Path) -> Any:
         raise UnetlabError("file missing from run folder", path) from None
     except json.JSONDecodeError as exc:
         raise UnetlabError(f"corrupt JSON ({exc})", path) from None
+
+
+# --- loading a run for inference ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A trained model with everything needed to use it: config, channels, classes, target kind."""
+
+    path: Path | None
+    config: RunConfig
+    model: nn.Module
+    info: dict = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.info["out_channels"])
+
+    @property
+    def activation(self) -> str:
+        """'sigmoid' for binary and distance targets, 'softmax' for boundary and multiclass ones."""
+        return activation_for(self.info.get("task", "binary"), self.info.get("target", "binary"))
+
+
+def activation_for(task: str, target: str) -> str:
+    """Output activation of a model trained on ``task``/``target``."""
+    return "softmax" if task == "multiclass" or target == "boundary" else "sigmoid"
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
+    """Load a run folder (weights from ``checkpoints/best.pt``, falling back to ``last.pt``), model in eval mode."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UnetlabError("run folder not found", run_dir)
+    cfg = RunConfig.load(run_dir / "config.yaml")
+    info = read_model_info(run_dir / "model.json")
+    path = checkpoint_path(run_dir, checkpoint)
+    if not path.exists():
+        path = checkpoint_path(run_dir, "last")
+    state = load_checkpoint(path, map_location="cpu")
+    model = build_model(_model_cfg(cfg, info))
+    load_weights(model, state["model"], path)
+    model.eval().to(device)
+    return Run(run_dir, cfg, model, info)
+
+
+def _model_cfg(cfg: RunConfig, info: dict) -> ModelConfig:
+    return replace(cfg.model, in_channels=int(info["in_channels"]), out_channels=int(info["out_channels"]))

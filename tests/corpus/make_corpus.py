@@ -366,6 +366,55 @@ def foreign_checkpoint(run: Path, dest: Path, fmt: int = 99, version: str = "9.9
     return dest
 
 
+class CreatesFileWhenUnpickled:
+    """A hostile object: unpickling it (``torch.load(weights_only=False)``) creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def malicious_checkpoint(run: Path, dest: Path, marker: Path) -> Path:
+    """A copy of ``run`` whose checkpoints are pickles that would create ``marker`` if loaded unsafely."""
+    import torch
+
+    shutil.copytree(run, dest)
+    for p in (dest / "checkpoints").glob("*.pt"):
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state["payload"] = CreatesFileWhenUnpickled(marker)
+        torch.save(state, p)
+    return dest
+
+
+def other_architecture_checkpoint(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` whose checkpoints hold the weights of a wider, deeper U-Net than its config.yaml says."""
+    import torch
+
+    from unetlab.config import ModelConfig
+    from unetlab.models import build_model
+
+    shutil.copytree(run, dest)
+    other = build_model(ModelConfig(preset="unet", depth=3, base_width=16, in_channels=1, out_channels=1))
+    for p in (dest / "checkpoints").glob("*.pt"):
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state["model"] = other.state_dict()
+        torch.save(state, p)
+    return dest
+
+
+def wrong_model_json(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` whose model.json gives a channel count as text and an unknown target."""
+    import json
+
+    shutil.copytree(run, dest)
+    info = json.loads((dest / "model.json").read_text())
+    info.update(in_channels="three", target="nonsense")
+    (dest / "model.json").write_text(json.dumps(info))
+    return dest
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Relative path -> (size, mtime_ns) of every file under ``folder`` (to prove nothing was written)."""
     folder = Path(folder)

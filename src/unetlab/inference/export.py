@@ -231,7 +231,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, ove
     out = Path(out) if out is not None else run_dir / f"model{SUFFIXES[fmt]}"
     if out.exists() and not overwrite:
         raise UnetlabError("output file exists", out, hint="pass --overwrite to replace it")
-    from .predictor import load_run  # the trainer's run folder reader
+    from ..runfolder import load_run
 
     run = load_run(run_dir)
     model = run.model

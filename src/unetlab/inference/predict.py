@@ -13,7 +13,8 @@ from ..config import PostprocessConfig
 from ..data.io import IMAGE_EXTENSIONS, is_image_file, read_image, write_image
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries, write_text
-from .predictor import Predictor, load_run
+from ..runfolder import load_run
+from .predictor import Predictor
 from .streaming import STREAM_THRESHOLD, should_stream
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,8 @@ def predict(
     """
     from tqdm.auto import tqdm
 
+    from .. import distributed as D
     from .._runtime import resolve_device
-    from ..training import distributed as D
     from . import writers
 
     out = Path(out)

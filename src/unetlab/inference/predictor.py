@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,66 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RunConfig
 from ..data.channels import apply_channels
 from ..data.io import normalize
 from ..errors import UnetlabError
-from ..runfolder import checkpoint_path, load_checkpoint, read_model_info
+from ..runfolder import Run
 from .tiling import PredictFn, count_tiles, iter_tile_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """A trained model with everything needed to use it: config, channels, classes, target kind."""
-
-    path: Path | None
-    config: RunConfig
-    model: nn.Module
-    info: dict = field(default_factory=dict)
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.info["out_channels"])
-
-    @property
-    def activation(self) -> str:
-        """'sigmoid' for binary and distance targets, 'softmax' for boundary and multiclass ones."""
-        return activation_for(self.info.get("task", "binary"), self.info.get("target", "binary"))
-
-
-def activation_for(task: str, target: str) -> str:
-    """Output activation of a model trained on ``task``/``target``."""
-    return "softmax" if task == "multiclass" or target == "boundary" else "sigmoid"
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
-    """Load a run folder (weights from ``checkpoints/best.pt``, falling back to ``last.pt``), model in eval mode."""
-    from ..models import build_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UnetlabError("run folder not found", run_dir)
-    cfg = RunConfig.load(run_dir / "config.yaml")
-    info = read_model_info(run_dir / "model.json")
-    path = checkpoint_path(run_dir, checkpoint)
-    if not path.exists():
-        path = checkpoint_path(run_dir, "last")
-    state = load_checkpoint(path, map_location="cpu")
-    model = build_model(_model_cfg(cfg, info))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UnetlabError(f"weights do not fit the model in config.yaml ({str(exc).splitlines()[0]})", path) from None
-    model.eval().to(device)
-    return Run(run_dir, cfg, model, info)
-
-
-def _model_cfg(cfg: RunConfig, info: dict):
-    from dataclasses import replace
-
-    return replace(cfg.model, in_channels=int(info["in_channels"]), out_channels=int(info["out_channels"]))
 
 
 def cpu_supports_bf16() -> bool:

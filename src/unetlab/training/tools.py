@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import distributed as D
 from .._runtime import resolve_device, seed_everything, use_channels_last
 from ..config import RunConfig, apply_overrides
 from ..data.dataset import PatchDataset, resolve_num_workers
 from ..errors import UnetlabError
 from ..files import write_bytes, write_text
 from ..inference.predictor import resolve_precision
-from . import distributed as D
 from .schedules import build_optimizer
 from .trainer import Setup, build_setup, center_crop, make_loss_fn
 

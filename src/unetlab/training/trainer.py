@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import __version__
+from .. import distributed as D
 from .._runtime import resolve_device, seed_everything, tune_allocator, use_channels_last
 from ..config import RunConfig
 from ..data.channels import apply_channels, channels_out
@@ -42,10 +43,18 @@ from ..data.targets import target_channels
 from ..errors import UnetlabError
 from ..evaluation.metrics import batch_dice_counts, dice_from_counts
 from ..files import remove_stale_temporaries, write_bytes, write_text
-from ..inference.predictor import activation_for, make_predict_fn, resolve_precision
+from ..inference.predictor import make_predict_fn, resolve_precision
 from ..inference.tiling import tile_predict
-from ..runfolder import checkpoint_path, load_checkpoint, read_json, save_checkpoint, write_json
-from . import distributed as D
+from ..runfolder import (
+    activation_for,
+    checkpoint_path,
+    load_checkpoint,
+    load_run,
+    load_weights,
+    read_json,
+    save_checkpoint,
+    write_json,
+)
 from .losses import build_loss, distillation_loss
 from .schedules import build_optimizer, build_scheduler, scale_lr
 
@@ -377,11 +386,11 @@ class Trainer:
         self.bad_evals = 0
         self.start_time = time.time()
         self.tb = None
+        if resume_state is not None:  # before anything is written: a checkpoint that does not fit changes nothing
+            self._restore(resume_state)
         if self.out is not None and self.dist.is_main:
             cfg.save(self.out / "config.yaml")
             write_json(self.out / "model.json", self.info)
-        if resume_state is not None:
-            self._restore(resume_state)
 
     # -- state ---------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -406,7 +415,7 @@ class Trainer:
         }
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state["model"], checkpoint_path(self.out, "last"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -439,7 +448,6 @@ class Trainer:
     def _load_teacher(self):
         if not self.cfg.train.teacher:
             return None
-        from ..inference.predictor import load_run
 
         teacher = load_run(self.cfg.train.teacher, device=self.device)
         if teacher.out_channels != self.info["out_channels"]:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import UnetlabError
+from .errors import UnetlabError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

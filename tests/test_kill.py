@@ -51,11 +51,11 @@ TRAIN_MID_EPOCH = """
 TRAIN_MID_CHECKPOINT = """
     import sys, time
     from pathlib import Path
-    import unetlab.runfolder as runfolder
+    import unetlab.files as files
     from unetlab.cli import main
 
     signal_file = Path(sys.argv[1])
-    original = runfolder.write_atomic
+    original = files.write_atomic
     writes = []
 
     def write_atomic(path, writer):
@@ -71,7 +71,7 @@ TRAIN_MID_CHECKPOINT = """
                 return original(path, half)
         return original(path, writer)
 
-    runfolder.write_atomic = write_atomic
+    files.write_atomic = write_atomic  # checkpoints are written by files.write_bytes -> write_atomic
     sys.exit(main(sys.argv[2:]))
 """
 

@@ -66,7 +66,7 @@ def test_adamw8bit_needs_bitsandbytes():
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        with pytest.raises(UnetlabError, match="pip install bitsandbytes"):
+        with pytest.raises(UnetlabError, match=r"needs the bitsandbytes package.*unetlab\[bnb\]"):
             build_optimizer(tiny_model(), TrainConfig(optimizer="adamw8bit"), LR)
     else:
         pytest.skip("bitsandbytes is installed")

@@ -41,7 +41,8 @@ from unetlab.data.dataset import PatchDataset, resolve_num_workers  # noqa: E402
 from unetlab.data.synthetic import write_synthetic_dataset  # noqa: E402
 from unetlab.models import build_model  # noqa: E402
 from unetlab.training.schedules import build_optimizer  # noqa: E402
-from unetlab.training.trainer import Trainer, make_loss_fn  # noqa: E402
+from unetlab.training.setup import make_loss_fn  # noqa: E402
+from unetlab.training.trainer import Trainer  # noqa: E402
 
 HEAVY_AUG = {"aug_affine": 0.5, "aug_elastic": 0.5, "aug_brightness": 0.5, "aug_contrast": 0.5, "aug_gamma": 0.3,
              "aug_noise": 0.3, "aug_blur": 0.3}

@@ -47,3 +47,82 @@ def test_retired_key_of_an_old_run_is_dropped_with_a_warning(tmp_path, caplog):
         cfg = RunConfig.load(path)
     assert cfg.postprocess == RunConfig().postprocess
     assert "postprocess.min_distance" in caplog.text
+
+
+# --- flags built from the dataclasses: predict's options, augment-preview's augmentations ----------------------
+
+
+def _subparser(name: str):
+    import argparse
+
+    from unetlab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _option_actions(parser) -> dict:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def test_predict_flags_are_exactly_the_predict_options():
+    import dataclasses
+
+    from unetlab.inference.options import PredictOptions
+
+    actions = _option_actions(_subparser("predict"))
+    fields = {f.name for f in dataclasses.fields(PredictOptions)}
+    api_only = {f.name for f in dataclasses.fields(PredictOptions) if f.metadata.get("flag", "") is None}
+    assert api_only == {"postprocess"}  # a PostprocessConfig object: no flag of its own
+    assert set(actions) - {"model", "input", "out"} == fields - api_only
+    assert all(a.help for a in actions.values())  # every flag says what it does in --help
+    assert actions["progress"].option_strings == ["--no-progress"]
+    assert actions["batch_size"].option_strings == ["--batch-size"]
+
+
+def test_predict_flags_parse_into_the_options_with_the_api_defaults():
+    from unetlab.config import dataclass_from_args
+    from unetlab.inference.options import PredictOptions
+
+    parser = _subparser("predict")
+    base = ["--model", "m", "--input", "i", "--out", "o"]
+    assert dataclass_from_args(parser.parse_args(base), PredictOptions) == PredictOptions()
+    opts = dataclass_from_args(parser.parse_args([*base, "--tile", "256", "--stream-threshold", "0", "--no-progress",
+                                                  "--instances", "--split", "val", "--rle", "s.csv"]),
+                               PredictOptions)
+    assert opts == PredictOptions(tile=256, stream_threshold=None, progress=False, instances=True, split="val",
+                                  rle="s.csv")
+    opts = dataclass_from_args(parser.parse_args([*base, "--stream-threshold", "0.5"]), PredictOptions)
+    assert opts.stream_threshold == 500_000  # megapixels on the command line, pixels in the API
+
+
+def test_predict_api_rejects_an_unknown_option_naming_it(tmp_path):
+    import unetlab
+    from unetlab.inference.options import PredictOptions, resolve_options
+
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'tiles'.*did you mean 'tile'"):
+        unetlab.predict(tmp_path / "run", tmp_path / "in", tmp_path / "out", tiles=256)
+    with pytest.raises(TypeError, match="must be a PredictOptions"):
+        unetlab.predict(tmp_path / "run", tmp_path / "in", tmp_path / "out", options={"tile": 256})
+    assert not (tmp_path / "out").exists()  # refused before any work
+    # keywords go on top of an options object
+    assert resolve_options(PredictOptions(tile=256), {"instances": True}) == PredictOptions(tile=256, instances=True)
+    assert unetlab.PredictOptions is PredictOptions
+
+
+def test_augment_preview_and_train_share_the_augment_flags():
+    train = {d: a.option_strings for d, a in _option_actions(_subparser("train")).items() if d.startswith("cfg__aug_")}
+    preview = {d: a.option_strings for d, a in _option_actions(_subparser("augment-preview")).items()
+               if d.startswith("cfg__")}
+    assert preview == train and "cfg__aug_elastic" in train
+    assert set(train) == {f"cfg__{k}" for k in leaf_keys() if k.startswith("aug_")}
+
+
+def test_package_version_matches_pyproject():
+    import re
+    from pathlib import Path
+
+    import unetlab
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == unetlab.__version__

@@ -137,17 +137,15 @@ def test_cli_export_refuses_to_overwrite(tmp_path):
 
 
 def test_cli_export_of_a_run_folder(tmp_path, monkeypatch):
-    # The run folder reader belongs to the predictor; stand in for it so the CLI path is exercised end to end.
-    import sys
+    # Stand in for the run folder reader (unetlab.runfolder.load_run) so the CLI path is exercised end to end.
     import types
 
+    from unetlab import runfolder
     from unetlab.cli import main
     from unetlab.config import RunConfig
 
     model = tiny_unet().eval()
-    fake = types.ModuleType("unetlab.inference.predictor")
-    fake.load_run = lambda run_dir: types.SimpleNamespace(model=model, config=RunConfig())
-    monkeypatch.setitem(sys.modules, "unetlab.inference.predictor", fake)
+    monkeypatch.setattr(runfolder, "load_run", lambda run_dir: types.SimpleNamespace(model=model, config=RunConfig()))
     out = tmp_path / "model.pt"
     assert main(["export", str(tmp_path), "--format", "torchscript", "--out", str(out)]) == 0
     _assert_round_trip(model, "torchscript", out, [(1, (33, 47))])

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
-from unetlab.data.io import mask_to_labels, normalize_percentile, read_image, read_label, write_image
+from unetlab.data.io import normalize_percentile, read_image, read_label, write_image
 from unetlab.errors import UnetlabError
+from unetlab.labels import mask_to_labels
 
 
 def test_png_8_and_16_bit_grayscale(tmp_path):
@@ -98,3 +100,57 @@ def test_nan_pixels_are_refused(tmp_path):
     tifffile.imwrite(tmp_path / "nan.tif", a)
     with pytest.raises(UnetlabError, match="NaN"):
         read_image(tmp_path / "nan.tif")
+
+
+def _old_is_palette_png(path: Path) -> bool:
+    """The hand-written PNG header check that PIL's lazy ``Image.open(path).mode`` replaced (a reference)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return False
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[25] == 3
+
+
+def _palette_files(folder: Path) -> list[Path]:
+    lab = (np.arange(12 * 10) % 4).reshape(12, 10).astype(np.uint8)
+    files = {}
+    pal = Image.fromarray(lab, mode="L").convert("P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    files["palette.png"] = pal
+    files["grey.png"] = Image.fromarray(lab * 60)
+    files["rgb.png"] = Image.fromarray(np.stack([lab * 60] * 3, -1))
+    files["rgba.png"] = Image.fromarray(np.stack([lab * 60] * 4, -1))
+    files["grey16.png"] = Image.fromarray(lab.astype(np.uint16) * 9000)
+    out = []
+    for name, im in files.items():
+        im.save(folder / name)
+        out.append(folder / name)
+    pal.save(folder / "palette_1bit.png", bits=1)
+    pal.save(folder / "palette_transparent.png", transparency=0)
+    pal.save(folder / "gif_named.png", format="GIF")  # a palette image, but no PNG
+    files["rgb.png"].save(folder / "jpeg_named.png", format="JPEG")
+    (folder / "palette_cut.png").write_bytes((folder / "palette.png").read_bytes()[:-30])  # in the pixels
+    (folder / "palette_cut_header.png").write_bytes((folder / "palette.png").read_bytes()[:60])
+    (folder / "head_only.png").write_bytes((folder / "palette.png").read_bytes()[:10])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    return out + [folder / n for n in ("palette_1bit.png", "palette_transparent.png", "gif_named.png",
+                                       "jpeg_named.png", "palette_cut.png", "head_only.png", "empty.png",
+                                       "text.png", "missing.png")]
+
+
+def test_palette_png_check_by_pil_agrees_with_the_old_header_parser(tmp_path):
+    from unetlab.data.layouts.common import _is_palette_png, read_mask_raw
+
+    for path in _palette_files(tmp_path):
+        assert _is_palette_png(path) == _old_is_palette_png(path), path.name
+    # cut inside its header (palette chunk): the old parser saw "palette" in the first 26 bytes and the read
+    # failed after a warning; PIL cannot open it, so it is no palette PNG and read_label reports it alone
+    cut = tmp_path / "palette_cut_header.png"
+    assert _old_is_palette_png(cut) and not _is_palette_png(cut)
+    assert read_mask_raw(tmp_path / "palette.png").max() == 3  # indices, not colours
+    for name in ("palette_cut.png", "palette_cut_header.png", "empty.png", "text.png"):  # read_label's error
+        with pytest.raises(UnetlabError) as e:
+            read_mask_raw(tmp_path / name)
+        assert name in str(e.value) and "\n" not in str(e.value)

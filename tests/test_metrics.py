@@ -98,16 +98,16 @@ from pathlib import Path  # noqa: E402
 
 from scipy import ndimage as ndi  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
+from skimage.segmentation import relabel_sequential  # noqa: E402
 
 from unetlab.evaluation.metrics import (  # noqa: E402
     DEFAULT_IOU_THRESHOLDS,
     adapted_rand_error,
-    as_instance_labels,
     match_objects,
     object_overlaps,
     pool_matches,
-    relabel_sequential,
 )
+from unetlab.labels import instance_labels  # noqa: E402
 
 STARDIST = Path(__file__).resolve().parents[1] / "../shared/data/stardist_nuclei"
 
@@ -175,18 +175,18 @@ def test_empty_images():
 
 def test_relabel_and_instance_labels():
     lab = np.array([[0, 70000, 70000], [5, 0, 2**30]], dtype=np.int64)
-    seq, n = relabel_sequential(lab)
-    assert n == 3 and seq.tolist() == [[0, 2, 2], [1, 0, 3]]
+    seq = relabel_sequential(lab)[0]
+    assert seq.max() == 3 and seq.tolist() == [[0, 2, 2], [1, 0, 3]]
     small = np.array([[3, 0, 9], [3, 0, 0]])
     assert relabel_sequential(small)[0].tolist() == [[1, 0, 2], [1, 0, 0]]
     binary = np.array([[255, 0, 255], [255, 0, 0]], dtype=np.uint8)
-    assert as_instance_labels(binary).max() == 2
+    assert instance_labels(binary).max() == 2
 
 
 def _dense_reference(pred, truth, thr):
     """Dense IoU matrix and StarDist-style optimal assignment, computed independently."""
-    p, n_p = relabel_sequential(pred)
-    t, n_t = relabel_sequential(truth)
+    p, t = relabel_sequential(pred)[0], relabel_sequential(truth)[0]
+    n_p, n_t = int(p.max()), int(t.max())
     iou = np.zeros((n_p, n_t))
     for i in range(1, n_p + 1):
         for j in range(1, n_t + 1):

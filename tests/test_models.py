@@ -177,6 +177,49 @@ def test_fuse_batchnorm_matches_unfused(kind):
         assert torch.allclose(fused(x), model(x), atol=1e-5, rtol=0)
 
 
+def _old_fold_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> torch.nn.Conv2d:
+    """The hand-written fold that torch's fuse_conv_bn_eval replaced (float64 arithmetic), as a reference."""
+    fused = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
+    with torch.no_grad():
+        var = bn.running_var.double()
+        scale = (bn.weight.double() if bn.affine else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+        shift = bn.bias.double() if bn.affine else torch.zeros_like(var)
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+        fused.weight.copy_((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).float())
+        fused.bias.copy_(((bias - bn.running_mean.double()) * scale + shift).float())
+    return fused
+
+
+@pytest.mark.parametrize("bias,affine,groups,dilation", [(False, True, 1, 1), (True, True, 2, 1),
+                                                         (False, False, 1, 2), (True, False, 4, 1)])
+def test_torch_conv_bn_fusion_equals_the_old_fold(bias, affine, groups, dilation):
+    from unetlab.models.fuse import fold_conv_bn
+
+    gen = torch.Generator().manual_seed(groups + dilation)
+    conv = torch.nn.Conv2d(8, 12, 3, padding=dilation, dilation=dilation, groups=groups, bias=bias)
+    bn = torch.nn.BatchNorm2d(12, eps=1e-3, affine=affine)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        if bias:
+            conv.bias.copy_(torch.randn(12, generator=gen))
+        bn.running_mean.copy_(torch.randn(12, generator=gen))
+        bn.running_var.copy_(torch.rand(12, generator=gen) * 2 + 0.05)
+        if affine:
+            bn.weight.copy_(torch.randn(12, generator=gen))
+            bn.bias.copy_(torch.randn(12, generator=gen))
+    conv.eval(), bn.eval()
+    new, old = fold_conv_bn(conv, bn), _old_fold_conv_bn(conv, bn)
+    # both fold in float64 and round once to float32: equal to the last bit but for rare one-ulp ties
+    assert torch.allclose(new.weight, old.weight, atol=0, rtol=2 ** -23)
+    assert torch.allclose(new.bias, old.bias, atol=0, rtol=2 ** -23)
+    assert new.weight.dtype == torch.float32 and new.bias is not None
+    x = torch.randn(2, 8, 11, 9, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(new(x), old(x), atol=1e-5, rtol=1e-6)
+        assert torch.allclose(new(x), bn(conv(x)), atol=1e-5, rtol=1e-6)
+
+
 def test_receptive_field_probe():
     from unetlab.models.presets import receptive_field
     from unetlab.models.unet import UNet

@@ -14,8 +14,8 @@ from unetlab.inference.postprocess import (
     foreground_mask,
     probabilities_to_classes,
     probabilities_to_labels,
-    tune_postprocess,
 )
+from unetlab.training.tuning import tune_postprocess
 
 
 def disc(shape, cy, cx, r):
@@ -174,6 +174,27 @@ def test_foreground_mask_and_classes():
     p[:, 1, 1] = [0.2, 0.5, 0.3]
     assert foreground_mask(p, "boundary").sum() == 1
     assert probabilities_to_classes(p)[1, 1] == 1 and probabilities_to_classes(p)[0, 0] == 0
+
+
+def test_one_foreground_rule_for_masks_streams_and_labels():
+    """predict's masks (also streamed) and the labels use foreground_mask; for the boundary target it is
+    p(interior) + p(boundary), the rule predict always used (and 1 - p(background) to within float rounding)."""
+    from unetlab.inference.predict import _foreground
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (3, 32, 32)).astype(np.float32)
+    p = np.exp(logits) / np.exp(logits).sum(0)
+    for thr in (0.3, 0.5, 0.7):
+        fg = foreground_mask(p, "boundary", thr)
+        assert np.array_equal(fg, p[1:].sum(0) > thr)
+        assert np.array_equal(_foreground(p, {"target": "boundary"}, thr), fg)
+        assert np.count_nonzero(fg != ((1.0 - p[0]) > thr)) <= 2  # only pixels within rounding of thr
+        assert np.array_equal(_foreground(p[:1], {"target": "binary"}, thr), p[0] > thr)
+        assert np.array_equal(_foreground(p[:2], {"target": "distance"}, thr), p[0] > thr)
+        assert np.array_equal(probabilities_to_labels(p, "boundary", PostprocessConfig(threshold=thr, min_size=0,
+                                                                                        fill_holes=False)) > 0,
+                              fg)
+    assert np.array_equal(_foreground(p, {"task": "multiclass"}, 0.5), p.argmax(0))
 
 
 def test_tune_postprocess_finds_threshold_and_min_size():

@@ -15,7 +15,8 @@ from PIL import Image
 from unetlab.cli import main
 from unetlab.config import RunConfig, apply_overrides
 from unetlab.errors import UnetlabError
-from unetlab.training import tools, train
+from unetlab.training import train
+from unetlab.training import trainer as trainer_module
 from unetlab.training.tools import (
     compare,
     format_table,
@@ -121,7 +122,7 @@ def test_lr_auto_runs_lr_find_and_leaves_the_initial_weights_alone(cells, tmp_pa
         found.append(lr_find(cfg, steps=20))
         return found[-1]
 
-    monkeypatch.setattr(tools, "lr_find", quick_lr_find)
+    monkeypatch.setattr(trainer_module, "lr_find", quick_lr_find)  # where the trainer looks it up
     auto = train(config(cells, epochs=1, lr="auto"), tmp_path / "auto", progress=False)
     (result,) = found
     saved = RunConfig.load(tmp_path / "auto" / "config.yaml")

@@ -21,7 +21,7 @@ from unetlab.errors import UnetlabError
 from unetlab.runfolder import checkpoint_path, load_checkpoint
 from unetlab.training import train
 from unetlab.training import trainer as trainer_module
-from unetlab.training.trainer import collapsed, healthy
+from unetlab.training.guard import collapsed, healthy
 
 TINY = {"preset": "unet", "depth": 2, "base_width": 8, "patch_size": 64, "batch_size": 8, "samples_per_epoch": 32,
         "tensorboard": False, "lr": 1e-2, "val_fraction": 0.2, "seed": 0}

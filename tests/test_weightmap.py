@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unetlab.training.weightmap import border_weight_map, instance_labels, write_weight_map_png
+from unetlab.labels import instance_labels
+from unetlab.training.weightmap import border_weight_map, write_weight_map_png
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skimage.segmentation import relabel_sequential
 
 from unetlab.data.io import read_image, read_label, write_image
 from unetlab.data.rle import rles_to_labels
 from unetlab.errors import UnetlabError
-from unetlab.evaluation.metrics import relabel_sequential
 from unetlab.inference.writers import (
     measure_objects,
     outline_overlay,
@@ -85,6 +85,82 @@ def test_overlay_draws_coloured_outlines(tmp_path):
     assert red[2, 3].tolist() == [255, 0, 0]
     p = write_overlay(tmp_path / "o.png", image, lab)
     assert read_image(p).shape == (3, 20, 24)
+
+
+def _old_to_rgb8(image):
+    """writers.to_rgb8 before it moved to data.io (a reference): per-channel 1/99.8 percentiles, then RGB."""
+    from unetlab.data.io import normalize_percentile
+
+    img = np.asarray(image, dtype=np.float32)
+    img = img[None] if img.ndim == 2 else img
+    norm = np.clip(normalize_percentile(img, 1.0, 99.8), 0, 1)
+    if norm.shape[0] == 1:
+        rgb = np.repeat(norm, 3, axis=0)
+    elif norm.shape[0] == 2:
+        rgb = np.concatenate([norm, np.zeros_like(norm[:1])], axis=0)
+    else:
+        rgb = norm[:3]
+    return np.round(np.moveaxis(rgb, 0, -1) * 255).astype(np.uint8)
+
+
+def _old_display_rgb(image):
+    """data.augment's preview renderer (a reference): joint 0.5/99.5 percentiles of the RGB planes."""
+    c = image.shape[0]
+    if c == 1:
+        rgb = np.repeat(image[0][..., None], 3, axis=-1)
+    elif c == 2:
+        rgb = np.stack([image[0], image[1], np.zeros_like(image[0])], axis=-1)
+    else:
+        rgb = np.moveaxis(image[:3], 0, -1)
+    lo, hi = np.percentile(rgb, 0.5), np.percentile(rgb, 99.5)
+    return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def _old_outline_overlay(image, labels, color=None):
+    """outline_overlay before find_boundaries / skimage's relabel_sequential (a reference)."""
+    from unetlab.inference.writers import label_colors
+
+    rgb = _old_to_rgb8(image)
+    lab = np.asarray(labels)
+    edge = np.zeros(lab.shape, bool)
+    d = lab[1:, :] != lab[:-1, :]
+    edge[1:, :] |= d
+    edge[:-1, :] |= d
+    d = lab[:, 1:] != lab[:, :-1]
+    edge[:, 1:] |= d
+    edge[:, :-1] |= d
+    edge &= lab > 0
+    if color is not None:
+        rgb[edge] = np.asarray(color, np.uint8)
+    else:
+        values = np.unique(lab[lab > 0])
+        seq = np.searchsorted(values, lab) + 1
+        seq[lab == 0] = 0
+        rgb[edge] = label_colors(len(values))[seq[edge]]
+    return rgb
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (1, 20, 24), (2, 20, 24), (3, 20, 24), (4, 20, 24), (1, 1001, 1003)])
+def test_one_renderer_gives_the_old_pictures(shape):
+    from unetlab.data.io import to_rgb8
+
+    rng = np.random.default_rng(len(shape))
+    image = (rng.gamma(2.0, 100.0, shape) * np.linspace(1, 3, shape[-1])).astype(np.float32)
+    assert np.array_equal(to_rgb8(image), _old_to_rgb8(image))  # the writers' overlays: unchanged
+    if len(shape) == 3 and shape[1] < 1000:  # augment's preview (per_channel=False): the same but for rounding
+        joint = to_rgb8(image, 0.5, 99.5, per_channel=False).astype(int)
+        assert np.abs(joint - (_old_display_rgb(image) * 255 + 0.5).astype(int)).max() <= 1
+
+
+def test_overlays_are_the_old_pictures():
+    lab = sample_labels()
+    lab[0, :3] = 7  # on the image border
+    lab[19, 23] = 11  # one pixel in a corner
+    image = np.linspace(0, 1000, lab.size, dtype=np.float32).reshape(1, *lab.shape)
+    assert np.array_equal(outline_overlay(image, lab), _old_outline_overlay(image, lab))
+    assert np.array_equal(outline_overlay(image, lab, (255, 0, 0)), _old_outline_overlay(image, lab, (255, 0, 0)))
+    empty = np.zeros_like(lab)
+    assert np.array_equal(outline_overlay(image, empty), _old_outline_overlay(image, empty))
 
 
 def test_measure_objects_known_shapes():

@@ -6,16 +6,18 @@ The public API mirrors the command line::
     cfg = unetlab.RunConfig.load("config.yaml")            # or unetlab.config_with(root="data", epochs=20)
     result = unetlab.train(cfg, "runs/r1")                   # a run folder
     unetlab.predict("runs/r1", "new_images/", "predictions/", instances=True)
+    opts = unetlab.PredictOptions(tile=256, instances=True)  # the same settings as one object
+    unetlab.predict("runs/r1", "new_images/", "predictions/", options=opts)
     report = unetlab.evaluate("predictions/masks", "truth/")
     run = unetlab.load_run("runs/r1")                        # model + config for your own code
+    unetlab.list_presets()                                   # the model presets, as in `unetlab models`
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import Any
 
+from ._version import __version__
 from .config import RunConfig, apply_overrides
 from .errors import UnetlabError
 
@@ -25,7 +27,8 @@ def config_with(**overrides: Any) -> RunConfig:
     return apply_overrides(RunConfig(), overrides)
 
 
-def __getattr__(name: str):  # lazy: `import unetlab` stays light (no torch import until needed)
+def __getattr__(name: str) -> Any:
+    """The parts of the public API imported on first use, so `import unetlab` stays light (no torch until needed)."""
     if name == "train":
         from .training import train
 
@@ -34,6 +37,10 @@ def __getattr__(name: str):  # lazy: `import unetlab` stays light (no torch impo
         from .inference.predict import predict
 
         return predict
+    if name == "PredictOptions":
+        from .inference.options import PredictOptions
+
+        return PredictOptions
     if name == "evaluate":
         from .evaluation import evaluate
 
@@ -46,8 +53,12 @@ def __getattr__(name: str):  # lazy: `import unetlab` stays light (no torch impo
         from .data.layouts import load_dataset
 
         return load_dataset
+    if name == "list_presets":
+        from .models.presets import list_presets
+
+        return list_presets
     raise AttributeError(f"module 'unetlab' has no attribute {name!r}")
 
 
-__all__ = ["RunConfig", "UnetlabError", "__version__", "config_with", "evaluate", "load_dataset", "load_run",
-           "predict", "train"]
+__all__ = ["PredictOptions", "RunConfig", "UnetlabError", "__version__", "config_with", "evaluate",
+           "list_presets", "load_dataset", "load_run", "predict", "train"]

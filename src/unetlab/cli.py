@@ -12,6 +12,14 @@ import logging
 import sys
 from collections.abc import Callable
 
+from .config import (
+    RunConfig,
+    add_config_flags,
+    add_dataclass_flags,
+    apply_overrides,
+    config_overrides,
+    dataclass_from_args,
+)
 from .errors import UnetlabError
 
 log = logging.getLogger("unetlab")
@@ -19,69 +27,29 @@ log = logging.getLogger("unetlab")
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
 
 
-def command(name: str, help: str):
-    """Register ``run(args)`` as subcommand ``name``; the decorated function's ``.add`` declares its flags."""
+def command(name: str, help: str, add: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Register ``run(args)`` as subcommand ``name`` whose flags ``add(parser)`` declares."""
 
     def deco(run):
-        def add_default(p: argparse.ArgumentParser) -> None:
-            return None
-
-        COMMANDS[name] = (help, getattr(run, "add", add_default), run)
+        COMMANDS[name] = (help, add or (lambda p: None), run)
         return run
 
     return deco
 
 
-def with_args(add: Callable[[argparse.ArgumentParser], None]):
-    """Attach the flag declarations ``add(parser)`` to a command function."""
-
-    def deco(run):
-        run.add = add
-        return run
-
-    return deco
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """The RunConfig from ``--config`` YAML (or ``base``) with every given flag applied on top."""
+    cfg = base if base is not None else (RunConfig.load(args.config) if getattr(args, "config", None)
+                                         else RunConfig())
+    overrides = config_overrides(args)
+    if getattr(args, "data", None):
+        overrides["root"] = args.data
+    return apply_overrides(cfg, overrides)
 
 
 # --- commands ------------------------------------------------------------------------------------------------
 # Each block: the flags, then the call into the public API. Keep logic out of this file.
 # (Helpers add their command blocks above the "end of commands" marker.)
-
-CONFIG_SECTIONS = {"data": "data", "model": "model", "train": "training", "postprocess": "post-processing"}
-
-
-def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config leaf (``--lr``, ``--patch-size``, ``--aug-elastic`` ...); only given flags override."""
-    from .config import leaf_keys
-
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, (section, _field, typ, default) in leaf_keys().items():
-        if name in skip:
-            continue
-        sec = section.split(".")[0]
-        g = groups.get(section)
-        if g is None:
-            title = "augmentation" if section.endswith("augment") else CONFIG_SECTIONS.get(sec, sec)
-            g = groups[section] = p.add_argument_group(f"{title} options (config '{section}')")
-        flag = "--" + name.replace("_", "-")
-        shown = default if not isinstance(default, (list, tuple)) else ",".join(map(str, default))
-        if typ is bool:
-            g.add_argument(flag, dest=f"cfg__{name}", nargs="?", const="true", default=argparse.SUPPRESS,
-                           metavar="BOOL", help=f"(default {shown})")
-        else:
-            g.add_argument(flag, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"(default {shown})")
-
-
-def config_from_args(args: argparse.Namespace, base=None):
-    """The RunConfig from ``--config`` YAML (or ``base``) with every given flag applied on top."""
-    from .config import RunConfig, apply_overrides
-
-    cfg = base if base is not None else (RunConfig.load(args.config) if getattr(args, "config", None)
-                                         else RunConfig())
-    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__")}
-    if getattr(args, "data", None):
-        overrides["root"] = args.data
-    return apply_overrides(cfg, overrides)
 
 
 def _add_train(p):
@@ -96,12 +64,10 @@ def _add_train(p):
     add_config_flags(p, skip=("root",))
 
 
-@command("train", "Train a U-Net on a folder of images and masks")
-@with_args(_add_train)
+@command("train", "Train a U-Net on a folder of images and masks", _add_train)
 def _run_train(args):
     from pathlib import Path
 
-    from .config import RunConfig
     from .training import train
 
     if args.resume:
@@ -130,57 +96,23 @@ def _run_train(args):
 
 
 def _add_predict(p):
+    from .inference.options import PredictOptions
+
     p.add_argument("--model", required=True, help="run folder written by `unetlab train`")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
-    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap as a fraction (default 0.25)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
-    p.add_argument("--instances", action="store_true", help="write instance labels, counts and measurements")
-    p.add_argument("--overlays", action="store_true", help="write outline overlay PNGs")
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    p.add_argument("--rle", metavar="CSV", help="write a Kaggle run-length submission CSV")
-    p.add_argument("--rle-style", default="dsb", choices=["dsb", "sartorius"])
-    p.add_argument("--rois", action="store_true", help="write ImageJ/Fiji ROI zips of the object outlines")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (slow first call)")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
-    p.add_argument("--resume", action="store_true", help="skip images whose outputs already exist")
-    p.add_argument("--skip-bad", action="store_true", help="go on past unreadable images, listing them")
-    p.add_argument("--split", choices=["val", "train"], default=None,
-                   help="with a dataset folder as --input: only the run's validation (or training) samples")
-    p.add_argument("--stream-threshold", type=float, default=64.0, metavar="MPX",
-                   help="TIFFs larger than this many megapixels are read, predicted and written band by band "
-                        "from disk (default 64; 0 = never)")
-    p.add_argument("--no-progress", action="store_true")
+    add_dataclass_flags(p, PredictOptions)
 
 
-@command("predict", "Predict masks (and instance labels, counts) for new images with a trained run")
-@with_args(_add_predict)
+@command("predict", "Predict masks (and instance labels, counts) for new images with a trained run",
+         _add_predict)
 def _run_predict(args):
-    from .inference.predict import predict
+    from .inference.options import PredictOptions
+    from .inference.predict import format_predict_summary, predict
 
-    s = predict(args.model, args.input, args.out, tile=args.tile, overlap=args.overlap,
-                batch_size=args.batch_size, device=args.device, precision=args.precision,
-                probabilities=args.probabilities, instances=args.instances, overlays=args.overlays,
-                tta=args.tta, rle=args.rle, rle_style=args.rle_style, rois=args.rois, overwrite=args.overwrite,
-                resume=args.resume, skip_bad=args.skip_bad, backend=args.backend, compile=args.compile,
-                progress=not args.no_progress and None, split=args.split,
-                stream_threshold=int(args.stream_threshold * 1e6) if args.stream_threshold > 0 else None)
+    s = predict(args.model, args.input, args.out, options=dataclass_from_args(args, PredictOptions))
     if s["rank"] == 0:
-        msg = f"predicted {s['predicted']} image(s) into {s['out']}"
-        if s["skipped_done"]:
-            msg += f" ({s['skipped_done']} already done)"
-        if s.get("objects"):
-            msg += f"; {sum(s['objects'].values())} objects"
-        print(msg)
-        if s["bad"]:
-            print(f"{len(s['bad'])} bad file(s) skipped:")
-            for b in s["bad"]:
-                print(f"  {b}")
+        print(format_predict_summary(s))
     return 0
 
 
@@ -191,14 +123,13 @@ def _add_demo(p):
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("demo", "Generate synthetic cells, train a small U-Net, predict and score held-out images")
-@with_args(_add_demo)
+@command("demo", "Generate synthetic cells, train a small U-Net, predict and score held-out images",
+         _add_demo)
 def _run_demo(args):
-    from .demo import run_demo
+    from .demo import format_demo_result, run_demo
 
     r = run_demo(args.out, minutes=args.minutes, overwrite=args.overwrite, seed=args.seed)
-    print(f"demo: held-out Dice {r['dice']:.3f} on {r['n_test']} synthetic images "
-          f"(training {r['train_seconds']:.0f} s); outputs in {r['out']}")
+    print(format_demo_result(r))
     return 0
 
 
@@ -210,8 +141,7 @@ def _add_weightmap(p):
     p.add_argument("--no-class-balance", action="store_true", help="leave out the class-frequency term w_c")
 
 
-@command("weightmap", "Draw the U-Net border weight map of a mask as a colour-mapped PNG")
-@with_args(_add_weightmap)
+@command("weightmap", "Draw the U-Net border weight map of a mask as a colour-mapped PNG", _add_weightmap)
 def _run_weightmap(args):
     from .training.weightmap import write_weight_map_png
 
@@ -221,35 +151,21 @@ def _run_weightmap(args):
 
 
 def _add_augment_preview(p):
-    import dataclasses
-
-    from .config import AugmentConfig
-
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--n", type=int, default=8, help="number of random draws")
     p.add_argument("--out", default="augment_preview.png", help="PNG to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", type=int, default=0, help="which sample of the dataset to show")
-    for f in dataclasses.fields(AugmentConfig):
-        p.add_argument(f"--aug-{f.name.replace('_', '-')}", dest=f"aug_{f.name}", default=None, metavar="V",
-                       help=f"augment.{f.name} (default {f.default})")
+    add_config_flags(p, only="data.augment")  # the very flags `train` has for config 'data.augment'
 
 
-@command("augment-preview", "Show one image and its mask under random augmentations (a PNG grid)")
-@with_args(_add_augment_preview)
+@command("augment-preview", "Show one image and its mask under random augmentations (a PNG grid)",
+         _add_augment_preview)
 def _run_augment_preview(args):
-    import dataclasses
-    import typing
-
-    from .config import AugmentConfig, coerce
     from .data.augment import preview_dataset_augmentations
 
-    hints = typing.get_type_hints(AugmentConfig)
-    overrides = {f.name: coerce(getattr(args, f"aug_{f.name}"), hints[f.name], f"aug_{f.name}")
-                 for f in dataclasses.fields(AugmentConfig) if getattr(args, f"aug_{f.name}") is not None}
-    cfg = dataclasses.replace(AugmentConfig(), **overrides)
-    out = preview_dataset_augmentations(args.data, cfg, args.out, n=args.n, seed=args.seed, index=args.index)
-    print(out)
+    cfg = apply_overrides(RunConfig(), config_overrides(args)).data.augment
+    print(preview_dataset_augmentations(args.data, cfg, args.out, n=args.n, seed=args.seed, index=args.index))
     return 0
 
 
@@ -265,21 +181,13 @@ def _add_evaluate(p):
                    help="multiclass truth: the classes the model predicts, in its order (e.g. membranes,mitochondrion)")
 
 
-@command("evaluate", "Compare predicted masks with ground truth (Dice, IoU, object AP)")
-@with_args(_add_evaluate)
+@command("evaluate", "Compare predicted masks with ground truth (Dice, IoU, object AP)", _add_evaluate)
 def _run_evaluate(args):
-    from .evaluation.evaluate import evaluate, format_summary
-    from .evaluation.metrics import DEFAULT_IOU_THRESHOLDS
+    from .evaluation.evaluate import evaluate, format_summary, parse_iou_thresholds
 
-    thresholds = DEFAULT_IOU_THRESHOLDS
-    if args.iou_thresholds:
-        try:
-            thresholds = [float(x) for x in args.iou_thresholds.split(",") if x.strip()]
-        except ValueError:
-            raise UnetlabError(f"bad --iou-thresholds {args.iou_thresholds!r} (expected e.g. 0.5,0.75)") from None
     report = evaluate(args.pred, args.truth, invert_mask=args.invert_mask, instances=args.instances,
-                      out=args.out, iou_thresholds=thresholds, overwrite=args.overwrite,
-                      classes=args.classes.split(",") if args.classes else None)
+                      out=args.out, iou_thresholds=parse_iou_thresholds(args.iou_thresholds),
+                      overwrite=args.overwrite, classes=args.classes.split(",") if args.classes else None)
     print(format_summary(report))
     return 0
 
@@ -297,8 +205,8 @@ def _add_inspect(p):
                 "img + img_masks in one folder), rle_csv (CSV of run-length masks + image folder)")
 
 
-@command("inspect", "Describe a dataset folder and list its problems (exit code 2 when there are any)")
-@with_args(_add_inspect)
+@command("inspect", "Describe a dataset folder and list its problems (exit code 2 when there are any)",
+         _add_inspect)
 def _run_inspect(args):
     import json
 
@@ -325,8 +233,8 @@ def _add_patchify(p):
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
 
 
-@command("patchify", "Cut a dataset into overlapping image/mask patches (mirror-padded at the borders)")
-@with_args(_add_patchify)
+@command("patchify", "Cut a dataset into overlapping image/mask patches (mirror-padded at the borders)",
+         _add_patchify)
 def _run_patchify(args):
     from .data.patches import patchify
 
@@ -344,8 +252,7 @@ def _add_subimages(p):
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
 
 
-@command("subimages", "Cut one sub-image per object (or connected component) with its mask")
-@with_args(_add_subimages)
+@command("subimages", "Cut one sub-image per object (or connected component) with its mask", _add_subimages)
 def _run_subimages(args):
     from .data.patches import cut_subimages
 
@@ -358,8 +265,7 @@ def _add_models(p):
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
-@command("models", "List the model presets: parameters, receptive field, description")
-@with_args(_add_models)
+@command("models", "List the model presets: parameters, receptive field, description", _add_models)
 def _run_models(args):
     import json
 
@@ -378,8 +284,8 @@ def _add_export(p):
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
-@command("export", "Export a trained model to ONNX or TorchScript (dynamic batch, height and width)")
-@with_args(_add_export)
+@command("export", "Export a trained model to ONNX or TorchScript (dynamic batch, height and width)",
+         _add_export)
 def _run_export(args):
     from .inference.export import export_run
 
@@ -398,8 +304,8 @@ def _add_lr_find(p):
     add_config_flags(p, skip=("root", "lr"))
 
 
-@command("lr-find", "Sweep the learning rate over training batches and suggest one (with a loss plot)")
-@with_args(_add_lr_find)
+@command("lr-find", "Sweep the learning rate over training batches and suggest one (with a loss plot)",
+         _add_lr_find)
 def _run_lr_find(args):
     from .training.tools import lr_find, plot_lr_find
 
@@ -422,8 +328,8 @@ def _add_overfit(p):
     add_config_flags(p, skip=("root", "lr"))
 
 
-@command("overfit", "Check that the model can memorise one batch (exit 1 when no learning rate gets there)")
-@with_args(_add_overfit)
+@command("overfit", "Check that the model can memorise one batch (exit 1 when no learning rate gets there)",
+         _add_overfit)
 def _run_overfit(args):
     from .training.tools import format_table, overfit_check
 
@@ -453,14 +359,13 @@ def _add_compare(p):
     add_config_flags(p, skip=("root",))
 
 
-@command("compare", "Train several configs on the same split and seed; table and bar chart of the results")
-@with_args(_add_compare)
+@command("compare", "Train several configs on the same split and seed; table and bar chart of the results",
+         _add_compare)
 def _run_compare(args):
     from .training.tools import COMPARE_COLUMNS, compare, format_table
 
-    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__")}
-    rows = compare(args.configs, args.data, args.out, overrides=overrides, overwrite=args.overwrite,
-                   progress=not args.no_progress and None)
+    rows = compare(args.configs, args.data, args.out, overrides=config_overrides(args),
+                   overwrite=args.overwrite, progress=not args.no_progress and None)
     print(format_table(rows, COMPARE_COLUMNS))
     print(f"table {args.out}/compare.csv, chart {args.out}/compare.png")
     return 0

@@ -6,6 +6,7 @@ Every leaf key is also a command-line flag: ``train.lr`` is ``--lr``, ``data.pat
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import logging
@@ -45,6 +46,10 @@ class AugmentConfig:
     noise_std: float = 0.03
     blur: float = 0.0
     blur_sigma: tuple[float, float] = (0.5, 1.5)
+    # random zoom of whole patches (objects drawn 0.5x-2x their size); None: 0.5 for instance targets
+    # (boundary, distance), where object size matters most, else 0
+    zoom: float | None = None
+    zoom_range: tuple[float, float] = (0.5, 2.0)
 
 
 @dataclass
@@ -68,6 +73,11 @@ class DataConfig:
     val_groups: list[str] | None = None
     fold: str | None = None  # "K/N" k-fold by group
     split_file: str | None = None  # reuse a split.json
+    # a test split, held out before train/validation: never trained on, never chooses a checkpoint or tunes
+    # post-processing; scored once at the end (summary.json "test")
+    test: str | None = None  # glob or 're:<regex>' on sample names (their groups are held out)
+    test_groups: list[str] | None = None
+    test_fraction: float = 0.0  # a seeded random share of the groups
     patch_size: int = 256
     foreground_fraction: float = 0.5  # share of patches centred on a foreground pixel
     samples_per_epoch: int | None = None  # default: enough patches to cover the training images once
@@ -333,3 +343,69 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             raise UnetlabError(f"unknown config key '{key}'")
         setattr(obj, name, coerce(value, _hints(type(obj))[name], key))
     return cfg
+
+
+# --- command-line flags built from the dataclasses (one builder for train, augment-preview, predict) ---
+
+CONFIG_SECTIONS = {"data": "data", "model": "model", "train": "training", "postprocess": "post-processing"}
+
+
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: str | None = None) -> None:
+    """One flag per config leaf (``--lr``, ``--patch-size``, ``--aug-elastic`` ...) of section ``only``
+    (default: all), except ``skip``; only given flags override (see :func:`config_overrides`)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, (section, _field, typ, default) in leaf_keys().items():
+        if name in skip or (only is not None and section != only):
+            continue
+        sec = section.split(".")[0]
+        g = groups.get(section)
+        if g is None:
+            title = "augmentation" if section.endswith("augment") else CONFIG_SECTIONS.get(sec, sec)
+            g = groups[section] = p.add_argument_group(f"{title} options (config '{section}')")
+        flag = "--" + name.replace("_", "-")
+        shown = default if not isinstance(default, (list, tuple)) else ",".join(map(str, default))
+        if typ is bool:
+            g.add_argument(flag, dest=f"cfg__{name}", nargs="?", const="true", default=argparse.SUPPRESS,
+                           metavar="BOOL", help=f"(default {shown})")
+        else:
+            g.add_argument(flag, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="V",
+                           help=f"(default {shown})")
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The leaf overrides given on the command line through :func:`add_config_flags` (``{"lr": "1e-3"}``)."""
+    return {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__")}
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass ``cls``, with the type, default, choices and help of the field and
+    its metadata (``help``, and optionally ``flag`` (None: no flag), ``choices``, ``metavar``, ``cli_type``,
+    ``cli_default``); a field whose command-line default is False becomes a switch."""
+    hints = _hints(cls)
+    for f in fields(cls):
+        meta = f.metadata
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        if flag is None:
+            continue
+        default = meta.get("cli_default", f.default)
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"]}
+        if default is False:
+            kw["action"] = "store_true"
+        else:
+            typ = meta.get("cli_type") or next(a for a in (*typing.get_args(hints[f.name]), hints[f.name])
+                                               if a is not type(None))
+            if typ in (int, float):
+                kw["type"] = typ
+            kw.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+        p.add_argument(flag, **kw)
+
+
+def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
+    """An instance of ``cls`` from the flags :func:`add_dataclass_flags` declared, each value passed through
+    its field's ``from_cli`` converter when it has one."""
+    values = {}
+    for f in fields(cls):
+        if f.name in vars(args) and f.metadata.get("flag", "") is not None:
+            convert = f.metadata.get("from_cli")
+            values[f.name] = convert(getattr(args, f.name)) if convert else getattr(args, f.name)
+    return cls(**values)

@@ -42,3 +42,9 @@ def run_demo(out: str | Path = "unetlab_demo", minutes: float = 2.0, overwrite: 
     report = evaluate(out / "predictions" / "masks", out / "data" / "test" / "masks", out=out / "evaluation.json")
     dice = float(report["mean"]["dice"])
     return {"dice": dice, "n_test": n_test, "train_seconds": result.seconds, "out": str(out)}
+
+
+def format_demo_result(result: dict) -> str:
+    """The line ``unetlab demo`` prints for a :func:`run_demo` result."""
+    return (f"demo: held-out Dice {result['dice']:.3f} on {result['n_test']} synthetic images "
+            f"(training {result['train_seconds']:.0f} s); outputs in {result['out']}")

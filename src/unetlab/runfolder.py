@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import ModelConfig, RunConfig
 from .errors import UnetlabError
 from .files import write_bytes, write_text

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from unetlab.cli import main
-from unetlab.data.inspect import format_report, inspect_dataset, suspicious_mask_values
+from unetlab.data.inspect import format_report, inspect_dataset
+from unetlab.labels import suspicious_mask_values
 
 H, W = 16, 20
 

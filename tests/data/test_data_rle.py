@@ -41,3 +41,20 @@ def test_labels_roundtrip_and_first_object_keeps_overlaps():
 def test_malformed_strings_raise(bad):
     with pytest.raises(UnetlabError):
         rle_decode(bad, (3, 4))
+
+
+def test_one_table_of_conventions_for_writing_and_reading(tmp_path):
+    from unetlab.data.rle import RLE_STYLES, read_rle_table, rle_convention
+    from unetlab.inference import writers
+
+    assert not hasattr(writers, "RLE_STYLES") or writers.RLE_STYLES is RLE_STYLES  # no second table
+    assert rle_convention(["ImageId", "EncodedPixels"]) == ("imageid", "encodedpixels", "F")
+    assert rle_convention(["id", "annotation", "width", "height"]) == ("id", "annotation", "C")
+    assert rle_convention(["name", "mask"]) is None
+    lab = np.zeros((5, 6), np.int32)
+    lab[1:3, 2:5] = 4
+    for style, (id_col, rle_col, order) in RLE_STYLES.items():
+        path = writers.write_rle_csv(tmp_path / f"{style}.csv", [("img", lab)], style=style)
+        assert path.read_text().splitlines()[0] == f"{id_col},{rle_col}"
+        rles, _sizes, got_order = read_rle_table(path)
+        assert got_order == order and np.array_equal(rles_to_labels(rles["img"], lab.shape, order) > 0, lab > 0)

@@ -202,6 +202,66 @@ def apply_augment(
     return img, tgts
 
 
+# --- zoom (scale augmentation) ------------------------------------------------------------------------------
+
+
+INSTANCE_TARGETS = ("boundary", "distance")
+
+
+def zoom_probability(cfg: AugmentConfig, target: str = "binary") -> float:
+    """The zoom probability in effect: ``cfg.zoom``, or when None 0.5 for instance targets and 0 otherwise."""
+    if cfg.zoom is not None:
+        return float(cfg.zoom)
+    return 0.5 if target in INSTANCE_TARGETS else 0.0
+
+
+def draw_zoom(cfg: AugmentConfig, rng: np.random.Generator, probability: float) -> float:
+    """A zoom factor for one patch: log-uniform in ``cfg.zoom_range`` with ``probability``, else 1.
+
+    Draws nothing from ``rng`` when ``probability`` is 0, so runs without zoom keep their random stream."""
+    if probability <= 0:
+        return 1.0
+    if rng.random() >= probability:
+        return 1.0
+    return _log_uniform(rng, cfg.zoom_range)
+
+
+def zoom_window(size: int, zoom: float) -> int:
+    """Side of the source window that a ``size`` patch shows at ``zoom`` (2: half the window, objects 2x)."""
+    return max(2, int(round(size / zoom)))
+
+
+def resize_patch(array: np.ndarray, size: int, labels: bool) -> np.ndarray:
+    """Resize a (..., h, w) window to (..., size, size): nearest neighbour for labels, bilinear otherwise.
+
+    16-bit safe: values are interpolated in float and labels keep their dtype and values."""
+    h, w = array.shape[-2:]
+    if (h, w) == (size, size):
+        return array
+    if labels:
+        ys = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+        xs = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+        return array[..., ys[:, None], xs[None, :]]
+    factors = (1.0,) * (array.ndim - 2) + (size / h, size / w)
+    out = ndimage.zoom(np.asarray(array, dtype=np.float32), factors, order=1, mode="reflect", grid_mode=True)
+    return out[..., :size, :size].astype(np.float32, copy=False)
+
+
+def zoom_whole(image: np.ndarray, mask: np.ndarray, zoom: float) -> tuple[np.ndarray, np.ndarray]:
+    """The centre window of ``image``/``mask`` seen at ``zoom``, at the input size (for previews)."""
+    h, w = image.shape[-2:]
+    side = zoom_window(min(h, w), zoom)
+    y, x = (h - side) // 2, (w - side) // 2
+    pad = max(0, -y, -x)
+    if pad:
+        image = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+        mask = np.pad(mask, pad, mode="reflect")
+        y, x = y + pad, x + pad
+    img = resize_patch(image[:, y : y + side, x : x + side], min(h, w), labels=False)
+    m = resize_patch(mask[y : y + side, x : x + side], min(h, w), labels=True)
+    return img, m
+
+
 def build_augment(cfg: AugmentConfig) -> AugmentFn:
     """A picklable ``augment(image, targets, rng) -> (image, targets)`` applying ``cfg``'s augmentations."""
     return partial(_call_augment, cfg=replace(cfg))
@@ -246,14 +306,22 @@ def _overlay_outline(rgb: np.ndarray, labels: np.ndarray, colour=(1.0, 0.85, 0.0
 
 
 def preview_augmentations(
-    image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, n: int = 8, seed: int = 0
+    image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, n: int = 8, seed: int = 0, target: str = "binary"
 ) -> np.ndarray:
-    """An RGB uint8 grid (H', W', 3): the original (top-left) then ``n`` augmented draws, mask outlined."""
+    """An RGB uint8 grid (H', W', 3): the original (top-left) then ``n`` augmented draws, mask outlined.
+
+    Zoom draws (``cfg.zoom``; None: the default for ``target``) show the image's centre at the drawn zoom."""
     rng = np.random.default_rng(seed)
     augment = build_augment(cfg)
+    zoom_p = zoom_probability(cfg, target)
+    if zoom_p > 0:  # zoomed draws are square: show every tile at the same square size
+        side = min(image.shape[1:])
+        image, mask = image[:, :side, :side], mask[:side, :side]
     tiles = [_overlay_outline(_display_rgb(image), mask)]
     for _ in range(n):
-        img, (m,) = augment(image, [mask], rng)
+        zoom = draw_zoom(cfg, rng, zoom_p)
+        img, m = zoom_whole(image, mask, zoom) if zoom != 1.0 else (image, mask)
+        img, (m,) = augment(img, [m], rng)
         tiles.append(_overlay_outline(_display_rgb(img), m))
     h, w = image.shape[1:]
     cols = int(np.ceil(np.sqrt(len(tiles))))

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..config import DataConfig
 from ..errors import UnetlabError
-from .augment import build_augment
+from .augment import build_augment, draw_zoom, resize_patch, zoom_probability, zoom_window
 from .channels import apply_channels
 from .io import normalize, read_image
 from .sample import Sample
@@ -144,6 +144,7 @@ class PatchDataset(Dataset):
         self.weight_fn = weight_fn
         self.seed = seed
         self.augment = build_augment(cfg.augment)
+        self.zoom_p = 0.0 if multiclass else zoom_probability(cfg.augment, cfg.target)
         self._fg: dict[int, np.ndarray] = {}
         self._weights: dict[int, np.ndarray] = {}
 
@@ -179,7 +180,8 @@ class PatchDataset(Dataset):
         i = int(rng.integers(len(self.cache)))
         item = self.cache[i]
         h, w = item.labels.shape
-        p = self.patch
+        zoom = draw_zoom(self.cfg.augment, rng, self.zoom_p)
+        p = self.patch if zoom == 1.0 else zoom_window(self.patch, zoom)  # the source window's side
         fg = self._foreground(i, item.labels)
         if len(fg) and rng.random() < self.cfg.foreground_fraction:
             c = int(fg[rng.integers(len(fg))])
@@ -197,6 +199,9 @@ class PatchDataset(Dataset):
         wm = self._weight_map(i, item.labels)
         if wm is not None:
             targets.append(_crop_with_padding(wm, y, x, p))
+        if p != self.patch:  # zoom: the window, resized to the patch (labels by nearest neighbour)
+            image = resize_patch(image, self.patch, labels=False)
+            targets = [resize_patch(t, self.patch, labels=k == 0) for k, t in enumerate(targets)]
         image, targets = self.augment(image, targets, rng)
         out = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnetlabError
+from ..labels import instance_labels, suspicious_mask_values
 from .io import read_image
 from .layouts import load_dataset
 from .layouts.common import image_header, read_mask_raw
@@ -58,30 +59,6 @@ def _kind_of_error(exc: UnetlabError) -> str:
     return "unreadable"
 
 
-def suspicious_mask_values(values: np.ndarray, counts: np.ndarray) -> str | None:
-    """Why a mask's value histogram looks like a damaged binary mask (e.g. JPEG artefacts), or None.
-
-    A binary mask saved lossily keeps its values near 0 (the background often becomes 1 or 2) and near the top
-    value (255), which holds most of the bright pixels, with next to nothing in between; instance labels spread
-    over the whole range (about half of their values lie in the middle half) and are not flagged.
-    """
-    if len(values) <= 2:
-        return None
-    top = int(values.max())
-    others = values[(values != 0) & (values != top)]
-    if top < 200 or len(others) < 2:
-        return None
-    middle = (values > 0.25 * top) & (values < 0.75 * top)
-    high = values >= 0.75 * top
-    at_top = counts[values == top].sum()
-    if middle.sum() > 0.1 * len(values) or at_top < 0.5 * counts[high].sum():
-        return None
-    shown = ", ".join(str(int(v)) for v in others[:3]) + (", ..." if len(others) > 3 else "")
-    n_px = int(counts[(values != 0) & (values != top)].sum())
-    return (f"binary mask with {len(others)} values besides 0 and {top} ({shown}; {n_px} pixels): "
-            "looks like JPEG artefacts")
-
-
 def _histogram(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = arr.ravel()
     if flat.size and flat.min() >= 0 and flat.max() < 65536:
@@ -92,11 +69,8 @@ def _histogram(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _count_objects(labels: np.ndarray) -> int:
-    if labels.max() <= 1:
-        from scipy import ndimage
-
-        return int(ndimage.label(labels > 0)[1])
-    return int(len(np.unique(labels)) - (labels.min() == 0))
+    """Number of objects of a label image under the one rule (a binary mask counts its components)."""
+    return int(np.count_nonzero(np.unique(instance_labels(labels))))
 
 
 class _Collector:

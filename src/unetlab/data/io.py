@@ -102,7 +102,7 @@ def read_label(path: str | Path) -> np.ndarray:
     """Read a mask or label image as an integer array (H, W).
 
     RGB masks are reduced to their first channel when all channels agree, otherwise to any-nonzero.
-    Binary 0/255 masks come back as 0/255: use :func:`mask_to_labels` to interpret values.
+    Binary 0/255 masks come back as 0/255: use :func:`unetlab.labels.mask_to_labels` to interpret values.
     """
     path = Path(path)
     arr = _read_raw(path)
@@ -125,21 +125,6 @@ def read_label(path: str | Path) -> np.ndarray:
     return arr.astype(np.int32) if arr.max() < 2**31 else arr.astype(np.int64)
 
 
-def mask_to_labels(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
-    """Interpret a raw mask: {0, v} -> 0/1 binary; anything else is taken as instance labels (kept)."""
-    values, counts = np.unique(arr, return_counts=True)
-    if len(values) <= 2:
-        return (arr > 0).astype(np.int32)
-    if values[-1] >= 200:  # many values up to ~255: a binary mask damaged by lossy compression?
-        from .inspect import suspicious_mask_values
-
-        why = suspicious_mask_values(values, counts)
-        if why:
-            raise UnetlabError(f"mask values fit no mask mode: {why}", path,
-                               "save masks as PNG or TIFF, or threshold them: value > half the maximum = object")
-    return arr.astype(np.int32)
-
-
 def normalize_percentile(
     image: np.ndarray, low: float = 1.0, high: float = 99.8, per_channel: bool = True, eps: float = 1e-6
 ) -> np.ndarray:
@@ -150,6 +135,29 @@ def normalize_percentile(
     lo = np.percentile(sub, low, axis=axes, keepdims=per_channel)
     hi = np.percentile(sub, high, axis=axes, keepdims=per_channel)
     return ((img - lo) / np.maximum(hi - lo, eps)).astype(np.float32)
+
+
+def to_rgb8(image: np.ndarray, low: float = 1.0, high: float = 99.8, per_channel: bool = True) -> np.ndarray:
+    """Display version of an image (H, W) or (C, H, W) for pictures: percentile-stretched RGB uint8 (H, W, 3).
+
+    One channel is grey; two channels are red and green; three or more use the first three as RGB. The
+    ``low``/``high`` percentiles map to 0/255, per channel, or over the three RGB planes together.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim != 3:
+        raise UnetlabError(f"cannot display an image of shape {img.shape}")
+    planes = img[: min(img.shape[0], 3)]
+    if per_channel:
+        planes = normalize_percentile(planes, low, high)
+    if planes.shape[0] == 1:
+        planes = np.repeat(planes, 3, axis=0)
+    elif planes.shape[0] == 2:
+        planes = np.concatenate([planes, np.zeros_like(planes[:1])], axis=0)
+    if not per_channel:
+        planes = normalize_percentile(planes, low, high, per_channel=False)
+    return np.round(np.moveaxis(np.clip(planes, 0, 1), 0, -1) * 255).astype(np.uint8)
 
 
 def normalize(image: np.ndarray, mode: str = "percentile", low: float = 1.0, high: float = 99.8) -> np.ndarray:

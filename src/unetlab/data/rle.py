@@ -81,16 +81,23 @@ def rles_to_labels(rles: list[str], shape: tuple[int, int], order: str = "F", sk
     return out.reshape((h, w), order=order)
 
 
-# (id column, rle column, pixel order) of each known convention, matched case-insensitively
-RLE_CONVENTIONS = (("imageid", "encodedpixels", "F"), ("id", "predicted", "C"), ("id", "annotation", "C"))
+# The one table of run-length CSV conventions: style -> (id column, rle column, pixel order). The DSB 2018
+# numbers pixels column-major, Sartorius row-major (its submissions say "predicted", its train.csv
+# "annotation"). Writers use the column names as written here; readers match headers case-insensitively.
+RLE_STYLES: dict[str, tuple[str, str, str]] = {
+    "dsb": ("ImageId", "EncodedPixels", "F"),
+    "sartorius": ("id", "predicted", "C"),
+    "sartorius_train": ("id", "annotation", "C"),
+}
 
 
 def rle_convention(header: list[str]) -> tuple[str, str, str] | None:
-    """The (id column, rle column, order) a CSV header follows, or None when it is no run-length table."""
+    """The (id column, rle column, order) a CSV header follows (names lower-cased), or None when it is no
+    run-length table."""
     low = [h.strip().lower() for h in header]
-    for id_col, rle_col, order in RLE_CONVENTIONS:
-        if id_col in low and rle_col in low:
-            return id_col, rle_col, order
+    for id_col, rle_col, order in RLE_STYLES.values():
+        if id_col.lower() in low and rle_col.lower() in low:
+            return id_col.lower(), rle_col.lower(), order
     return None
 
 

@@ -3,6 +3,7 @@
 Order of precedence in :func:`split_samples`: ``split_file`` (reuse a saved ``split.json``), ``fold`` ("K/N"
 k-fold over groups), ``val_groups`` (group names or globs), ``val`` (glob or ``re:<regex>`` on sample names; the
 groups of matching samples go to validation), and finally a seeded random ``val_fraction`` of the groups.
+A test split is held out first (:func:`hold_out_test`): it takes no part in training, checkpoint choice or tuning.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def split_samples(info: DatasetInfo, cfg: DataConfig, seed: int = 0) -> tuple[li
         if missing:
             log.warning("%s: %d samples of the saved split are not in the data (e.g. %s)",
                         cfg.split_file, len(missing), missing[0])
+        test_names = set(saved.get("test", []))
         val = [s for s in samples if s.name in val_names]
-        train = [s for s in samples if s.name not in val_names]
-        new = [s.name for s in train if s.name not in train_names]
+        train = [s for s in samples if s.name not in val_names and s.name not in test_names]
+        new = [s.name for s in train if s.name not in train_names and s.name not in test_names]
         if new:
             log.warning("%s: %d samples not in the saved split go to training (e.g. %s)",
                         cfg.split_file, len(new), new[0])
@@ -153,7 +155,45 @@ def split_samples(info: DatasetInfo, cfg: DataConfig, seed: int = 0) -> tuple[li
     return train, val
 
 
-def save_split(path: str | Path, train: list[Sample], val: list[Sample]) -> Path:
+def hold_out_test(samples: list[Sample], cfg: DataConfig, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Split off the test samples (``cfg.test_groups``, ``cfg.test`` or ``cfg.test_fraction`` of the groups,
+    seeded) before train/validation: returns (rest, test). With a ``split_file`` its "test" list is used."""
+    groups = _groups_of(samples)
+    if cfg.split_file:
+        names = set(load_split(cfg.split_file).get("test", []))
+        return [s for s in samples if s.name not in names], [s for s in samples if s.name in names]
+    tg: set[str] = set()
+    if cfg.test_groups:
+        for pat in cfg.test_groups:
+            hits = {g for g in groups if g == pat or fnmatch.fnmatchcase(g, pat)}
+            if not hits:
+                raise UnetlabError(f"test_groups pattern {pat!r} matches no group",
+                                   hint=f"groups are e.g. {', '.join(groups[:3])}")
+            tg |= hits
+    elif cfg.test:
+        match = _name_matcher(cfg.test)
+        tg = {s.group for s in samples if match(s.name)}
+        if not tg:
+            raise UnetlabError(f"test pattern {cfg.test!r} matches no sample name",
+                               hint=f"names are e.g. {', '.join(s.name for s in samples[:3])}")
+    elif cfg.test_fraction:
+        frac = float(cfg.test_fraction)
+        if not 0.0 < frac < 1.0:
+            raise UnetlabError(f"test_fraction must be in [0, 1), got {frac}")
+        if len(groups) < 3:
+            raise UnetlabError(f"cannot hold out a test split: only {len(groups)} group(s)",
+                               hint="set test_fraction 0, or give a test pattern")
+        order = sorted(groups)
+        perm = np.random.default_rng([seed, 7]).permutation(len(order))  # not the validation draw
+        n_test = min(max(int(round(frac * len(order))), 1), len(order) - 2)
+        tg = {order[i] for i in perm[:n_test]}
+    rest, test = _by_groups(samples, tg)
+    if tg and not rest:
+        raise UnetlabError("the test split leaves nothing to train on", hint="hold out fewer groups")
+    return rest, test
+
+
+def save_split(path: str | Path, train: list[Sample], val: list[Sample], test: list[Sample] | None = None) -> Path:
     """Write the split as JSON (sample names and groups of each side) atomically."""
     doc = {
         "train": [s.name for s in train],
@@ -161,6 +201,9 @@ def save_split(path: str | Path, train: list[Sample], val: list[Sample]) -> Path
         "train_groups": _groups_of(train),
         "val_groups": _groups_of(val),
     }
+    if test:
+        doc["test"] = [s.name for s in test]
+        doc["test_groups"] = _groups_of(test)
     text = json.dumps(doc, indent=1)
     return write_text(path, text)
 

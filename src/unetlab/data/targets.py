@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import UnetlabError
+from ..labels import instance_labels
 
 TARGET_KINDS = ("binary", "boundary", "distance")
 
@@ -28,29 +29,6 @@ def target_channels(kind: str) -> int:
         return {"binary": 1, "boundary": 3, "distance": 2}[kind]
     except KeyError:
         raise UnetlabError(f"unknown target '{kind}' (choose {', '.join(TARGET_KINDS)})") from None
-
-
-def instance_labels(labels: np.ndarray) -> np.ndarray:
-    """Instance labels: a binary mask (values {0, v}) becomes its 4-connected components; labels are kept."""
-    lab = np.asarray(labels)
-    if lab.dtype == bool or int(lab.max(initial=0)) <= 1:
-        out, _ = ndi.label(lab > 0)
-        return out.astype(np.int32)
-    return lab.astype(np.int32, copy=False)
-
-
-def object_boundaries(labels: np.ndarray) -> np.ndarray:
-    """Boolean mask of object pixels whose 4-neighbourhood holds a different label (background or another object)."""
-    lab = np.asarray(labels)
-    edge = np.zeros(lab.shape, bool)
-    # compare each pixel with its four neighbours; image borders do not count as boundaries
-    d = lab[1:, :] != lab[:-1, :]
-    edge[1:, :] |= d
-    edge[:-1, :] |= d
-    d = lab[:, 1:] != lab[:, :-1]
-    edge[:, 1:] |= d
-    edge[:, :-1] |= d
-    return edge & (lab > 0)
 
 
 def normalized_distance(labels: np.ndarray) -> np.ndarray:
@@ -86,9 +64,12 @@ def make_target(labels: np.ndarray, kind: str) -> np.ndarray:
     if kind == "binary":
         return (lab > 0).astype(np.uint8)
     if kind == "boundary":
+        from skimage.segmentation import find_boundaries
+
         inst = instance_labels(lab)
         target = (inst > 0).astype(np.uint8)
-        target[object_boundaries(inst)] = 2
+        # object pixels with a 4-neighbour of another label (image borders do not count): skimage's inner mode
+        target[find_boundaries(inst, connectivity=1, mode="inner")] = 2
         return target
     if kind == "distance":
         return normalized_distance(instance_labels(lab))

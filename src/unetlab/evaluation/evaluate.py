@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import list_images, mask_to_labels, read_label
+from ..data.io import list_images, read_label
 from ..errors import UnetlabError
 from ..files import write_text
+from ..labels import instance_labels, mask_to_labels
 from .metrics import (
     DEFAULT_IOU_THRESHOLDS,
     adapted_rand_error,
-    as_instance_labels,
     dice_per_class,
     match_objects,
     metrics_from_counts,
@@ -75,8 +75,7 @@ def _file_loader(path: Path, invert: bool = False) -> Loader:
 
 
 def _csv_source(path: Path, invert: bool = False) -> _Source:
-    from ..data.rle import rles_to_labels
-    from ..inference.writers import read_rle_table
+    from ..data.rle import read_rle_table, rles_to_labels
 
     rles, sizes, order = read_rle_table(path)
 
@@ -210,7 +209,7 @@ def _evaluate_pair(p: np.ndarray, t: np.ndarray, instances: bool, thresholds, ta
     row.update(counts)
     row["adapted_rand_error"] = adapted_rand_error(p, t)
     if instances:
-        m = match_objects(as_instance_labels(p), as_instance_labels(t), thresholds)
+        m = match_objects(instance_labels(p), instance_labels(t), thresholds)
         row["objects"] = m
         row["n_true"], row["n_pred"], row["count_error"] = m["n_true"], m["n_pred"], m["count_error"]
         row["ap_mean"] = m["ap_mean"]
@@ -346,6 +345,16 @@ def write_report(report: dict, json_path: str | Path, csv_path: str | Path | Non
     csv_text = buf.getvalue()
     write_text(csv_path, csv_text)
     log.info("wrote %s and %s", json_path, csv_path)
+
+
+def parse_iou_thresholds(text: str | None) -> list[float] | tuple[float, ...]:
+    """IoU thresholds from a comma-separated ``--iou-thresholds`` value; empty or None: the defaults."""
+    if not text:
+        return DEFAULT_IOU_THRESHOLDS
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UnetlabError(f"bad --iou-thresholds {text!r} (expected e.g. 0.5,0.75)") from None
 
 
 def _f(x, width: int = 8) -> str:

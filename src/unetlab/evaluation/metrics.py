@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..labels import instance_labels
+
 DEFAULT_IOU_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.5, 1.0, 0.05), 2).tolist())
 
 
@@ -131,49 +133,17 @@ def batch_dice_counts(logits, target, threshold: float = 0.5):
 # --- objects ------------------------------------------------------------------------------------------------
 
 
-def relabel_sequential(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels renumbered 1..n in order of their old values (0 stays background); returns (labels, n)."""
-    lab = np.asarray(labels)
-    if lab.size == 0:
-        return lab.astype(np.int32), 0
-    if lab.min() < 0:
-        raise ValueError("label image has negative values")
-    top = int(lab.max())
-    if top == 0:
-        return np.zeros(lab.shape, np.int32), 0
-    if top < 2**24:
-        present = np.bincount(lab.ravel().astype(np.int64), minlength=top + 1) > 0
-        present[0] = False
-        lut = np.cumsum(present).astype(np.int32)
-        lut[~present] = 0
-        return lut[lab], int(present.sum())
-    values, inverse = np.unique(lab, return_inverse=True)
-    inverse = inverse.reshape(lab.shape).astype(np.int32)
-    if values[0] != 0:
-        inverse += 1
-    return inverse, int(np.count_nonzero(values))
-
-
-def as_instance_labels(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
-    """Instance labels from a mask: a binary (0/1 or 0/255) mask gets connected components, labels are kept."""
-    from scipy import ndimage as ndi
-
-    arr = np.asarray(mask)
-    if arr.dtype == bool or int(arr.max(initial=0)) <= 1 or len(np.unique(arr)) <= 2:
-        structure = ndi.generate_binary_structure(2, connectivity)
-        lab, _ = ndi.label(arr > 0, structure=structure)
-        return lab.astype(np.int32)
-    return relabel_sequential(arr)[0]
-
-
 def object_overlaps(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray | int]:
     """Sparse overlaps of two label images (relabelled 1..n): pixel counts of every (pred, truth) pair that meets.
 
     Returns ``pred_idx``, ``true_idx`` (0-based object indices), ``intersection``, ``iou`` for each touching pair,
     the object ``pred_area`` / ``true_area`` arrays and the counts ``n_pred`` / ``n_true``.
     """
-    p, n_p = relabel_sequential(pred)
-    t, n_t = relabel_sequential(truth)
+    from skimage.segmentation import relabel_sequential
+
+    p = relabel_sequential(np.asarray(pred))[0].astype(np.intp, copy=False)
+    t = relabel_sequential(np.asarray(truth))[0].astype(np.intp, copy=False)
+    n_p, n_t = int(p.max(initial=0)), int(t.max(initial=0))
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
     pa = np.bincount(p.ravel(), minlength=n_p + 1)[1:]
@@ -312,9 +282,9 @@ def adapted_rand_error(pred: np.ndarray, truth: np.ndarray) -> float:
     """
     from skimage.metrics import adapted_rand_error as _are
 
-    t = as_instance_labels(truth)
+    t = instance_labels(truth)
     if not t.any():
         return float("nan")
-    p = as_instance_labels(pred)
+    p = instance_labels(pred)
     err, _prec, _rec = _are(t, p)
     return float(err)

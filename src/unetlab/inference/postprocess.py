@@ -1,4 +1,4 @@
-"""From predicted probabilities to masks and instance labels: threshold, markers, watershed, cleanup, tuning.
+"""From predicted probabilities to masks and instance labels: threshold, markers, watershed, cleanup.
 
 Probability layouts by target kind (see :mod:`unetlab.data.targets`):
 ``binary`` (H, W) or (1, H, W) foreground; ``boundary`` (3, H, W) background/interior/boundary softmax;
@@ -21,9 +21,7 @@ interior components (object AP@0.5 0.80 against 0.71 for one boundary model; see
 
 from __future__ import annotations
 
-import itertools
 import logging
-from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -50,11 +48,11 @@ def _channels(prob: np.ndarray, kind: str) -> np.ndarray:
 
 
 def foreground_mask(prob: np.ndarray, kind: str, threshold: float = 0.5) -> np.ndarray:
-    """Boolean foreground of a prediction: p > threshold (binary), 1 - p(background) > threshold (boundary),
-    p(foreground channel) > threshold (distance)."""
+    """The one foreground rule of predictions (masks, streamed masks, labels): foreground probability above
+    ``threshold``, i.e. p (binary), p(interior) + p(boundary) (boundary), the foreground channel (distance)."""
     p = _channels(prob, kind)
     if kind == "boundary":
-        return (1.0 - p[0]) > threshold
+        return p[1:].sum(0) > threshold
     return p[0] > threshold
 
 
@@ -132,17 +130,27 @@ def _fill_object_holes(labels: np.ndarray) -> np.ndarray:
 
 
 def remove_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Labels with objects smaller than ``min_size`` pixels removed and the rest renumbered 1..n."""
-    from ..evaluation.metrics import relabel_sequential
+    """Labels (int32) with objects smaller than ``min_size`` pixels removed and the rest renumbered 1..n."""
+    import inspect
+    import warnings
+
+    from skimage import morphology
+    from skimage.segmentation import relabel_sequential
 
     lab = np.asarray(labels)
-    if min_size > 1 and lab.any():
-        areas = np.bincount(lab.ravel())
-        small = areas < min_size
-        small[0] = False
-        if small.any():
-            lab = np.where(small[lab], 0, lab)
-    return relabel_sequential(lab)[0]
+    if lab.dtype == bool:  # one object, as label 1 (skimage would split a bool mask into components)
+        lab = lab.view(np.uint8)
+    if lab.size == 0:
+        return lab.astype(np.int32)
+    if min_size > 1:
+        # skimage >= 0.26 removes sizes <= max_size (min_size, deprecated there, removes sizes < min_size);
+        # an integer array is taken as labels (no new connected components)
+        new_api = "max_size" in inspect.signature(morphology.remove_small_objects).parameters
+        size = {"max_size": min_size - 1} if new_api else {"min_size": min_size}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Only one label", UserWarning)  # one object is fine here
+            lab = morphology.remove_small_objects(lab, **size)
+    return relabel_sequential(lab)[0].astype(np.int32, copy=False)
 
 
 def probabilities_to_labels(
@@ -184,50 +192,3 @@ def probabilities_to_classes(prob: np.ndarray) -> np.ndarray:
     idx = p.argmax(axis=0)
     return idx.astype(np.uint8 if p.shape[0] <= 256 else np.uint16)
 
-
-def tune_postprocess(
-    probs: list[np.ndarray],
-    truths: list[np.ndarray],
-    kind: str = "binary",
-    base: PostprocessConfig | None = None,
-    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7),
-    min_sizes: tuple[int, ...] = (0, 10, 25, 50),
-    prominence_factors: tuple[float, ...] = (0.5, 1.0, 2.0),
-    metric: str = "ap_mean",
-) -> PostprocessConfig:
-    """Grid-search threshold, min_size (and the marker prominence, as factors of the target's default, when
-    markers come from distances) on validation predictions against true label images; returns the config with
-    the best mean ``metric``
-    (``ap_mean``: DSB AP averaged over IoU 0.5..0.95, or ``f1``: F1 at IoU 0.5)."""
-    from ..evaluation.metrics import as_instance_labels, match_objects
-
-    if len(probs) != len(truths) or not probs:
-        raise UnetlabError("tune_postprocess needs as many true label images as predictions (at least one)")
-    if metric not in ("ap_mean", "f1"):
-        raise UnetlabError(f"unknown tuning metric '{metric}' (choose ap_mean or f1)")
-    base = base or PostprocessConfig()
-    mode = resolve_markers(kind, base.markers)
-    prominences = ((base.prominence,) if mode != "distance" else
-                   tuple(round(f * default_prominence(kind), 6) for f in prominence_factors))
-    truth_labels = [as_instance_labels(t) for t in truths]
-    iou_thr = None if metric == "ap_mean" else (0.5,)
-    best: tuple[float, PostprocessConfig] | None = None
-    for thr, prom in itertools.product(thresholds, prominences):
-        cfg0 = replace(base, threshold=float(thr), prominence=prom, min_size=0)
-        raw = [probabilities_to_labels(p, kind, cfg0) for p in probs]
-        for ms in min_sizes:
-            scores = []
-            for lab, truth in zip(raw, truth_labels):
-                pred = remove_small_objects(lab, int(ms))
-                m = match_objects(pred, truth) if iou_thr is None else match_objects(pred, truth, iou_thr)
-                scores.append(m["ap_mean"] if metric == "ap_mean" else m["f1"][0])
-            score = float(np.mean(scores))
-            log.debug("tune: threshold=%.2f prominence=%s min_size=%d -> %s %.4f", thr, prom, ms, metric, score)
-            if best is None or score > best[0] + 1e-12:
-                best = (score, replace(cfg0, min_size=int(ms)))
-    assert best is not None
-    log.info(
-        "tuned post-processing: threshold=%.2f min_size=%d prominence=%s (%s %.4f)",
-        best[1].threshold, best[1].min_size, best[1].prominence, metric, best[0],
-    )
-    return best[1]

@@ -6,16 +6,17 @@ import io
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..config import PostprocessConfig
 from ..data.io import IMAGE_EXTENSIONS, is_image_file, read_image, write_image
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries, write_text
 from ..runfolder import load_run
+from .options import PredictOptions, resolve_options
 from .predictor import Predictor
-from .streaming import STREAM_THRESHOLD, should_stream
+from .streaming import should_stream
 
 log = logging.getLogger(__name__)
 
@@ -87,43 +88,22 @@ def _check_out(out: Path, input: Path, overwrite: bool, resume: bool) -> None:
 def _foreground(prob: np.ndarray, run_info: dict, threshold: float) -> np.ndarray:
     if run_info.get("task") == "multiclass":
         return prob.argmax(0).astype(np.uint8)
-    fg = prob[1:].sum(0) if run_info.get("target") == "boundary" else prob[0]
-    return fg > threshold
+    from .postprocess import foreground_mask
+
+    return foreground_mask(prob, run_info.get("target", "binary"), threshold)
 
 
-def predict(
-    model: str | Path,
-    input: str | Path,
-    out: str | Path,
-    tile: int = 512,
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    device: str = "auto",
-    precision: str = "auto",
-    probabilities: bool = False,
-    instances: bool = False,
-    overlays: bool = False,
-    tta: bool = False,
-    rle: str | Path | None = None,
-    rle_style: str = "dsb",
-    rois: bool = False,
-    overwrite: bool = False,
-    resume: bool = False,
-    skip_bad: bool = False,
-    backend: str = "torch",
-    compile: bool = False,
-    postprocess: PostprocessConfig | None = None,
-    progress: bool | None = None,
-    split: str | None = None,
-    stream_threshold: int | None = STREAM_THRESHOLD,
-) -> dict:
+def predict(model: str | Path, input: str | Path, out: str | Path, *, options: PredictOptions | None = None,
+            **overrides: Any) -> dict:
     """Predict every image of ``input`` with the run ``model`` into ``out``; returns a summary dict.
 
     Writes ``masks/`` (or ``classes/``), and on request ``probabilities/`` (float32 TIFF), ``labels/`` (uint16
     instance labels) with ``objects.csv`` and ``counts.csv``, ``overlays/``, a Kaggle RLE CSV and ImageJ ROIs.
     TIFF images of more than ``stream_threshold`` pixels (None: never) are read, predicted and written band by
     band with bounded memory; their mask is then a tiled TIFF (``masks/<name>.tif``) and they support masks
-    and probabilities only.
+    and probabilities only. Settings: ``options`` (a :class:`PredictOptions`, default all defaults) with any
+    keyword arguments on top, e.g. ``predict(run, images, out, instances=True, tile=256)``; an unknown keyword
+    is a TypeError naming it.
     """
     from tqdm.auto import tqdm
 
@@ -131,26 +111,27 @@ def predict(
     from .._runtime import resolve_device
     from . import writers
 
+    o = resolve_options(options, overrides)
     out = Path(out)
-    inputs = collect_inputs(input, Path(model) / "split.json" if split else None, split or "val")
+    inputs = collect_inputs(input, Path(model) / "split.json" if o.split else None, o.split or "val")
     # under torchrun: Gloo carries only the coordination (objects, barriers), whatever device predicts
     dist = D.init_distributed("cpu", backend="gloo")
-    D.run_on_main(partial(_check_out, out, Path(input), overwrite, resume), dist)  # before any rank writes
+    D.run_on_main(partial(_check_out, out, Path(input), o.overwrite, o.resume), dist)  # before any rank writes
     run = load_run(model)
-    dev = D.rank_device(resolve_device(str(device)), dist)  # cuda:LOCAL_RANK under torchrun
-    predictor = Predictor.from_run(run, device=dev, precision=precision, tile=tile, overlap=overlap,
-                                   batch_size=batch_size, tta=tta, compile=compile, backend=backend)
-    pp = postprocess or run.config.postprocess
+    dev = D.rank_device(resolve_device(str(o.device)), dist)  # cuda:LOCAL_RANK under torchrun
+    predictor = Predictor.from_run(run, device=dev, precision=o.precision, tile=o.tile, overlap=o.overlap,
+                                   batch_size=o.batch_size, tta=o.tta, compile=o.compile, backend=o.backend)
+    pp = o.postprocess or run.config.postprocess
     multiclass = run.info.get("task") == "multiclass"
     kind = run.info.get("target", "binary")
-    if instances and multiclass:
+    if o.instances and multiclass:
         raise UnetlabError("--instances needs a binary, boundary or distance model; this one predicts classes")
     protect = [f for _n, f in inputs]
     mine = inputs[dist.rank :: dist.world_size]
     done, skipped, bad = [], [], []
     measurements: dict[str, list[dict]] = {}
     rle_items: list[tuple[str, np.ndarray]] = []
-    want_labels = instances or bool(rle) or rois
+    want_labels = o.instances or bool(o.rle) or o.rois
     sizes = {}
     total_tiles = 0
     for _n, f in mine:
@@ -171,31 +152,31 @@ def predict(
             log.warning("%s: size not readable from the header (%s: %s); the progress bar counts it as one tile",
                         f, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             total_tiles += 1
-    disable = True if (progress is False or not dist.is_main) else (False if progress else None)
+    disable = True if (o.progress is False or not dist.is_main) else (False if o.progress else None)
     bar = tqdm(total=total_tiles, desc="predict", unit="tile", disable=disable, dynamic_ncols=True)
     for name, f in mine:
         paths = output_paths(out, name, multiclass)
-        stream = should_stream(f, stream_threshold)
+        stream = should_stream(f, o.stream_threshold)
         if stream:  # PNG cannot be written band by band
             paths["mask"] = paths["mask"].with_suffix(".tif")
-        needed = [paths["mask"]] + ([paths["prob"]] if probabilities else []) + (
-            [paths["labels"]] if want_labels else []) + ([paths["overlay"]] if overlays or instances else []) + (
-            [out / "rois" / f"{name}.zip"] if rois else [])
-        if resume and all(p.exists() for p in needed) and _resume_done(name, f, paths, want_labels, bool(rle),
+        needed = [paths["mask"]] + ([paths["prob"]] if o.probabilities else []) + (
+            [paths["labels"]] if want_labels else []) + ([paths["overlay"]] if o.overlays or o.instances else []) + (
+            [out / "rois" / f"{name}.zip"] if o.rois else [])
+        if o.resume and all(p.exists() for p in needed) and _resume_done(name, f, paths, want_labels, bool(o.rle),
                                                                          measurements, rle_items):
             skipped.append(name)
             bar.update(predictor.n_tiles(sizes[f]) if f in sizes else 1)
             continue
         try:
             if stream:
-                _predict_streaming(predictor, f, paths, probabilities, want_labels or overlays, protect,
-                                   lambda p: _foreground(p, run.info, pp.threshold), bar.update, stream_threshold)
+                _predict_streaming(predictor, f, paths, o.probabilities, want_labels or o.overlays, protect,
+                                   lambda p: _foreground(p, run.info, pp.threshold), bar.update, o.stream_threshold)
                 done.append(name)
                 continue
             raw = read_image(f)
             prob = _predict_with_fallback(predictor, raw, f, bar.update)
         except UnetlabError as exc:
-            if not skip_bad:
+            if not o.skip_bad:
                 bar.close()
                 raise
             bad.append(f"{exc}")
@@ -203,7 +184,7 @@ def predict(
             continue
         fg = _foreground(prob, run.info, pp.threshold)
         writers.write_mask(paths["mask"], fg, protect) if not multiclass else write_image(paths["mask"], fg)
-        if probabilities:
+        if o.probabilities:
             writers.write_probabilities(paths["prob"], prob, protect)
         if want_labels:
             from .postprocess import probabilities_to_labels
@@ -212,21 +193,21 @@ def predict(
                                              pp)
             writers.write_labels(paths["labels"], labels, protect)
             measurements[name] = writers.measure_objects(labels, raw)
-            if rle:
+            if o.rle:
                 rle_items.append((name, labels))
-            if rois:
+            if o.rois:
                 writers.write_imagej_rois(out / "rois" / f"{name}.zip", labels, protect)
-            if overlays or instances:
+            if o.overlays or o.instances:
                 writers.write_overlay(paths["overlay"], raw, labels, protect)
-        elif overlays:
+        elif o.overlays:
             from scipy import ndimage as ndi
 
             writers.write_overlay(paths["overlay"], raw, ndi.label(fg > 0)[0], protect)
         done.append(name)
     bar.close()
-    if rle:  # several ranks: one part each, joined by rank 0 below
-        part = Path(f"{rle}.rank{dist.rank}.part") if dist.enabled else Path(rle)
-        writers.write_rle_csv(part, rle_items, style=rle_style, protect=protect)
+    if o.rle:  # several ranks: one part each, joined by rank 0 below
+        part = Path(f"{o.rle}.rank{dist.rank}.part") if dist.enabled else Path(o.rle)
+        writers.write_rle_csv(part, rle_items, style=o.rle_style, protect=protect)
     if dist.enabled:  # every rank's lists, in input order, as a single process would have them
         parts = D.gather_objects({"done": done, "skipped": skipped, "bad": bad, "measurements": measurements},
                                  dist)
@@ -236,8 +217,8 @@ def predict(
         bad = [b for p in parts for b in p["bad"]]
         merged = {n: m for p in parts for n, m in p["measurements"].items()}
         measurements = {n: merged[n] for n in sorted(merged, key=order.__getitem__)}
-        if rle and dist.is_main:
-            _merge_rle_parts(Path(rle), [Path(f"{rle}.rank{r}.part") for r in range(dist.world_size)], order)
+        if o.rle and dist.is_main:
+            _merge_rle_parts(Path(o.rle), [Path(f"{o.rle}.rank{r}.part") for r in range(dist.world_size)], order)
     summary = {"images": len(inputs), "predicted": len(done), "skipped_done": len(skipped), "bad": bad,
                "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
     if measurements:
@@ -252,6 +233,20 @@ def predict(
     if bad and dist.is_main:
         log.warning("%d bad file(s) skipped:\n  %s", len(bad), "\n  ".join(bad))
     return summary
+
+
+def format_predict_summary(summary: dict) -> str:
+    """The lines ``unetlab predict`` prints for a :func:`predict` summary: counts, then any bad files."""
+    msg = f"predicted {summary['predicted']} image(s) into {summary['out']}"
+    if summary["skipped_done"]:
+        msg += f" ({summary['skipped_done']} already done)"
+    if summary.get("objects"):
+        msg += f"; {sum(summary['objects'].values())} objects"
+    lines = [msg]
+    if summary["bad"]:
+        lines.append(f"{len(summary['bad'])} bad file(s) skipped:")
+        lines.extend(f"  {b}" for b in summary["bad"])
+    return "\n".join(lines)
 
 
 def _merge_rle_parts(rle: Path, parts: list[Path], order: dict[str, int]) -> None:

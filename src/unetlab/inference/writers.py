@@ -12,19 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import normalize_percentile, write_image
-from ..data.rle import read_rle_table
+from ..data.io import to_rgb8, write_image
+from ..data.rle import RLE_STYLES, read_rle_table
 from ..errors import UnetlabError
 from ..files import write_atomic, write_text
 
 log = logging.getLogger(__name__)
-
-RLE_STYLES = {
-    # style: (id column, rle column, pixel order) -- DSB 2018 numbers pixels column-major, Sartorius row-major
-    "dsb": ("ImageId", "EncodedPixels", "F"),
-    "sartorius": ("id", "predicted", "C"),
-}
-
 
 def check_output(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
     """``path`` as a Path, after checking it is not one of the ``protect`` paths (inputs are never overwritten)."""
@@ -83,42 +76,27 @@ def label_colors(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def to_rgb8(image: np.ndarray) -> np.ndarray:
-    """Display version of an image (H, W) or (C, H, W): percentile-normalised RGB uint8 (H, W, 3).
-
-    One channel is grey; two channels are red and green; three or more use the first three as RGB.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img = img[None]
-    if img.ndim != 3:
-        raise UnetlabError(f"cannot display an image of shape {img.shape}")
-    norm = np.clip(normalize_percentile(img, 1.0, 99.8), 0, 1)
-    if norm.shape[0] == 1:
-        rgb = np.repeat(norm, 3, axis=0)
-    elif norm.shape[0] == 2:
-        rgb = np.concatenate([norm, np.zeros_like(norm[:1])], axis=0)
-    else:
-        rgb = norm[:3]
-    return np.round(np.moveaxis(rgb, 0, -1) * 255).astype(np.uint8)
-
-
 def outline_overlay(image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] | None = None) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of the image with each object's outline drawn in its own colour (or ``color``)."""
-    from ..data.targets import object_boundaries
+    """RGB uint8 (H, W, 3) of the image with each object's outline drawn in its own colour (or ``color``).
+
+    The outline is each object's pixels with a 4-neighbour of another label (skimage's ``find_boundaries``
+    inner mode; image borders do not count). Colours come from :func:`label_colors`, not ``label2rgb``, whose
+    default palette repeats every 10 labels: touching objects whose ids differ by 10 would share a colour.
+    """
+    from skimage.segmentation import find_boundaries, relabel_sequential
 
     rgb = to_rgb8(image)
     lab = np.asarray(labels)
     if lab.shape != rgb.shape[:2]:
         raise UnetlabError(f"labels {lab.shape} and image {rgb.shape[:2]} differ in size")
-    edge = object_boundaries(lab)
+    if lab.dtype == bool:
+        lab = lab.astype(np.uint8)
+    edge = find_boundaries(lab, connectivity=1, mode="inner")
     if color is not None:
         rgb[edge] = np.asarray(color, np.uint8)
-    else:
-        from ..evaluation.metrics import relabel_sequential
-
-        seq, n = relabel_sequential(lab)
-        rgb[edge] = label_colors(n)[seq[edge]]
+    elif edge.any():
+        seq = relabel_sequential(lab)[0]
+        rgb[edge] = label_colors(int(seq.max()))[seq[edge]]
     return rgb
 
 
@@ -258,7 +236,8 @@ def write_rle_csv(
     """Write a Kaggle submission: one row per object (labels in increasing order, objects never overlap since
     they come from label images); an image without objects gets one row with an empty mask.
 
-    ``style`` "dsb": header ``ImageId,EncodedPixels``, column-major runs; "sartorius": ``id,predicted``, row-major.
+    ``style`` "dsb": header ``ImageId,EncodedPixels``, column-major runs; "sartorius": ``id,predicted``, row-major
+    (the styles of :data:`unetlab.data.rle.RLE_STYLES`).
     """
     from ..data.rle import labels_to_rles
 

@@ -1,4 +1,5 @@
-"""Segmentation losses: BCE, CE, soft Dice, focal and their combinations, plus knowledge distillation.
+"""Segmentation losses: BCE, CE, soft Dice, focal and their combinations, the distance-target pair, plus knowledge
+distillation.
 
 Every loss is called as ``loss_fn(logits, target, weight)``:
 
@@ -61,10 +62,12 @@ def _pixel_weight(weight: Tensor | None, like: Tensor) -> Tensor | None:
 
 
 def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``values`` over the pixels where ``valid`` is 1."""
     return (values * valid).sum() / valid.sum().clamp_min(1.0)
 
 
 def _bce_class_weight(target: Tensor, class_weights: list[float] | None) -> Tensor | None:
+    """Per-pixel BCE weight from ``[w_background, w_cell]`` (soft targets interpolate), or None."""
     if not class_weights:
         return None
     w_bg, w_fg = class_weights
@@ -138,6 +141,7 @@ def _multiclass_inputs(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, 
 
 
 def _class_weight_tensor(class_weights: list[float] | None, num_classes: int, device) -> Tensor | None:
+    """The per-class CE weights as a float tensor on ``device``, or None."""
     if not class_weights:
         return None
     return torch.tensor(class_weights, dtype=torch.float32, device=device)
@@ -196,6 +200,7 @@ def multiclass_dice(
 def _combined(
     logits: Tensor, target: Tensor, weight: Tensor | None, pixel_loss: LossFn, dice_loss: LossFn
 ) -> Tensor:
+    """A pixel-wise loss plus a Dice loss (the ``*_dice`` combinations)."""
     return pixel_loss(logits, target, weight) + dice_loss(logits, target, weight)
 
 
@@ -286,3 +291,14 @@ def distillation_loss(
         return soft
     hard = base_loss(student_logits, target, pixel_weight)
     return (1.0 - weight) * hard + weight * soft
+
+
+def distance_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Loss of the 2-channel distance target: BCE on foreground (channel 0) + BCE of the distance on foreground."""
+    logits = logits.float()
+    fg = (target > 0).float()
+    pix = F.binary_cross_entropy_with_logits(logits[:, :1], fg, reduction="none")
+    if weight is not None:
+        pix = pix * weight.unsqueeze(1)
+    dist = F.binary_cross_entropy_with_logits(logits[:, 1:2], target.clamp(0, 1), reduction="none")
+    return pix.mean() + (dist * fg).sum() / fg.sum().clamp_min(1.0)

@@ -16,28 +16,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..labels import instance_labels
+
 log = logging.getLogger(__name__)
 
 CUTOFF_SIGMAS = 6.0  # d1 + d2 beyond this many sigma adds < w0 * 1.6e-8: distances further out are not needed
 MAX_CLASS_WEIGHT = 10.0
-
-
-def instance_labels(labels: np.ndarray) -> np.ndarray:
-    """Object ids 1..n from a label image: a binary mask is split into connected components first."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"expected a 2-D label image, got shape {labels.shape}")
-    values = np.unique(labels)
-    fg_values = values[values != 0]
-    if len(fg_values) <= 1:  # binary: one foreground value
-        out, _ = ndimage.label(labels != 0)
-        return out.astype(np.int32)
-    if fg_values[-1] > 2 * len(fg_values):  # sparse ids: make them 1..n
-        out = np.searchsorted(values, labels).astype(np.int32)
-        if values[0] != 0:
-            out += 1
-        return out
-    return labels.astype(np.int32)
 
 
 def class_balance_weights(foreground: np.ndarray, max_weight: float = MAX_CLASS_WEIGHT) -> np.ndarray:
@@ -85,7 +69,14 @@ def border_weight_map(
     Distances are computed per object within a window of ``CUTOFF_SIGMAS * sigma`` around it; the result
     differs from the exact map by less than ``w0 * 1.6e-8``.
     """
-    inst = instance_labels(labels)
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"expected a 2-D label image, got shape {labels.shape}")
+    from skimage.segmentation import relabel_sequential
+
+    # a binary mask (one non-zero value, e.g. 0/255) -> its 4-connected objects; ids made 1..n, so that
+    # sparse ids (e.g. 10**6) do not make find_objects list every unused id (the map does not depend on ids)
+    inst = relabel_sequential(instance_labels(labels))[0]
     foreground = inst > 0
     weights = class_balance_weights(foreground) if class_balance else np.ones(inst.shape, np.float32)
     if w0 <= 0 or sigma <= 0 or inst.max() < 2:

@@ -8,35 +8,18 @@ ignore the ones they do not use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import UnetlabError
 from ..sample import DatasetInfo
+from .registry import LAYOUTS, Layout, register_layout
 
 if TYPE_CHECKING:
     from ...config import DataConfig
 
-
-@dataclass(frozen=True)
-class Layout:
-    """A named reader of one on-disk dataset layout."""
-
-    name: str
-    detect: Callable[[Path], bool]
-    load: Callable[..., DatasetInfo]
-    description: str = ""
-
-
-LAYOUTS: dict[str, Layout] = {}
-
-
-def register_layout(layout: Layout) -> Layout:
-    """Add a layout to the registry (later registrations are tried after earlier ones)."""
-    LAYOUTS[layout.name] = layout
-    return layout
+__all__ = ["LAYOUTS", "Layout", "detect_layout", "filter_samples", "load_dataset", "load_from_config",
+           "register_layout"]
 
 
 def detect_layout(root: str | Path) -> str:

@@ -42,13 +42,14 @@ def scan_images(folder: Path) -> list[Path]:
 
 
 def _is_palette_png(path: Path) -> bool:
-    """True for a PNG whose IHDR colour type is 3 (palette), from the first 26 bytes."""
+    """True for a palette PNG (mode P); PIL reads the mode from the header without decoding pixels."""
+    from PIL import Image
+
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(26)
-    except OSError:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.mode == "P"
+    except Exception:  # not an image, or a broken one: read_label reports it as one line
         return False
-    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[25] == 3
 
 
 def read_mask_raw(path: str | Path) -> np.ndarray:

@@ -17,8 +17,8 @@ import numpy as np
 from ...errors import UnetlabError
 from ..io import is_image_file
 from ..sample import DatasetInfo, Sample
-from . import Layout, register_layout
 from .common import empty_mask, read_mask_raw
+from .registry import Layout, register_layout
 
 log = logging.getLogger(__name__)
 

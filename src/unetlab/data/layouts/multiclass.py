@@ -20,9 +20,9 @@ import numpy as np
 
 from ...errors import UnetlabError
 from ..sample import DatasetInfo, Sample
-from . import Layout, register_layout
 from .common import empty_mask, find_dir, image_without_mask, mask_without_image, read_mask_raw, scan_images
 from .paired import IMAGE_DIRS, MASK_DIRS, mask_key
+from .registry import Layout, register_layout
 
 MC_IMAGE_DIRS = (*IMAGE_DIRS, "FullImage", "full_image", "full_images")
 MC_MASK_DIRS = ("Mask_Norm", "masks_norm", *MASK_DIRS)

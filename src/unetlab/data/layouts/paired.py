@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import mask_to_labels
+from ...labels import mask_to_labels
 from ..sample import DatasetInfo, Sample
-from . import Layout, register_layout
 from .common import find_dir, image_without_mask, mask_without_image, read_mask_raw, scan_images
+from .registry import Layout, register_layout
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..sample import DatasetInfo, Sample
-from . import Layout, register_layout
 from .common import find_dir, image_without_mask, mask_without_image, read_mask_raw, scan_images
 from .paired import mask_key
+from .registry import Layout, register_layout
 
 IMAGE_DIRS = ("PNGImages",)
 MASK_DIRS = ("PedMasks",)

@@ -26,8 +26,8 @@ from ...errors import UnetlabError
 from ..io import is_image_file
 from ..rle import read_rle_table, rle_convention, rles_to_labels
 from ..sample import DatasetInfo, Sample
-from . import Layout, register_layout
 from .common import image_size
+from .registry import Layout, register_layout
 
 log = logging.getLogger(__name__)
 

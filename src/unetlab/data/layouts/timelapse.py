@@ -19,9 +19,9 @@ from pathlib import Path
 
 from ..io import is_image_file
 from ..sample import DatasetInfo, Sample
-from . import Layout, register_layout
 from .common import mask_without_image
 from .paired import load_binary_or_instance, mask_key
+from .registry import Layout, register_layout
 
 RAW_SUFFIX = "_raw_data"
 MASK_SUFFIX = "_masks"

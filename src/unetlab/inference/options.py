@@ -1,0 +1,85 @@
+"""Every prediction setting in one place: :class:`PredictOptions`, shared by the API and ``unetlab predict``.
+
+Each field carries its command-line help in its metadata (``help``, and where the flag differs from the
+field: ``flag``, ``choices``, ``metavar``, ``cli_type``, ``cli_default``, ``from_cli``); ``flag=None`` marks a
+setting of the Python API only. The CLI builds its predict flags from these fields with
+:func:`unetlab.config.add_dataclass_flags`, so the flags and the options cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import PostprocessConfig
+from .streaming import STREAM_THRESHOLD
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A dataclass field with ``default`` and its command-line description in the metadata."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _megapixels_to_pixels(mpx: float) -> int | None:
+    """``--stream-threshold`` is in megapixels with 0 meaning never; the option is in pixels with None."""
+    return int(mpx * 1e6) if mpx > 0 else None
+
+
+def _no_progress(flag: bool) -> bool | None:
+    """``--no-progress`` given: no bar (False); not given: automatic (None)."""
+    return False if flag else None
+
+
+@dataclass
+class PredictOptions:
+    """How :func:`unetlab.predict` tiles, runs and post-processes, and which outputs it writes."""
+
+    tile: int = _opt(512, "tile size in pixels (default 512)")
+    overlap: float = _opt(0.25, "tile overlap as a fraction (default 0.25)")
+    batch_size: int = _opt(4, "tiles per forward pass (default 4)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _opt("auto", "autocast precision (default auto: bf16 or fp16 on a GPU, bf16 on CPUs "
+                          "with native bf16, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
+    probabilities: bool = _opt(False, "also write float32 probability TIFFs")
+    instances: bool = _opt(False, "write instance labels, counts and measurements")
+    overlays: bool = _opt(False, "write outline overlay PNGs")
+    tta: bool = _opt(False, "average the 8 flips/rotations")
+    rle: str | Path | None = _opt(None, "write a Kaggle run-length submission CSV", metavar="CSV")
+    rle_style: str = _opt("dsb", "run-length CSV style: dsb (ImageId,EncodedPixels) or sartorius "
+                          "(id,predicted) (default dsb)", choices=("dsb", "sartorius"))
+    rois: bool = _opt(False, "write ImageJ/Fiji ROI zips of the object outlines")
+    backend: str = _opt("torch", "run the network with PyTorch or an exported ONNX file (default torch)",
+                        choices=("torch", "onnx"))
+    compile: bool = _opt(False, "torch.compile the network (slow first call)")
+    overwrite: bool = _opt(False, "replace outputs in a non-empty --out")
+    resume: bool = _opt(False, "skip images whose outputs already exist")
+    skip_bad: bool = _opt(False, "go on past unreadable images, listing them")
+    split: str | None = _opt(None, "with a dataset folder as --input: only the run's validation (or "
+                             "training) samples", choices=("val", "train"))
+    stream_threshold: int | None = _opt(
+        STREAM_THRESHOLD, "TIFFs larger than this many megapixels are read, predicted and written band by "
+        "band from disk (default 64; 0 = never)", metavar="MPX", cli_type=float, cli_default=64.0,
+        from_cli=_megapixels_to_pixels)
+    progress: bool | None = _opt(None, "no progress bar", flag="--no-progress", cli_default=False,
+                                 from_cli=_no_progress)
+    postprocess: PostprocessConfig | None = _opt(None, "post-processing settings (default: the run's)",
+                                                 flag=None)
+
+
+def resolve_options(options: PredictOptions | None = None, overrides: dict[str, Any] | None = None
+                    ) -> PredictOptions:
+    """``options`` (default: all defaults) with keyword ``overrides`` on top; unknown keys: TypeError."""
+    base = PredictOptions() if options is None else options
+    if not isinstance(base, PredictOptions):
+        raise TypeError(f"predict() options must be a PredictOptions, not {type(base).__name__}")
+    overrides = overrides or {}
+    known = [f.name for f in fields(PredictOptions)]
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"predict() got an unexpected keyword argument {key!r}: not a prediction option "
+                            f"({hint}known: {', '.join(known)})")
+    return replace(base, **overrides) if overrides else base

@@ -1,0 +1,231 @@
+"""Getting a run ready: the run folder, the data split, model and loss, and the training patches and loader.
+
+Everything here happens before the first step, and the workbench tools (:mod:`unetlab.training.tools`) build
+their data, model and loss with the same functions, so they see exactly what the trainer sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import distributed as D
+from .._version import __version__
+from ..config import RunConfig
+from ..data.channels import channels_out
+from ..data.dataset import (
+    EpochSampler,
+    PatchDataset,
+    SampleCache,
+    default_samples_per_epoch,
+    readable_samples,
+    resolve_num_workers,
+)
+from ..data.io import read_image
+from ..data.layouts import load_from_config
+from ..data.split import save_split, split_samples
+from ..data.targets import target_channels
+from ..errors import UnetlabError
+from ..files import remove_stale_temporaries
+from ..runfolder import checkpoint_path
+from .losses import build_loss, distance_loss
+
+log = logging.getLogger(__name__)
+
+
+# --- the run folder ------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
+    """Check the run folder for a new or resumed run (``main``: also create or clear it, as rank 0 does)."""
+    if resume:
+        if not checkpoint_path(out, "last").exists():
+            raise UnetlabError("nothing to resume: no checkpoints/last.pt", out,
+                               "start again without --resume, with --overwrite to replace the folder")
+        if main:  # a run killed while writing a checkpoint leaves its temporary file behind
+            remove_stale_temporaries(out)
+        return
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UnetlabError(
+            "run folder already exists", out, "use --resume to continue it or --overwrite to start again"
+        )
+    if main:
+        if out.exists() and overwrite:
+            for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def remove_unstarted_run(out: Path, existed: bool) -> None:
+    """Undo the folder of a new run that stopped before its first checkpoint, so the command can run again."""
+    if not out.is_dir() or any((out / "checkpoints").glob("*.pt")):
+        return
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():  # the folder was there (empty) before: keep it, empty again
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# --- data, model and loss ------------------------------------------------------------------------------------
+
+
+def center_crop(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Crop the last two axes of ``t`` to (h, w) around the centre (targets of valid-padding networks)."""
+    H, W = t.shape[-2:]
+    if (H, W) == (h, w):
+        return t
+    y, x = (H - h) // 2, (W - w) // 2
+    return t[..., y : y + h, x : x + w]
+
+
+@dataclass
+class Setup:
+    """Everything built from the config before the first step."""
+
+    cfg: RunConfig
+    info: dict
+    train_samples: list
+    val_samples: list
+    model: nn.Module
+    patch_in: int
+    bad: list[str] = field(default_factory=list)  # files left out (skip_bad), one line each
+
+
+def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D.DistInfo,
+                skip_bad: bool = False) -> Setup:
+    """Read and split the data, decide channels/classes, build the model (and save split and model info).
+
+    With ``skip_bad``, unpaired files and samples whose image or mask cannot be read (or does not fit) are
+    left out with a warning instead of stopping the run.
+    """
+    from ..models import build_model
+
+    data = load_from_config(cfg.data)
+    bad: list[str] = []
+    if data.problems:
+        if not skip_bad:
+            more = f" (and {len(data.problems) - 1} more)" if len(data.problems) > 1 else ""
+            raise UnetlabError(f"{data.problems[0]}{more}",
+                               hint="`unetlab inspect DATA` lists them; --skip-bad leaves them out")
+        bad += data.problems
+    if not data.samples:
+        raise UnetlabError("no image/mask pairs found", cfg.data.root)
+    if skip_bad:
+        data.samples, unreadable = readable_samples(data.samples, cfg.data)
+        bad += unreadable
+        if not data.samples:
+            raise UnetlabError(f"no usable image/mask pairs: all {len(unreadable)} are bad", cfg.data.root,
+                               f"e.g. {unreadable[0]}" if unreadable else None)
+    if bad:
+        log.warning("--skip-bad: leaving out %d bad file(s):\n  %s", len(bad), "\n  ".join(bad))
+    split_cfg = cfg.data
+    if resume and run_dir is not None and (run_dir / "split.json").exists():
+        split_cfg = replace(cfg.data, split_file=str(run_dir / "split.json"))
+    train_s, val_s = split_samples(data, split_cfg, seed=cfg.train.seed)
+    if run_dir is not None and dist_info.is_main and not resume:
+        save_split(run_dir / "split.json", train_s, val_s)
+    multiclass = data.task == "multiclass"
+    first = read_image(train_s[0].image)
+    image_channels = first.shape[0]
+    in_ch = channels_out(image_channels, cfg.data)
+    out_ch = len(data.classes) if multiclass else target_channels(cfg.data.target)
+    info = {
+        "in_channels": in_ch,
+        "out_channels": out_ch,
+        "image_channels": image_channels,
+        "task": data.task,
+        "classes": list(data.classes),
+        "target": "classes" if multiclass else cfg.data.target,
+        "layout": data.layout,
+        "unetlab_version": __version__,
+    }
+    model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch))
+    patch_in = int(model.valid_input_size(cfg.data.patch_size)) if model.padding == "valid" else cfg.data.patch_size
+    return Setup(cfg, info, train_s, val_s, model, patch_in, bad)
+
+
+def make_loss_fn(cfg: RunConfig, info: dict) -> Callable:
+    """The loss for this task/target (binary BCE+Dice, CE for classes/boundary, the distance pair)."""
+    if info["target"] == "distance":
+        return distance_loss
+    return build_loss(cfg.train, 1 if info["out_channels"] == 1 else info["out_channels"])
+
+
+def border_weight_fn(cfg: RunConfig) -> Callable | None:
+    """The per-patch border weight map function when ``cfg.train.border_weight`` is on, else None."""
+    if not cfg.train.border_weight:
+        return None
+    from .weightmap import border_weight_map
+
+    return partial(border_weight_map, w0=cfg.train.w0, sigma=cfg.train.sigma)
+
+
+# --- training patches ----------------------------------------------------------------------------------------
+
+
+def check_loaded(cache: SampleCache, image_channels: int) -> list[str]:
+    """Read every sample of ``cache`` (kept when caching) and check its channels; the names of empty masks."""
+    empty = []
+    for i in range(len(cache)):
+        item = cache[i]
+        if item.image.shape[0] != image_channels:
+            raise UnetlabError(
+                f"image has {item.image.shape[0]} channel(s), the first training image has {image_channels}",
+                cache.samples[i].image, "give all images the same channels, or --skip-bad leaves it out")
+        if not item.labels.any():
+            empty.append(cache.samples[i].name)
+    return empty
+
+
+def make_train_loader(dataset: PatchDataset, sampler: EpochSampler, cfg: RunConfig, device: torch.device,
+                      dist_info: D.DistInfo) -> DataLoader:
+    """The training DataLoader: patches cut and augmented in ``cfg.data.num_workers`` worker processes (None or
+    negative: :func:`default_num_workers`), which fork after the images are decoded so they share the cache."""
+    workers = resolve_num_workers(cfg.data.num_workers, device.type, dist_info.local_world_size)
+    if workers > 0:
+        dataset.precompute()  # decoded images, foreground indices and weight maps: made once, shared
+    return DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def build_train_data(cfg: RunConfig, s: Setup, device: torch.device,
+                     dist_info: D.DistInfo) -> tuple[PatchDataset, EpochSampler, DataLoader]:
+    """The training patches, their epoch sampler and loader; every training sample is read (and cached) now,
+    so bad files fail before any training, and all-empty masks stop the run."""
+    dataset = PatchDataset(
+        s.train_samples, cfg.data, s.patch_in, 1, multiclass=s.info["task"] == "multiclass",
+        weight_fn=border_weight_fn(cfg), seed=cfg.train.seed,
+    )
+    empty = check_loaded(dataset.cache, s.info["image_channels"])
+    if len(empty) == len(s.train_samples):
+        raise UnetlabError(
+            f"all {len(empty)} training masks are empty (no foreground pixels): nothing to learn",
+            cfg.data.root, "masks must mark objects with non-zero values; --invert-mask if they mark the "
+            "background")
+    if empty:
+        shown = ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else "")
+        log.warning("%d of %d training masks are empty (negative controls, fine when intended): %s",
+                    len(empty), len(s.train_samples), shown)
+    length = cfg.data.samples_per_epoch or default_samples_per_epoch(dataset.cache, cfg.data.patch_size)
+    # several ranks: a whole number of global batches, so every rank runs the same steps
+    length = D.distributed_samples_per_epoch(length, cfg.train.batch_size, dist_info.world_size,
+                                             cfg.train.grad_accumulation)
+    dataset.length = length
+    sampler = EpochSampler(length, dist_info.rank, dist_info.world_size)
+    return dataset, sampler, make_train_loader(dataset, sampler, cfg, device, dist_info)
+
+
+__all__ = ["Setup", "build_setup", "build_train_data", "center_crop", "check_loaded", "make_loss_fn",
+           "make_train_loader", "prepare_run_dir", "remove_unstarted_run"]

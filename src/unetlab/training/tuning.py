@@ -1,0 +1,116 @@
+"""Tuning instance post-processing on validation images: threshold, min size and marker prominence.
+
+Tuning scores candidate settings with the object metrics of :mod:`unetlab.evaluation`, so it lives in training
+(which may use inference and evaluation), not in :mod:`unetlab.inference.postprocess` (which must not).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import PostprocessConfig, RunConfig
+from ..data.dataset import SampleCache
+from ..errors import UnetlabError
+from ..evaluation.metrics import match_objects, pool_matches
+from ..inference.postprocess import (
+    default_prominence,
+    probabilities_to_labels,
+    remove_small_objects,
+    resolve_markers,
+)
+from ..labels import instance_labels
+from ..runfolder import checkpoint_path, load_checkpoint
+from .validation import predict_val_image
+
+log = logging.getLogger(__name__)
+
+MAX_TUNING_IMAGES = 200  # validation images predicted for tuning after training
+
+
+def tune_postprocess(
+    probs: list[np.ndarray],
+    truths: list[np.ndarray],
+    kind: str = "binary",
+    base: PostprocessConfig | None = None,
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7),
+    min_sizes: tuple[int, ...] = (0, 10, 25, 50),
+    prominence_factors: tuple[float, ...] = (0.5, 1.0, 2.0),
+    metric: str = "ap_mean",
+) -> PostprocessConfig:
+    """Grid-search threshold, min_size (and the marker prominence, as factors of the target's default, when
+    markers come from distances) on validation predictions against true label images; returns the config with
+    the best mean ``metric``
+    (``ap_mean``: DSB AP averaged over IoU 0.5..0.95, or ``f1``: F1 at IoU 0.5)."""
+    if len(probs) != len(truths) or not probs:
+        raise UnetlabError("tune_postprocess needs as many true label images as predictions (at least one)")
+    if metric not in ("ap_mean", "f1"):
+        raise UnetlabError(f"unknown tuning metric '{metric}' (choose ap_mean or f1)")
+    base = base or PostprocessConfig()
+    mode = resolve_markers(kind, base.markers)
+    prominences = ((base.prominence,) if mode != "distance" else
+                   tuple(round(f * default_prominence(kind), 6) for f in prominence_factors))
+    truth_labels = [instance_labels(t) for t in truths]
+    iou_thr = None if metric == "ap_mean" else (0.5,)
+    best: tuple[float, PostprocessConfig] | None = None
+    for thr, prom in itertools.product(thresholds, prominences):
+        cfg0 = replace(base, threshold=float(thr), prominence=prom, min_size=0)
+        raw = [probabilities_to_labels(p, kind, cfg0) for p in probs]
+        for ms in min_sizes:
+            scores = []
+            for lab, truth in zip(raw, truth_labels):
+                pred = remove_small_objects(lab, int(ms))
+                m = match_objects(pred, truth) if iou_thr is None else match_objects(pred, truth, iou_thr)
+                scores.append(m["ap_mean"] if metric == "ap_mean" else m["f1"][0])
+            score = float(np.mean(scores))
+            log.debug("tune: threshold=%.2f prominence=%s min_size=%d -> %s %.4f", thr, prom, ms, metric, score)
+            if best is None or score > best[0] + 1e-12:
+                best = (score, replace(cfg0, min_size=int(ms)))
+    assert best is not None
+    log.info(
+        "tuned post-processing: threshold=%.2f min_size=%d prominence=%s (%s %.4f)",
+        best[1].threshold, best[1].min_size, best[1].prominence, metric, best[0],
+    )
+    return best[1]
+
+
+def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, val_cache: SampleCache,
+                       device: torch.device) -> dict | None:
+    """Tune threshold/min size (and marker distance) of instance post-processing on the validation images
+    with the run's best weights, and store them in its config.yaml (used by ``predict --instances``).
+
+    Returns the tuned settings with their object scores on those images, or None when tuning failed."""
+    best = checkpoint_path(out, "best")
+    model = copy.deepcopy(model)
+    if best.exists():
+        model.load_state_dict(load_checkpoint(best)["model"])
+    probs, truths = [], []
+    for i in range(min(len(val_cache), MAX_TUNING_IMAGES)):
+        item = val_cache[i]
+        probs.append(predict_val_image(model, item.image, cfg, info, device, val_cache.samples[i].image).numpy())
+        truths.append(item.labels)
+    try:
+        pp = tune_postprocess(probs, truths, info["target"], base=cfg.postprocess)
+    except Exception as exc:  # tuning is a convenience: never lose a finished run over it
+        log.warning("post-processing was not tuned: %s", exc)
+        return None
+    cfg.postprocess = pp
+    cfg.save(out / "config.yaml")
+    pooled = pool_matches([match_objects(probabilities_to_labels(p, info["target"], pp), instance_labels(t))
+                           for p, t in zip(probs, truths)])
+    scores = {"ap50": pooled["ap"][0], "ap_mean": pooled["ap_mean_pooled"], "dsb_score": pooled["dsb_score"],
+              "n_images": len(probs)}
+    log.info("post-processing tuned on %d validation images: threshold %.2f, min size %d, prominence %s; "
+             "object AP@0.5 %.3f, mean AP@0.5:0.95 %.3f (DSB score %.3f)", len(probs), pp.threshold,
+             pp.min_size, pp.prominence, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
+    return {**asdict(pp), "validation_objects": scores}
+
+
+__all__ = ["tune_on_validation", "tune_postprocess"]

@@ -1,0 +1,169 @@
+"""Object size: diameters from labels, rescaling images and labels, the zoom augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unetlab.config import AugmentConfig, RunConfig, apply_overrides
+from unetlab.data.augment import draw_zoom, preview_augmentations, resize_patch, zoom_probability
+from unetlab.data.sizes import median_diameter, object_diameters
+from unetlab.errors import UnetlabError
+from unetlab.inference.rescale import (
+    map_labels_back,
+    parse_diameter,
+    predict_rescaled,
+    resize_image,
+    resize_labels,
+    scale_for,
+)
+
+
+def discs(shape=(128, 128), radius=8.0, spacing=32) -> np.ndarray:
+    """Instance labels of a grid of discs of ``radius``."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    n = 0
+    for cy in range(spacing // 2, shape[0], spacing):
+        for cx in range(spacing // 2, shape[1], spacing):
+            n += 1
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = n
+    return labels
+
+
+@pytest.mark.parametrize("radius", [4.0, 8.0, 15.0])
+def test_equivalent_diameter_of_discs_is_twice_the_radius(radius):
+    d = object_diameters(discs(radius=radius, spacing=int(4 * radius)))
+    assert len(d) > 1 and np.allclose(d, 2 * radius, rtol=0.08)
+
+
+def test_binary_masks_are_measured_by_connected_components_and_specks_ignored():
+    labels = discs(radius=6.0)
+    binary = (labels > 0).astype(np.uint8) * 255
+    binary[0, 0] = 255  # a one-pixel speck is not an object
+    assert median_diameter([binary]) == pytest.approx(median_diameter([labels]))
+    assert median_diameter([np.zeros((8, 8), np.int32)]) is None
+
+
+def test_parse_diameter_accepts_auto_none_and_pixels_and_names_bad_values():
+    assert parse_diameter("auto") == "auto" and parse_diameter(None) is None and parse_diameter("none") is None
+    assert parse_diameter("17.5") == 17.5
+    for bad in ("big", "-3", "0"):
+        with pytest.raises(UnetlabError, match="--diameter"):
+            parse_diameter(bad)
+    assert scale_for(20.0, 40.0) == 0.5 and scale_for(20.0, 1.0) == 8.0  # clamped
+
+
+def test_labels_survive_a_round_trip_through_another_scale():
+    labels = discs(radius=10.0)
+    small = resize_labels(labels, (64, 64))
+    assert set(np.unique(small)) == set(np.unique(labels))
+    back = map_labels_back(small, labels > 0)
+    assert set(np.unique(back)) == set(np.unique(labels))
+    agree = (back == labels)[labels > 0].mean()
+    assert agree > 0.97 and not back[labels == 0].any()
+
+
+def test_resize_image_keeps_the_mean_and_antialiases_when_shrinking():
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (2, 96, 96)).astype(np.float32)
+    small = resize_image(image, (48, 48))
+    assert small.shape == (2, 48, 48) and small.dtype == np.float32
+    assert abs(small.mean() - image.mean()) < 0.02 and small.std() < 0.7 * image.std()  # averaged, not sampled
+
+
+def test_predict_rescaled_brings_objects_to_the_training_size():
+    """A 'model' sure only of objects whose diameter is near 16 px: auto diameter measures the 32 px objects of a
+    first pass and predicts again at half size, where it is sure of them."""
+    from scipy import ndimage as ndi
+
+    big = discs((256, 256), radius=16.0, spacing=64)
+    image = (big > 0).astype(np.float32)[None]
+    seen = []
+
+    def predict(img):
+        seen.append(img.shape[-2:])
+        lab, n = ndi.label(img[0] > 0.5)
+        d = object_diameters(lab, min_pixels=1)
+        ok = np.isin(lab, 1 + np.flatnonzero(np.abs(d - 16) < 4))
+        return np.where(ok, 1.0, 0.6 * img[0])[None].astype(np.float32)  # objects of another size: unsure
+
+    def to_labels(prob):
+        return ndi.label(prob[0] > 0.5)[0]
+
+    prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels,
+                                            foreground=lambda p: p[0] > 0.5)
+    assert choice.how == "measured" and choice.scale == pytest.approx(0.5, rel=0.05)
+    assert len(np.unique(labels)) - 1 == len(np.unique(big)) - 1 == 16
+    assert prob.shape == (1, 256, 256) and labels.shape == (256, 256)
+    assert len(seen) == 2 and seen[0] == (256, 256) and abs(seen[1][0] - 128) <= 2  # two passes
+    assert prob.max() > 0.99  # the answer is the second pass's
+    assert (labels > 0).sum() == pytest.approx((big > 0).sum(), rel=0.05)
+    # a given diameter is used as it is, with one pass
+    seen.clear()
+    _p, _l, given = predict_rescaled(predict, image, 16.0, 32.0, to_labels)
+    assert given.scale == 0.5 and given.how == "given" and seen == [(128, 128)]
+
+
+def test_zoom_is_off_for_binary_targets_and_on_for_instance_targets_by_default():
+    assert zoom_probability(AugmentConfig(), "binary") == 0.0
+    assert zoom_probability(AugmentConfig(), "distance") == 0.5
+    assert zoom_probability(AugmentConfig(zoom=0.2), "binary") == 0.2
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert draw_zoom(AugmentConfig(), rng, 0.0) == 1.0 and rng.bit_generator.state == state  # draws nothing
+    zooms = [draw_zoom(AugmentConfig(zoom=1.0), rng, 1.0) for _ in range(400)]
+    assert 0.5 <= min(zooms) < 0.6 and 1.8 < max(zooms) <= 2.0
+    assert abs(np.median(np.log(zooms))) < 0.1  # log-uniform: as much zooming in as out
+
+
+def test_resize_patch_keeps_label_values_and_16bit_intensities():
+    labels = discs((64, 64), radius=6.0, spacing=32)
+    up = resize_patch(labels, 128, labels=True)
+    assert up.dtype == labels.dtype and set(np.unique(up)) == set(np.unique(labels))
+    image = (labels > 0).astype(np.float32)[None] * 60000.0
+    out = resize_patch(image, 128, labels=False)
+    assert out.shape == (1, 128, 128) and 59000 < out.max() <= 60000.0 + 1e-3
+
+
+def test_zoomed_training_patches_show_objects_at_the_drawn_size(tmp_path):
+    """With zoom fixed at 2x, patch objects have twice the diameter of the image's objects."""
+    from unetlab.data.dataset import PatchDataset
+    from unetlab.data.io import write_image
+
+    labels = discs((256, 256), radius=7.0, spacing=32)
+    image = (labels > 0).astype(np.uint16) * 3000 + 500
+    write_image(tmp_path / "images" / "a.tif", image)
+    write_image(tmp_path / "masks" / "a.tif", labels.astype(np.uint16))
+    from unetlab.data.layouts import load_dataset
+
+    samples = load_dataset(tmp_path).samples
+    sizes = {}
+    for zoom in (1.0, 2.0, 0.5):
+        cfg = apply_overrides(RunConfig(), {"root": str(tmp_path), "target": "distance", "aug_zoom": 1.0,
+                                            "aug_zoom_range": f"{zoom},{zoom}", "aug_flip": 0, "aug_rotate90": 0})
+        ds = PatchDataset(samples, cfg.data, 96, 8, seed=1)
+        from scipy import ndimage as ndi
+
+        diam = []
+        for k in range(8):
+            t = ds[k]["target"].numpy()[0]
+            lab = ndi.label(t > 0)[0]
+            inner = lab[2:-2, 2:-2]  # objects cut by the patch border would look small
+            cut = set(np.unique(lab)) - set(np.unique(inner[4:-4, 4:-4]))
+            keep = np.where(np.isin(lab, list(cut)), 0, lab)
+            diam += list(object_diameters(keep))
+        sizes[zoom] = float(np.median(diam))
+        assert ds[0]["image"].shape == (1, 96, 96)
+    assert sizes[2.0] == pytest.approx(2 * sizes[1.0], rel=0.1)
+    assert sizes[0.5] == pytest.approx(0.5 * sizes[1.0], rel=0.15)
+    assert sizes[1.0] == pytest.approx(14.0, rel=0.1)
+
+
+def test_augment_preview_shows_zoom_draws():
+    labels = discs((96, 96), radius=6.0, spacing=24)
+    image = (labels > 0).astype(np.float32)[None]
+    plain = preview_augmentations(image, labels, AugmentConfig(flip=0, rotate90=0, zoom=0.0), n=3)
+    zoomed = preview_augmentations(image, labels, AugmentConfig(flip=0, rotate90=0, zoom=1.0), n=3)
+    assert plain.shape == zoomed.shape
+    assert not np.array_equal(plain, zoomed)

@@ -285,3 +285,29 @@ def test_student_learns_from_a_teacher_run(cells, baseline, tmp_path):
     # a teacher with another output (two-class boundary target) is refused with a clear message
     with pytest.raises(UnetlabError, match="teacher predicts"):
         train(config(cells, epochs=1, target="boundary", teacher=str(baseline)), tmp_path / "bad", progress=False)
+
+
+def test_a_test_split_is_held_out_and_scored_once_at_the_end(cells, tmp_path, capsys):
+    """Test images never reach training or validation; summary.json scores them; predict --split test finds them."""
+    from unetlab.cli import main
+
+    run = tmp_path / "run"
+    train(config(cells, epochs=2, target="distance", test_fraction=0.2), run, progress=False)
+    split = json.loads((run / "split.json").read_text())
+    test = set(split["test"])
+    assert len(test) == 1 and not (test & set(split["train"])) and not (test & set(split["val"]))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["n_images"] == 1 and 0.0 <= summary["test"]["dice"] <= 1.0
+    assert set(summary["test"]) >= {"ap50", "ap_mean", "dsb_score", "n_objects"}
+    info = json.loads((run / "model.json").read_text())
+    assert 8 < info["diameter"] < 40  # the synthetic cells' median equivalent diameter
+    assert main(["-q", "predict", "--model", str(run), "--input", str(cells), "--split", "test", "--out",
+                 str(tmp_path / "pred"), "--no-progress"]) == 0
+    assert {p.stem for p in (tmp_path / "pred" / "masks").iterdir()} == test
+    # a run without a test split says so in one line
+    plain = tmp_path / "plain"
+    train(config(cells, epochs=1), plain, progress=False)
+    assert json.loads((plain / "summary.json").read_text())["test"] is None
+    assert main(["-q", "predict", "--model", str(plain), "--input", str(cells), "--split", "test", "--out",
+                 str(tmp_path / "p2"), "--no-progress"]) == 2
+    assert "no 'test' samples" in capsys.readouterr().err

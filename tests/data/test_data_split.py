@@ -104,3 +104,43 @@ def test_save_and_reuse_split(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(UnetlabError, match="bad.json"):
         load_split(tmp_path / "bad.json")
+
+
+def test_test_split_is_held_out_by_group_before_train_and_val():
+    from unetlab.data.split import hold_out_test
+
+    info = _info(10)
+    rest, test = hold_out_test(info.samples, DataConfig(test_fraction=0.2), seed=1)
+    assert len(_groups(test)) == 2 and not (_groups(test) & _groups(rest))
+    assert len(rest) + len(test) == len(info.samples)
+    again_rest, again_test = hold_out_test(info.samples, DataConfig(test_fraction=0.2), seed=1)
+    assert [s.name for s in again_test] == [s.name for s in test]
+    # the validation draw of the same seed is another one: the test split is not the validation split
+    _train, val = split_samples(info, DataConfig(val_fraction=0.2), seed=1)
+    assert _groups(val) != _groups(test)
+    assert hold_out_test(info.samples, DataConfig(), seed=1) == (info.samples, [])
+
+
+def test_test_split_by_pattern_and_groups_and_through_a_saved_split(tmp_path):
+    from unetlab.data.split import hold_out_test
+
+    info = _info(6)
+    _rest, test = hold_out_test(info.samples, DataConfig(test_groups=["exp/Pos00[45]"]))
+    assert _groups(test) == {"exp/Pos004", "exp/Pos005"}
+    _rest, test = hold_out_test(info.samples, DataConfig(test="re:Pos001_t0$"))
+    assert _groups(test) == {"exp/Pos001"} and len(test) == 3  # the whole group goes with the match
+    with pytest.raises(UnetlabError, match="test pattern"):
+        hold_out_test(info.samples, DataConfig(test="nothing*"))
+    with pytest.raises(UnetlabError, match="matches no group"):
+        hold_out_test(info.samples, DataConfig(test_groups=["Pos9*"]))
+    rest, test = hold_out_test(info.samples, DataConfig(test_groups=["exp/Pos005"]))
+    train, val = split_samples(DatasetInfo("test", Path("/x"), rest), DataConfig(val_groups=["exp/Pos004"]))
+    path = save_split(tmp_path / "split.json", train, val, test)
+    assert load_split(path)["test"] == [s.name for s in test]
+    # a saved split keeps its test samples out of training, on resume or with --split-file
+    cfg = DataConfig(split_file=str(path))
+    rest2, test2 = hold_out_test(info.samples, cfg)
+    train2, val2 = split_samples(DatasetInfo("test", Path("/x"), rest2), cfg)
+    assert [s.name for s in test2] == [s.name for s in test]
+    assert not ({s.name for s in train2} & {s.name for s in test2})
+    assert [s.name for s in val2] == [s.name for s in val]

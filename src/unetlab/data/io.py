@@ -173,10 +173,11 @@ def normalize(image: np.ndarray, mode: str = "percentile", low: float = 1.0, hig
     raise UnetlabError(f"unknown normalisation '{mode}' (choose percentile, minmax, dtype or none)")
 
 
-def write_image(path: str | Path, array: np.ndarray, compress: bool = True) -> Path:
+def write_image(path: str | Path, array: np.ndarray, compress: bool = True, description: str | None = None) -> Path:
     """Write a 2-D (H, W) or channels-first (C, H, W) array to PNG/TIFF/JPEG atomically.
 
-    TIFF keeps the dtype (uint16 labels, float32 probabilities); PNG takes uint8 or uint16.
+    TIFF keeps the dtype (uint16 labels, float32 probabilities); PNG takes uint8 or uint16. ``description``
+    (TIFF only) is stored as the ImageDescription tag, e.g. how a label image was made.
     """
     path = Path(path)
     arr = np.asarray(array)
@@ -186,7 +187,8 @@ def write_image(path: str | Path, array: np.ndarray, compress: bool = True) -> P
         if suffix in _TIFF:
             import tifffile
 
-            tifffile.imwrite(tmp, arr, compression="zlib" if compress else None)
+            extra = {} if description is None else {"description": description, "metadata": None}
+            tifffile.imwrite(tmp, arr, compression="zlib" if compress else None, **extra)
         else:
             from PIL import Image
 

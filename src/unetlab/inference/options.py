@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PostprocessConfig
+from .rescale import parse_diameter
 from .streaming import STREAM_THRESHOLD
 
 
@@ -56,8 +57,12 @@ class PredictOptions:
     overwrite: bool = _opt(False, "replace outputs in a non-empty --out")
     resume: bool = _opt(False, "skip images whose outputs already exist")
     skip_bad: bool = _opt(False, "go on past unreadable images, listing them")
-    split: str | None = _opt(None, "with a dataset folder as --input: only the run's validation (or "
-                             "training) samples", choices=("val", "train"))
+    split: str | None = _opt(None, "with a dataset folder as --input: only the run's validation, training or "
+                             "held-out test samples", choices=("val", "train", "test"))
+    diameter: float | str | None = _opt(
+        "auto", "object diameter in pixels in these images, so they are rescaled to the training size; 'auto' "
+        "(default) measures it per image when predicting --instances with an instance model (boundary or "
+        "distance target); 'none' predicts at the images' own size", metavar="PX|auto|none", cli_type=str, from_cli=parse_diameter)
     stream_threshold: int | None = _opt(
         STREAM_THRESHOLD, "TIFFs larger than this many megapixels are read, predicted and written band by "
         "band from disk (default 64; 0 = never)", metavar="MPX", cli_type=float, cli_default=64.0,

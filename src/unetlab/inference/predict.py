@@ -16,6 +16,7 @@ from ..files import remove_stale_temporaries, write_text
 from ..runfolder import load_run
 from .options import PredictOptions, resolve_options
 from .predictor import Predictor
+from .rescale import parse_diameter
 from .streaming import should_stream
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,12 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
         if split_file:
             from ..data.split import load_split
 
-            wanted = set(load_split(split_file)[split])
+            saved = load_split(split_file)
+            if split not in saved:
+                raise UnetlabError(f"the run's split has no '{split}' samples", split_file,
+                                   "train with --test, --test-groups or --test-fraction to hold out a test split"
+                                   if split == "test" else None)
+            wanted = set(saved[split])
             samples = [s for s in samples if s.name in wanted]
             if not samples:
                 raise UnetlabError(f"none of the '{split}' samples of {split_file} are in this dataset", path)
@@ -132,6 +138,15 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     measurements: dict[str, list[dict]] = {}
     rle_items: list[tuple[str, np.ndarray]] = []
     want_labels = o.instances or bool(o.rle) or o.rois
+    train_diameter = run.info.get("diameter")
+    diameter = parse_diameter(o.diameter)
+    if diameter == "auto" and not (want_labels and train_diameter and kind in ("boundary", "distance")):
+        diameter = None  # auto: instance models (boundary, distance targets) that know their objects' size
+    elif diameter is not None and not train_diameter:
+        raise UnetlabError("--diameter needs a model that knows its training objects' size (model.json "
+                           "'diameter', written by unetlab >= 0.1 at training)", Path(model) / "model.json",
+                           "train again, or predict with --diameter none")
+    scales: dict[str, dict] = {}
     sizes = {}
     total_tiles = 0
     for _n, f in mine:
@@ -163,7 +178,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
             [paths["labels"]] if want_labels else []) + ([paths["overlay"]] if o.overlays or o.instances else []) + (
             [out / "rois" / f"{name}.zip"] if o.rois else [])
         if o.resume and all(p.exists() for p in needed) and _resume_done(name, f, paths, want_labels, bool(o.rle),
-                                                                         measurements, rle_items):
+                                                                         measurements, rle_items, scales):
             skipped.append(name)
             bar.update(predictor.n_tiles(sizes[f]) if f in sizes else 1)
             continue
@@ -174,7 +189,17 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
                 done.append(name)
                 continue
             raw = read_image(f)
-            prob = _predict_with_fallback(predictor, raw, f, bar.update)
+            labels = None
+            if diameter is None:
+                prob = _predict_with_fallback(predictor, raw, f, bar.update)
+            else:
+                prob, labels, choice = _predict_at_training_size(predictor, raw, f, train_diameter, diameter,
+                                                                 kind, pp, run.info)
+                bar.update(predictor.n_tiles(prob.shape[-2:]))
+                scales[name] = {"Scale": round(choice.scale, 4), "Diameter": choice.diameter,
+                                "DiameterFrom": choice.how}
+                log.info("%s: predicted at scale %.3f (object diameter %s px, %s)", name, choice.scale,
+                         f"{choice.diameter:.1f}" if choice.diameter else "?", choice.how)
         except UnetlabError as exc:
             if not o.skip_bad:
                 bar.close()
@@ -189,9 +214,10 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         if want_labels:
             from .postprocess import probabilities_to_labels
 
-            labels = probabilities_to_labels(prob, kind if kind in ("binary", "boundary", "distance") else "binary",
-                                             pp)
-            writers.write_labels(paths["labels"], labels, protect)
+            if labels is None:
+                labels = probabilities_to_labels(prob, kind if kind in ("binary", "boundary", "distance")
+                                                 else "binary", pp)
+            writers.write_labels(paths["labels"], labels, protect, note=scales.get(name))
             measurements[name] = writers.measure_objects(labels, raw)
             if o.rle:
                 rle_items.append((name, labels))
@@ -209,14 +235,15 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         part = Path(f"{o.rle}.rank{dist.rank}.part") if dist.enabled else Path(o.rle)
         writers.write_rle_csv(part, rle_items, style=o.rle_style, protect=protect)
     if dist.enabled:  # every rank's lists, in input order, as a single process would have them
-        parts = D.gather_objects({"done": done, "skipped": skipped, "bad": bad, "measurements": measurements},
-                                 dist)
+        parts = D.gather_objects({"done": done, "skipped": skipped, "bad": bad, "measurements": measurements,
+                                  "scales": scales}, dist)
         order = {name: i for i, (name, _f) in enumerate(inputs)}
         done = sorted((n for p in parts for n in p["done"]), key=order.__getitem__)
         skipped = sorted((n for p in parts for n in p["skipped"]), key=order.__getitem__)
         bad = [b for p in parts for b in p["bad"]]
         merged = {n: m for p in parts for n, m in p["measurements"].items()}
         measurements = {n: merged[n] for n in sorted(merged, key=order.__getitem__)}
+        scales = {n: s for p in parts for n, s in p["scales"].items()}
         if o.rle and dist.is_main:
             _merge_rle_parts(Path(o.rle), [Path(f"{o.rle}.rank{r}.part") for r in range(dist.world_size)], order)
     summary = {"images": len(inputs), "predicted": len(done), "skipped_done": len(skipped), "bad": bad,
@@ -224,7 +251,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     if measurements:
         if dist.is_main:  # one objects.csv and counts.csv, whatever the number of ranks
             writers.write_objects_csv(out / "objects.csv", measurements, protect)
-            writers.write_summary_csv(out / "counts.csv", measurements, protect)
+            writers.write_summary_csv(out / "counts.csv", measurements, protect, per_image=scales)
         summary["objects"] = {k: len(v) for k, v in measurements.items()}
     D.barrier(dist)  # every output exists when predict() returns on any rank
     D.cleanup(dist)
@@ -273,9 +300,9 @@ def _merge_rle_parts(rle: Path, parts: list[Path], order: dict[str, int]) -> Non
 
 
 def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bool, rle: bool,
-                 measurements: dict[str, list[dict]], rle_items: list) -> bool:
-    """For ``--resume``: collect what the tables need from an image's finished outputs (its labels); False when
-    they cannot be read, and the image is predicted again."""
+                 measurements: dict[str, list[dict]], rle_items: list, scales: dict[str, dict]) -> bool:
+    """For ``--resume``: collect what the tables need from an image's finished outputs (its labels and the scale
+    noted in them); False when they cannot be read, and the image is predicted again."""
     if not want_labels:
         return True
     from ..data.io import read_label
@@ -286,6 +313,9 @@ def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bo
         measurements[name] = writers.measure_objects(labels, read_image(image))
     except UnetlabError:
         return False
+    note = writers.read_labels_note(paths["labels"])
+    if note:
+        scales[name] = note
     if rle:
         rle_items.append((name, labels))
     return True
@@ -305,6 +335,20 @@ def _predict_streaming(predictor: Predictor, f: Path, paths: dict[str, Path], pr
     mask = writers.check_output(paths["mask"], protect)
     prob = writers.check_output(paths["prob"], protect) if probabilities else None
     stream_predict_file(predictor, f, mask, prob, foreground, progress)
+
+
+def _predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Path, train_diameter: float,
+                              diameter: float | str, kind: str, pp, info: dict):
+    """Probabilities and labels of one image predicted with its objects rescaled to the training size
+    (:func:`~unetlab.inference.rescale.predict_rescaled`), and the scale chosen."""
+    from .postprocess import probabilities_to_labels
+    from .rescale import predict_rescaled
+
+    prepared = predictor.prepare(raw, source)
+    target = kind if kind in ("binary", "boundary", "distance") else "binary"
+    return predict_rescaled(predictor.predict_prepared, prepared, float(train_diameter), diameter,
+                            to_labels=lambda p: probabilities_to_labels(p, target, pp),
+                            foreground=lambda p: _foreground(p, info, pp.threshold))
 
 
 def _predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,8 +33,12 @@ def check_output(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
 # --- images ---------------------------------------------------------------------------------------------------
 
 
-def write_labels(path: str | Path, labels: np.ndarray, protect: Iterable[str | Path] = ()) -> Path:
-    """Write an instance label image as uint16 (TIFF or PNG); more than 65535 objects need a .tif (uint32)."""
+def write_labels(path: str | Path, labels: np.ndarray, protect: Iterable[str | Path] = (),
+                 note: dict | None = None) -> Path:
+    """Write an instance label image as uint16 (TIFF or PNG); more than 65535 objects need a .tif (uint32).
+
+    ``note`` (TIFF only) is kept in the file as JSON, e.g. the scale the image was predicted at
+    (:func:`read_labels_note` reads it back)."""
     path = check_output(path, protect)
     lab = np.asarray(labels)
     if lab.ndim != 2:
@@ -47,7 +52,21 @@ def write_labels(path: str | Path, labels: np.ndarray, protect: Iterable[str | P
         out = lab.astype(np.uint32)
     else:
         raise UnetlabError(f"{top} labels do not fit a 16-bit PNG", path, "write labels as .tif")
-    return write_image(path, out)
+    tiff = path.suffix.lower() in (".tif", ".tiff")
+    return write_image(path, out, description=json.dumps({"unetlab": note}) if note and tiff else None)
+
+
+def read_labels_note(path: str | Path) -> dict:
+    """The ``note`` that :func:`write_labels` stored in a label TIFF ({} when there is none)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as t:
+            doc = json.loads(t.pages[0].description or "{}")
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return {}
+    note = doc.get("unetlab") if isinstance(doc, dict) else None
+    return note if isinstance(note, dict) else {}
 
 
 def write_mask(path: str | Path, mask: np.ndarray, protect: Iterable[str | Path] = ()) -> Path:
@@ -211,10 +230,14 @@ def summarize_objects(measurements: dict[str, list[dict]]) -> list[dict]:
 
 
 def write_summary_csv(
-    path: str | Path, measurements: dict[str, list[dict]], protect: Iterable[str | Path] = ()
+    path: str | Path, measurements: dict[str, list[dict]], protect: Iterable[str | Path] = (),
+    per_image: dict[str, dict] | None = None,
 ) -> Path:
-    """One CSV row per image with the object count and area statistics (see :func:`summarize_objects`)."""
+    """One CSV row per image with the object count and area statistics (see :func:`summarize_objects`), plus
+    ``per_image`` columns (e.g. the scale each image was predicted at)."""
     summary = summarize_objects(measurements)
+    for s in summary:
+        s.update((per_image or {}).get(s["ImageName"], {}))
     cols: list[str] = []
     for s in summary:
         for k in s:

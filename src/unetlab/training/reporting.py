@@ -65,14 +65,14 @@ def write_metrics(history: list[dict], path: Path) -> Path:
 
 def write_summary(path: Path, *, best_metric: float, monitor: str, best_epoch: int, epochs_run: int,
                   stop_reason: str, recoveries: list[dict], seconds: float, history: list[dict],
-                  postprocess: dict | None, left_out: list[str]) -> Path:
+                  postprocess: dict | None, left_out: list[str], test: dict | None = None) -> Path:
     """Write the run's ``summary.json``: best score, stop reason, recoveries, the last evaluation, the tuned
-    post-processing and the files left out."""
+    post-processing, the files left out and the scores on the held-out test split (None: no test split)."""
     return write_json(path, {
         "best_metric": best_metric, "monitor": monitor, "best_epoch": best_epoch, "epochs_run": epochs_run,
         "stop_reason": stop_reason, "recoveries": recoveries, "seconds_this_session": seconds,
         "last": history[-1] if history else {}, "postprocess": postprocess, "left_out": list(left_out),
-        "unetlab_version": __version__,
+        "test": test, "unetlab_version": __version__,
     })
 
 

@@ -31,7 +31,7 @@ from ..data.dataset import (
 )
 from ..data.io import read_image
 from ..data.layouts import load_from_config
-from ..data.split import save_split, split_samples
+from ..data.split import hold_out_test, save_split, split_samples
 from ..data.targets import target_channels
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries
@@ -98,6 +98,7 @@ class Setup:
     model: nn.Module
     patch_in: int
     bad: list[str] = field(default_factory=list)  # files left out (skip_bad), one line each
+    test_samples: list = field(default_factory=list)  # held out: never trained on, never tunes anything
 
 
 def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D.DistInfo,
@@ -130,9 +131,13 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     split_cfg = cfg.data
     if resume and run_dir is not None and (run_dir / "split.json").exists():
         split_cfg = replace(cfg.data, split_file=str(run_dir / "split.json"))
-    train_s, val_s = split_samples(data, split_cfg, seed=cfg.train.seed)
+    rest, test_s = hold_out_test(data.samples, split_cfg, seed=cfg.train.seed)
+    train_s, val_s = split_samples(replace(data, samples=rest), split_cfg, seed=cfg.train.seed)
+    if test_s:
+        log.info("test split: %d image(s) held out (%s ...), scored once at the end", len(test_s),
+                 ", ".join(s.name for s in test_s[:3]))
     if run_dir is not None and dist_info.is_main and not resume:
-        save_split(run_dir / "split.json", train_s, val_s)
+        save_split(run_dir / "split.json", train_s, val_s, test_s)
     multiclass = data.task == "multiclass"
     first = read_image(train_s[0].image)
     image_channels = first.shape[0]
@@ -150,7 +155,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     }
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch))
     patch_in = int(model.valid_input_size(cfg.data.patch_size)) if model.padding == "valid" else cfg.data.patch_size
-    return Setup(cfg, info, train_s, val_s, model, patch_in, bad)
+    return Setup(cfg, info, train_s, val_s, model, patch_in, bad, test_s)
 
 
 def make_loss_fn(cfg: RunConfig, info: dict) -> Callable:

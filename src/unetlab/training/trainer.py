@@ -25,6 +25,7 @@ from .. import distributed as D
 from .._runtime import resolve_device, seed_everything, tune_allocator, use_channels_last
 from ..config import RunConfig
 from ..data.dataset import SampleCache
+from ..data.sizes import median_diameter
 from ..data.split import load_split
 from ..errors import UnetlabError
 from ..inference.predictor import resolve_precision
@@ -44,7 +45,7 @@ from .setup import (
     remove_unstarted_run,
 )
 from .teacher import load_teacher, teacher_logits
-from .tuning import tune_on_validation
+from .tuning import score_test_split, tune_on_validation
 from .validation import validate
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,11 @@ class Trainer:
         self.loss_fn = make_loss_fn(cfg, self.info)
         # every training sample is read (and cached) now: bad files fail here, before any training
         self.train_cache_dataset, self.sampler, self.loader = build_train_data(cfg, s, device, self.dist)
+        self.test_samples = s.test_samples
+        if self.info["task"] != "multiclass":  # the objects' size, for predict --diameter
+            cache = self.train_cache_dataset.cache
+            d = median_diameter(cache[i].labels for i in range(len(cache)))
+            self.info["diameter"] = round(d, 2) if d is not None else None
         self.steps_per_epoch = max(1, len(self.loader) // cfg.train.grad_accumulation)
         self.optimizer = build_optimizer(self.model, cfg.train, float(cfg.train.lr))
         self.schedule = build_scheduler(self.optimizer, cfg.train, self.steps_per_epoch, cfg.train.epochs)
@@ -333,10 +339,11 @@ class Trainer:
             self._write_metrics()
             if cfg.train.tune_postprocess and self.info["task"] != "multiclass" and len(self.val_cache):
                 tuned = tune_on_validation(self.model, self.out, cfg, self.info, self.val_cache, self.device)
+            test = score_test_split(self.model, self.out, cfg, self.info, self.test_samples, self.device)
             write_summary(self.out / "summary.json", best_metric=self.best, monitor=cfg.train.monitor,
                           best_epoch=self.best_epoch, epochs_run=self.epoch, stop_reason=stop_reason,
                           recoveries=self.recoveries, seconds=seconds, history=self.history, postprocess=tuned,
-                          left_out=self.bad)
+                          left_out=self.bad, test=test)
             draw_curves(self.history, self.out / "curves.png")
         if self.tb is not None:
             self.tb.close()

@@ -19,9 +19,10 @@ from torch import nn
 from ..config import PostprocessConfig, RunConfig
 from ..data.dataset import SampleCache
 from ..errors import UnetlabError
-from ..evaluation.metrics import match_objects, pool_matches
+from ..evaluation.metrics import match_objects, pixel_counts, pool_matches
 from ..inference.postprocess import (
     default_prominence,
+    foreground_mask,
     probabilities_to_labels,
     remove_small_objects,
     resolve_markers,
@@ -113,4 +114,40 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
     return {**asdict(pp), "validation_objects": scores}
 
 
-__all__ = ["tune_on_validation", "tune_postprocess"]
+def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, samples: list,
+                     device: torch.device) -> dict | None:
+    """Score the run's best weights once on the held-out test images (never used for training, checkpoint choice
+    or tuning): pixel Dice pooled over the images, and for instance targets the object scores with the tuned
+    post-processing (AP@0.5, mean AP@0.5:0.95, DSB score). None when the run has no test split."""
+    if not samples:
+        return None
+    best = checkpoint_path(out, "best")
+    model = copy.deepcopy(model)
+    if best.exists():
+        model.load_state_dict(load_checkpoint(best)["model"])
+    cache = SampleCache(samples, replace(cfg.data, cache=False))
+    tp = fp = fn = 0
+    matches = []
+    multiclass = info["task"] == "multiclass"
+    for i in range(len(cache)):
+        item = cache[i]
+        prob = predict_val_image(model, item.image, cfg, info, device, samples[i].image).numpy()
+        if multiclass:
+            pred, truth = prob.argmax(0) > 0, item.labels > 0
+        else:
+            pred, truth = foreground_mask(prob, info["target"], cfg.postprocess.threshold), item.labels > 0
+            matches.append(match_objects(probabilities_to_labels(prob, info["target"], cfg.postprocess),
+                                         instance_labels(item.labels)))
+        c = pixel_counts(pred, truth)
+        tp, fp, fn = tp + c["tp"], fp + c["fp"], fn + c["fn"]
+    scores: dict = {"n_images": len(cache), "dice": 2 * tp / max(2 * tp + fp + fn, 1)}
+    if matches:
+        pooled = pool_matches(matches)
+        scores.update(ap50=pooled["ap"][0], ap_mean=pooled["ap_mean_pooled"], dsb_score=pooled["dsb_score"],
+                      n_objects=int(sum(m["n_true"] for m in matches)))
+    log.info("test split (%d images, untouched by training and tuning): Dice %.4f%s", len(cache), scores["dice"],
+             f", object AP@0.5 {scores['ap50']:.3f}, DSB score {scores['dsb_score']:.3f}" if matches else "")
+    return scores
+
+
+__all__ = ["score_test_split", "tune_on_validation", "tune_postprocess"]

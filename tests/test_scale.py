@@ -105,6 +105,33 @@ def test_predict_rescaled_brings_objects_to_the_training_size():
     assert given.scale == 0.5 and given.how == "given" and seen == [(128, 128)]
 
 
+def test_auto_diameter_is_not_fooled_by_fragments_of_objects_much_larger_than_trained():
+    """Objects 3x the training size shatter at the training scale into specks that look tiny; enlarging the image
+    further would make it worse. The coarser first passes find them whole and pick the right scale (1/3)."""
+    from scipy import ndimage as ndi
+
+    big = discs((288, 288), radius=24.0, spacing=96)
+    image = (big > 0).astype(np.float32)[None]
+    yy, xx = np.mgrid[:288, :288]
+
+    def predict(img):
+        lab, _n = ndi.label(img[0] > 0.5)
+        d = object_diameters(lab, min_pixels=1)
+        too_big = np.isin(lab, 1 + np.flatnonzero(d > 30))
+        h, w = img.shape[-2:]
+        grid = ((yy[:h, :w] % 4) != 3) & ((xx[:h, :w] % 4) != 3)  # 3x3 blocks with 1-pixel gaps
+        fg = (lab > 0) & (~too_big | grid)
+        return fg[None].astype(np.float32)
+
+    def to_labels(prob):
+        return ndi.label(prob[0] > 0.5)[0]
+
+    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
+    assert choice.scale == pytest.approx(1 / 3, rel=0.08) and choice.how == "measured"
+    assert choice.diameter == pytest.approx(48.0, rel=0.08)
+    assert len(np.unique(labels)) - 1 == 9  # the nine discs, whole
+
+
 def test_zoom_is_off_for_binary_targets_and_on_for_instance_targets_by_default():
     assert zoom_probability(AugmentConfig(), "binary") == 0.0
     assert zoom_probability(AugmentConfig(), "distance") == 0.5

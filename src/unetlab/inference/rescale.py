@@ -10,6 +10,7 @@ foreground of the resized-back probabilities.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,6 +96,47 @@ def map_labels_back(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return np.where(foreground & kept, near, 0).astype(up.dtype)
 
 
+TRIAL_SCALES = (1.0, 0.5, 0.25)  # first passes of 'auto' when the objects found look smaller than trained
+
+
+def _measure_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]], train_diameter: float,
+                   tolerance: float, max_passes: int) -> ScaleChoice:
+    """The scale for ``diameter='auto'``: measure the median object diameter in first passes, then predict
+    again at the scale that brings it to ``train_diameter`` while it is off by more than ``tolerance``.
+
+    Objects much larger than the training size come out of a pass at the training scale as fragments, which
+    look small and would ask for enlarging the image further. So while the objects found look smaller than
+    trained, coarser passes (:data:`TRIAL_SCALES`) are tried too, and the pass whose objects are nearest the
+    training size is the starting point: there the network sees objects of the size it knows.
+    ``run(scale)`` returns (probabilities, labels) of the image at ``scale``."""
+
+    def measure(scale: float) -> float | None:  # median diameter, in pixels of the rescaled image
+        return median_diameter([run(scale)[1]])
+
+    def off(d: float) -> float:
+        return abs(math.log(d / train_diameter))
+
+    start: tuple[float, float] | None = None  # (scale, diameter there)
+    for trial in TRIAL_SCALES:
+        d = measure(trial)
+        if d is not None and (start is None or off(d) < off(start[1])):
+            start = (trial, d)
+        if start is not None and (start[1] >= train_diameter or off(start[1]) <= math.log1p(tolerance)):
+            break  # objects as large as trained or larger are whole: no need to look coarser
+    if start is None:
+        return ScaleChoice(1.0, None, "measured (no objects)")
+    scale, d = start
+    for _ in range(max_passes):
+        new = scale_for(train_diameter, d / scale)
+        if abs(new / scale - 1.0) <= tolerance:
+            break
+        d_new = measure(new)
+        if d_new is None:  # nothing found there: keep the last scale that found objects
+            break
+        scale, d = new, d_new
+    return ScaleChoice(scale, d / scale, "measured")
+
+
 def predict_rescaled(
     predict: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
@@ -110,9 +152,8 @@ def predict_rescaled(
 
     ``predict`` maps a prepared image to probabilities of the same size; ``to_labels`` turns probabilities
     into labels (the run's tuned post-processing) and ``foreground`` probabilities into the boolean mask that
-    the labels' outlines follow at full size (default: the coarse labels' own footprint). ``diameter``: None (as it is), pixels, or 'auto': predict
-    at the training scale, measure the median object diameter, and predict again at the scale that brings it
-    to ``train_diameter`` while it is off by more than ``tolerance`` (at most ``max_passes`` passes).
+    the labels' outlines follow at full size (default: the coarse labels' own footprint). ``diameter``: None
+    (as it is), pixels, or 'auto' (see :func:`_measure_scale`).
     """
     if (diameter == "auto") and to_labels is None:
         raise ValueError("diameter 'auto' measures objects: it needs to_labels")
@@ -130,18 +171,7 @@ def predict_rescaled(
     elif diameter != "auto":
         choice = ScaleChoice(scale_for(train_diameter, float(diameter)), float(diameter), "given")
     else:
-        scale, choice = 1.0, ScaleChoice(1.0, None, "measured (no objects)")
-        for _ in range(max_passes):
-            measured_here = median_diameter([run(scale)[1]])
-            if measured_here is None:
-                break
-            measured = measured_here / scale  # in the image's own pixels
-            choice = ScaleChoice(scale, measured, "measured")
-            new = scale_for(train_diameter, measured)
-            if abs(new / scale - 1.0) <= tolerance:
-                break
-            scale = new
-            choice = ScaleChoice(scale, measured, "measured")
+        choice = _measure_scale(run, float(train_diameter), tolerance, max_passes)
     prob_s, labels_s = run(choice.scale)
     if choice.scale == 1.0 and tuple(prob_s.shape[-2:]) == shape:
         return prob_s, labels_s, choice

@@ -37,7 +37,8 @@ def scan_images(folder: Path) -> list[Path]:
     """Sorted image files directly inside ``folder`` (fast: one directory scan, no stat per file)."""
     try:
         return sorted(Path(e.path) for e in os.scandir(folder) if is_image_file(e.name) and e.is_file())
-    except OSError:
+    except OSError as exc:
+        log.warning("%s: folder not listable (%s); no images taken from it", folder, exc)
         return []
 
 
@@ -48,7 +49,7 @@ def _is_palette_png(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             return im.format == "PNG" and im.mode == "P"
-    except Exception:  # not an image, or a broken one: read_label reports it as one line
+    except (OSError, ValueError, SyntaxError):  # not an image or a broken one: read_label reports it in one line
         return False
 
 

@@ -43,6 +43,16 @@ def instance_labels(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     return arr.astype(np.int32, copy=False)
 
 
+def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a (..., H, W) label image to ``shape`` by nearest neighbour at pixel centres: values and dtype kept."""
+    h, w = labels.shape[-2:]
+    if (h, w) == tuple(shape):
+        return labels
+    ys = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    xs = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    return labels[..., ys[:, None], xs[None, :]]
+
+
 def suspicious_mask_values(values: np.ndarray, counts: np.ndarray) -> str | None:
     """Why a mask's value histogram looks like a damaged binary mask (e.g. JPEG artefacts), or None.
 

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..config import AugmentConfig
+from ..labels import resize_nearest
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +240,7 @@ def resize_patch(array: np.ndarray, size: int, labels: bool) -> np.ndarray:
     if (h, w) == (size, size):
         return array
     if labels:
-        ys = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
-        xs = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
-        return array[..., ys[:, None], xs[None, :]]
+        return resize_nearest(array, (size, size))
     factors = (1.0,) * (array.ndim - 2) + (size / h, size / w)
     out = ndimage.zoom(np.asarray(array, dtype=np.float32), factors, order=1, mode="reflect", grid_mode=True)
     return out[..., :size, :size].astype(np.float32, copy=False)

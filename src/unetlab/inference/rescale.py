@@ -21,6 +21,7 @@ from scipy import ndimage as ndi
 
 from ..data.sizes import median_diameter
 from ..errors import UnetlabError
+from ..labels import resize_nearest
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,7 @@ def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Resize an integer (H, W) label image to ``shape`` by nearest neighbour (pixel centres)."""
-    if tuple(labels.shape) == tuple(shape):
-        return labels
-    h, w = labels.shape
-    ys = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
-    xs = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
-    return labels[ys[:, None], xs[None, :]]
+    return resize_nearest(labels, shape)
 
 
 def map_labels_back(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:

@@ -283,16 +283,11 @@ def is_identity(cfg: AugmentConfig) -> bool:
 
 
 def _display_rgb(image: np.ndarray) -> np.ndarray:
-    """(C,H,W) normalised -> (H,W,3) float in [0,1] for display (gray, two-channel R/G or the first three)."""
-    c = image.shape[0]
-    if c == 1:
-        rgb = np.repeat(image[0][..., None], 3, axis=-1)
-    elif c == 2:
-        rgb = np.stack([image[0], image[1], np.zeros_like(image[0])], axis=-1)
-    else:
-        rgb = np.moveaxis(image[:3], 0, -1)
-    lo, hi = np.percentile(rgb, 0.5), np.percentile(rgb, 99.5)
-    return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    """(C,H,W) normalised -> (H,W,3) float in [0,1] for display: the shared renderer (:func:`~.io.to_rgb8`) with
+    joint 0.5/99.5 percentiles (gray, two-channel R/G or the first three)."""
+    from .io import to_rgb8
+
+    return to_rgb8(image, 0.5, 99.5, per_channel=False).astype(np.float32) / 255.0
 
 
 def _overlay_outline(rgb: np.ndarray, labels: np.ndarray, colour=(1.0, 0.85, 0.0)) -> np.ndarray:

@@ -4,6 +4,7 @@ benchmarks/results/bench_accuracy.json.
 
     python benchmarks/bench_accuracy.py RUN_DIR --data ../shared/data/dsb2018_train/stage1_train \
         [--scale-images 20] [--other ../shared/data/stardist_nuclei]
+    python benchmarks/bench_accuracy.py nuclei --other ../shared/data/stardist_nuclei   # the pretrained model
 
 RUN_DIR must have been trained with a test split (``--test-fraction``, ``--test`` or ``--test-groups``): its
 test images took no part in training, checkpoint choice or post-processing tuning. Rows:
@@ -35,6 +36,7 @@ from unetlab.evaluation.evaluate import evaluate  # noqa: E402
 from unetlab.inference.predict import predict  # noqa: E402
 from unetlab.inference.rescale import resize_image, resize_labels  # noqa: E402
 from unetlab.labels import instance_labels  # noqa: E402
+from unetlab.runfolder import resolve_run_dir  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
 
@@ -64,8 +66,8 @@ def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, split:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path)
-    p.add_argument("--data", type=Path, required=True, help="the dataset folder the run was trained on")
+    p.add_argument("run", help="run folder, or a pretrained model's name (nuclei)")
+    p.add_argument("--data", type=Path, help="the dataset folder the run was trained on (for the test split rows)")
     p.add_argument("--scale-images", type=int, default=20, help="test images used for the 2x / 0.5x rows")
     p.add_argument("--other", type=Path, action="append", default=[], help="images + masks from elsewhere")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_accuracy.json")
@@ -73,17 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("unetlab").setLevel(logging.WARNING)
 
-    test_names = load_split(args.run / "split.json").get("test")
-    if not test_names:
+    args.run = resolve_run_dir(args.run)
+    if args.data is None and not args.other:
+        raise SystemExit("give --data (the test split's dataset) and/or --other")
+    test_names = load_split(args.run / "split.json").get("test") if args.data is not None else []
+    if args.data is not None and not test_names:
         raise SystemExit(f"{args.run}: no test split in split.json; train with --test-fraction (or --test)")
     rows: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
         tmp = Path(tmp)
-        for d in ("none", "auto"):
+        for d in ("none", "auto") if test_names else ():
             rows.append((f"test split, --diameter {d}",
                          score(args.run, args.data, args.data, tmp / f"test_{d}", d, split="test")))
-        samples = [s for s in load_dataset(args.data).samples if s.name in set(test_names)][: args.scale_images]
-        for factor in (1.0, 2.0, 0.5):
+        samples = [s for s in load_dataset(args.data).samples if s.name in set(test_names)][: args.scale_images] \
+            if test_names else []
+        for factor in (1.0, 2.0, 0.5) if samples else ():
             folder = write_rescaled(samples, factor, tmp / f"x{factor}")
             rows.append((f"{len(samples)} test images x{factor:g}, --diameter auto",
                          score(args.run, folder / "images", folder / "masks", tmp / f"pred_x{factor}", "auto")))

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -136,6 +137,7 @@ class TrainConfig:
     deterministic: bool = False
     tensorboard: bool = True
     teacher: str | None = None
+    init: str | None = None  # start from this run's (or pretrained model's) weights and network: fine-tuning
     distill_weight: float = 0.5
     distill_temperature: float = 1.0
     grad_accumulation: int = 1
@@ -350,6 +352,26 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 CONFIG_SECTIONS = {"data": "data", "model": "model", "train": "training", "postprocess": "post-processing"}
 
 
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field of the dataclass ``cls`` (its command-line help)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+    return {m.group(1): m.group(2) for m in map(pattern.match, source.splitlines()) if m}
+
+
+def _section_class(section: str) -> type:
+    obj: Any = RunConfig
+    for part in section.split("."):
+        obj = _hints(obj)[part]
+    return obj
+
+
 def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: str | None = None) -> None:
     """One flag per config leaf (``--lr``, ``--patch-size``, ``--aug-elastic`` ...) of section ``only``
     (default: all), except ``skip``; only given flags override (see :func:`config_overrides`)."""
@@ -364,12 +386,14 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), onl
             g = groups[section] = p.add_argument_group(f"{title} options (config '{section}')")
         flag = "--" + name.replace("_", "-")
         shown = default if not isinstance(default, (list, tuple)) else ",".join(map(str, default))
+        note = field_comments(_section_class(section)).get(_field, "")
+        text = f"{note} (default {shown})" if note else f"(default {shown})"
+        text = text.replace("%", "%%")
         if typ is bool:
             g.add_argument(flag, dest=f"cfg__{name}", nargs="?", const="true", default=argparse.SUPPRESS,
-                           metavar="BOOL", help=f"(default {shown})")
+                           metavar="BOOL", help=text)
         else:
-            g.add_argument(flag, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"(default {shown})")
+            g.add_argument(flag, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="V", help=text)
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:

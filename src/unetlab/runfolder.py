@@ -6,6 +6,10 @@
     RUN_DIR/checkpoints/last.pt  full training state (model, optimiser, schedule, RNG, epoch) for --resume
     RUN_DIR/checkpoints/best.pt  model weights with the best validation score
     RUN_DIR/metrics.csv, curves.png, summary.json, events (TensorBoard)
+
+A pretrained model shipped with the package (``unetlab/pretrained/NAME/``) is a run folder too, with a
+``card.json`` saying what it was trained on and how it scored; wherever a run folder is asked for, its name
+(``--model nuclei``) will do.
 """
 
 from __future__ import annotations
@@ -176,11 +180,61 @@ def activation_for(task: str, target: str) -> str:
     return "softmax" if task == "multiclass" or target == "boundary" else "sigmoid"
 
 
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def pretrained_names() -> list[str]:
+    """Names of the pretrained models shipped in the package (folders of ``unetlab/pretrained`` with weights)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(d.name for d in PRETRAINED_DIR.iterdir() if (d / "card.json").is_file())
+
+
+def pretrained_models() -> list[dict]:
+    """The model cards of the pretrained models: name, what they were trained on, test scores, recipe."""
+    return [{"name": name, **read_json(PRETRAINED_DIR / name / "card.json")} for name in pretrained_names()]
+
+
+def format_pretrained_table(cards: list[dict]) -> str:
+    """The pretrained models as text lines (``unetlab models``): name, size, what it was trained on, test scores."""
+    if not cards:
+        return "  (none installed)"
+    lines = []
+    for c in cards:
+        test = c.get("test", {})
+        scores = ", ".join(f"{k} {test[k]:.3f}" for k in ("ap50", "dsb_score", "dice") if k in test)
+        lines.append(f"  {c['name']:<10} {c.get('parameters', 0):>10,} parameters  {c.get('summary', '')}")
+        lines.append(f"  {'':<10} trained on {c.get('trained_on', '?')}")
+        if scores:
+            lines.append(f"  {'':<10} test split ({test.get('images', '?')} images never used to train or tune): "
+                         f"{scores}")
+        for other in c.get("other", []):
+            lines.append(f"  {'':<10} {other.get('data', '?')}: AP@0.5 {other.get('ap50', float('nan')):.3f}")
+    return "\n".join(lines)
+
+
+def is_pretrained(model: str | Path) -> bool:
+    """True when ``model`` names a shipped pretrained model rather than an existing folder."""
+    return not Path(model).exists() and str(model) in pretrained_names()
+
+
+def resolve_run_dir(model: str | Path) -> Path:
+    """The run folder ``model`` stands for: an existing folder, or a pretrained model's name (``nuclei``)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if is_pretrained(model):
+        return PRETRAINED_DIR / str(model)
+    names = pretrained_names()
+    hint = f"give a run folder written by `unetlab train` or a pretrained model: {', '.join(names)}" if names \
+        else "give a run folder written by `unetlab train`"
+    raise UnetlabError("run folder not found", path, hint=hint)
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
-    """Load a run folder (weights from ``checkpoints/best.pt``, falling back to ``last.pt``), model in eval mode."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UnetlabError("run folder not found", run_dir)
+    """Load a run folder or a pretrained model by name (weights from ``checkpoints/best.pt``, falling back to
+    ``last.pt``), model in eval mode."""
+    run_dir = resolve_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.yaml")
     info = read_model_info(run_dir / "model.json")
     path = checkpoint_path(run_dir, checkpoint)

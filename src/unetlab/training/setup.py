@@ -153,9 +153,28 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
         "layout": data.layout,
         "unetlab_version": __version__,
     }
+    init = initial_weights(cfg, info) if cfg.train.init and not resume else None
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch))
+    if init is not None:
+        model.load_state_dict(init)
     patch_in = int(model.valid_input_size(cfg.data.patch_size)) if model.padding == "valid" else cfg.data.patch_size
     return Setup(cfg, info, train_s, val_s, model, patch_in, bad, test_s)
+
+
+def initial_weights(cfg: RunConfig, info: dict) -> dict:
+    """Weights of the run or pretrained model ``train.init`` for fine-tuning; its network replaces
+    ``cfg.model`` (so the weights fit), and its channels and target must match this run's."""
+    from ..runfolder import load_run
+
+    start = load_run(cfg.train.init)
+    for key in ("in_channels", "out_channels", "target"):
+        if start.info.get(key) != info[key]:
+            raise UnetlabError(f"--init model has {key} {start.info.get(key)!r} but this run needs {info[key]!r}",
+                               start.path, hint="fine-tune a model trained for the same channels and target")
+    if start.config.model != cfg.model:
+        log.info("--init %s: training its network (%s) from its weights", cfg.train.init, start.config.model.preset)
+    cfg.model = replace(start.config.model)
+    return start.model.state_dict()
 
 
 def make_loss_fn(cfg: RunConfig, info: dict) -> Callable:

@@ -1,0 +1,189 @@
+"""The pretrained ``nuclei`` model shipped in the package: found by name, loads safely, segments nuclei."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import shared_data
+
+from unetlab.cli import main
+from unetlab.runfolder import (
+    PRETRAINED_DIR,
+    is_pretrained,
+    load_run,
+    pretrained_models,
+    pretrained_names,
+    resolve_run_dir,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def nuclei_image(seed: int = 0, size: int = 192, n: int = 14, radius: float = 9.0) -> tuple[np.ndarray, np.ndarray]:
+    """A 16-bit fluorescence-like image of ``n`` separate round nuclei (uneven brightness, noise) and its labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    image = np.full((size, size), 200.0)
+    labels = np.zeros((size, size), np.uint16)
+    centres: list[tuple[float, float]] = []
+    while len(centres) < n:
+        c = rng.uniform(radius + 4, size - radius - 4, 2)
+        if all(np.hypot(*(c - np.array(o))) > 2.6 * radius for o in centres):
+            centres.append((float(c[0]), float(c[1])))
+    for i, (cy, cx) in enumerate(centres, 1):
+        r = radius * rng.uniform(0.8, 1.2)
+        d = np.hypot(yy - cy, xx - cx)
+        image += rng.uniform(800, 3000) / (1 + np.exp((d - r) / 1.0))
+        labels[d <= r] = i
+    image += rng.normal(0, 40, image.shape)
+    return np.clip(image, 0, 65535).astype(np.uint16), labels
+
+
+def test_nuclei_model_is_shipped_small_and_described():
+    assert "nuclei" in pretrained_names()
+    (card,) = [c for c in pretrained_models() if c["name"] == "nuclei"]
+    assert "DSB 2018" in card["trained_on"] and "fluorescence" in card["trained_on"]
+    assert card["test"]["images"] >= 50 and 0.5 < card["test"]["ap50"] <= 1.0
+    folder = PRETRAINED_DIR / "nuclei"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 6_000_000, f"the shipped model is {size / 1e6:.1f} MB"
+    run = load_run("nuclei")  # weights_only loading, float16 weights into float32 parameters
+    assert sum(p.numel() for p in run.model.parameters()) == card["parameters"]
+    assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in run.model.parameters())
+    assert run.info["target"] == "distance" and run.info["in_channels"] == 1
+    cfg = run.config
+    assert not Path(cfg.data.root).is_absolute(), "the shipped config must not carry a path of the build machine"
+
+
+def test_predict_with_model_nuclei_needs_no_training(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    truths = {}
+    for i in range(2):
+        image, labels = nuclei_image(seed=i)
+        tifffile.imwrite(images / f"n{i}.tif", image)
+        truths[f"n{i}"] = labels
+    rc, out, err = cli(capsys, "predict", "--model", "nuclei", "--input", images, "--out", tmp_path / "pred",
+                       "--instances", "--no-progress")
+    assert rc == 0, err
+    with open(tmp_path / "pred" / "counts.csv", newline="") as f:
+        counts = {row["ImageName"]: int(row["Count"]) for row in csv.DictReader(f)}
+    from unetlab.evaluation.metrics import match_objects
+
+    for name, truth in truths.items():
+        assert abs(counts[name] - truth.max()) <= 2, (name, counts[name], truth.max())
+        pred = tifffile.imread(tmp_path / "pred" / "labels" / f"{name}.tif")
+        assert match_objects(pred, truth)["ap"][0] > 0.8
+
+
+def test_unknown_model_name_is_one_line_naming_the_pretrained(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", np.zeros((32, 32), np.uint16))
+    rc, out, err = cli(capsys, "predict", "--model", "nucleii", "--input", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "nucleii" in lines[0] and "nuclei" in lines[0].split("nucleii")[-1], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_existing_folder_wins_over_a_pretrained_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_pretrained("nuclei") and resolve_run_dir("nuclei") == PRETRAINED_DIR / "nuclei"
+    (tmp_path / "nuclei").mkdir()
+    assert not is_pretrained("nuclei") and resolve_run_dir("nuclei") == Path("nuclei")
+
+
+def test_models_command_lists_pretrained_with_test_scores(capsys):
+    rc, out, _ = cli(capsys, "models")
+    assert rc == 0
+    head, presets = out.split("Presets")
+    assert "nuclei" in head and "test split" in head and "AP@0.5" in head or "ap50" in head
+    assert "unet-slim" in presets
+    rc, out, _ = cli(capsys, "models", "--json")
+    data = json.loads(out)
+    assert [c["name"] for c in data["pretrained"]] == pretrained_names()
+    assert {"unet", "unet-slim"} <= {r["name"] for r in data["presets"]}
+
+
+@pytest.mark.slow
+def test_packaging_a_run_keeps_its_predictions(tmp_path):
+    """scripts/train_nuclei_model.package: float16 weights, card from summary.json; same masks as the run."""
+    import train_nuclei_model as T
+    from corpus.make_corpus import TINY_TRAIN_FLAGS, good_dataset
+
+    data = good_dataset(tmp_path / "data", n=10)
+    run = tmp_path / "run"
+    flags = [f for f in TINY_TRAIN_FLAGS]
+    rc = main(["-q", "train", "--data", str(data), "--out", str(run), *flags, "--epochs", "3",
+               "--target", "distance", "--test-fraction", "0.3", "--aug-zoom", "0"])
+    assert rc == 0
+    dest = tmp_path / "pkg" / "nuclei"
+    dest.parent.mkdir()
+    T.package(run, dest, [])
+    card = json.loads((dest / "card.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert card["test"]["ap50"] == pytest.approx(summary["test"]["ap50"], abs=1e-4)
+    assert card["test"]["images"] == summary["test"]["n_images"] == len(json.loads((run / "split.json").read_text())["test"])
+    assert os.path.getsize(dest / "checkpoints" / "best.pt") < 0.7 * os.path.getsize(run / "checkpoints" / "best.pt")
+    import torch
+
+    a, b = load_run(run).model, load_run(dest).model
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert torch.allclose(ya, yb, atol=5e-2 * float(ya.abs().max()) + 1e-3)
+    assert not torch.equal(ya, yb), "float16 storage should round the weights"
+
+
+def test_nuclei_model_on_stardist_image_without_fine_tuning(tmp_path):
+    """The shipped model on the one StarDist nuclei image (not in its training split): AP@0.5 well above chance."""
+    data = shared_data("stardist_nuclei")
+    from unetlab import evaluate, predict
+
+    predict("nuclei", data / "images", tmp_path / "pred", instances=True, progress=False)
+    rep = evaluate(tmp_path / "pred" / "labels", data / "masks", instances=True)
+    assert rep["objects"]["ap"][0] > 0.7
+
+
+def test_init_fine_tunes_from_another_run(tmp_path):
+    """--init RUN starts from RUN's network and weights; a run of another target is refused in one line."""
+    import torch
+    from corpus.make_corpus import TINY_TRAIN_FLAGS, good_dataset
+
+    from unetlab.config import RunConfig
+    from unetlab.errors import UnetlabError
+    from unetlab.training.setup import initial_weights
+
+    data = good_dataset(tmp_path / "data", n=6)
+    first = tmp_path / "first"
+    assert main(["-q", "train", "--data", str(data), "--out", str(first), *TINY_TRAIN_FLAGS]) == 0
+    cfg = RunConfig()
+    cfg.model.base_width = 32  # overridden by the starting run's network
+    cfg.train.init = str(first)
+    info = {"in_channels": 1, "out_channels": 1, "target": "binary"}
+    weights = initial_weights(cfg, info)
+    start = load_run(first)
+    assert cfg.model == start.config.model and cfg.model.base_width == 8
+    assert all(torch.equal(weights[k], v) for k, v in start.model.state_dict().items())
+    with pytest.raises(UnetlabError, match="target"):
+        initial_weights(cfg, {**info, "target": "distance"})
+    second = tmp_path / "second"
+    assert main(["-q", "train", "--data", str(data), "--out", str(second), *TINY_TRAIN_FLAGS,
+                 "--init", str(first), "--base-width", "16"]) == 0
+    assert RunConfig.load(second / "config.yaml").model.base_width == 8

@@ -98,7 +98,8 @@ def _run_train(args):
 def _add_predict(p):
     from .inference.options import PredictOptions
 
-    p.add_argument("--model", required=True, help="run folder written by `unetlab train`")
+    p.add_argument("--model", required=True,
+                   help="run folder written by `unetlab train`, or a pretrained model's name (`unetlab models`)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
     add_dataclass_flags(p, PredictOptions)
@@ -265,14 +266,20 @@ def _add_models(p):
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
-@command("models", "List the model presets: parameters, receptive field, description", _add_models)
+@command("models", "List the pretrained models (trained on, test scores) and the presets to train",
+         _add_models)
 def _run_models(args):
     import json
 
     from .models.presets import format_presets_table, list_presets
+    from .runfolder import format_pretrained_table, pretrained_models
 
-    rows = list_presets()
-    print(json.dumps(rows, indent=1) if args.json else format_presets_table(rows))
+    rows, cards = list_presets(), pretrained_models()
+    if args.json:
+        print(json.dumps({"pretrained": cards, "presets": rows}, indent=1))
+    else:
+        print("Pretrained models (unetlab predict --model NAME ...):\n" + format_pretrained_table(cards)
+              + "\n\nPresets (unetlab train --preset NAME ...):\n" + format_presets_table(rows))
     return 0
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from ..data.io import IMAGE_EXTENSIONS, is_image_file, read_image, write_image
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries, write_text
-from ..runfolder import load_run
+from ..runfolder import load_run, resolve_run_dir
 from .options import PredictOptions, resolve_options
 from .predictor import Predictor
 from .rescale import parse_diameter
@@ -119,11 +119,12 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
 
     o = resolve_options(options, overrides)
     out = Path(out)
-    inputs = collect_inputs(input, Path(model) / "split.json" if o.split else None, o.split or "val")
+    run_dir = resolve_run_dir(model)  # a run folder, or a pretrained model's name
+    inputs = collect_inputs(input, run_dir / "split.json" if o.split else None, o.split or "val")
     # under torchrun: Gloo carries only the coordination (objects, barriers), whatever device predicts
     dist = D.init_distributed("cpu", backend="gloo")
     D.run_on_main(partial(_check_out, out, Path(input), o.overwrite, o.resume), dist)  # before any rank writes
-    run = load_run(model)
+    run = load_run(run_dir)
     dev = D.rank_device(resolve_device(str(o.device)), dist)  # cuda:LOCAL_RANK under torchrun
     predictor = Predictor.from_run(run, device=dev, precision=o.precision, tile=o.tile, overlap=o.overlap,
                                    batch_size=o.batch_size, tta=o.tta, compile=o.compile, backend=o.backend)
@@ -144,7 +145,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         diameter = None  # auto: instance models (boundary, distance targets) that know their objects' size
     elif diameter is not None and not train_diameter:
         raise UnetlabError("--diameter needs a model that knows its training objects' size (model.json "
-                           "'diameter', written by unetlab >= 0.1 at training)", Path(model) / "model.json",
+                           "'diameter', written by unetlab >= 0.1 at training)", run_dir / "model.json",
                            "train again, or predict with --diameter none")
     scales: dict[str, dict] = {}
     sizes = {}

@@ -187,3 +187,14 @@ def test_init_fine_tunes_from_another_run(tmp_path):
     assert main(["-q", "train", "--data", str(data), "--out", str(second), *TINY_TRAIN_FLAGS,
                  "--init", str(first), "--base-width", "16"]) == 0
     assert RunConfig.load(second / "config.yaml").model.base_width == 8
+
+
+def test_package_data_globs_ship_every_pretrained_file():
+    """pyproject's package-data patterns cover every file of unetlab/pretrained (else a wheel lacks weights)."""
+    import tomllib
+
+    pkg = ROOT / "src" / "unetlab"
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["unetlab"]
+    shipped = {p for pattern in patterns for p in pkg.glob(pattern)}
+    files = {p for p in (pkg / "pretrained").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert files and files <= shipped, sorted(str(f.relative_to(pkg)) for f in files - shipped)

@@ -2,7 +2,8 @@
 
     python scripts/make_docs_pictures.py [--data DIR] [--out docs] [--work /tmp/unetlab_docs] [--epochs 12]
 
-Writes docs/augment_preview.png, weightmap.png, curves.png and overlay.png from synthetic cells, and
+With ``--nuclei ../shared/data/stardist_nuclei [--only-nuclei]`` also docs/nuclei_pretrained.png (the shipped
+model on an image it never saw). Writes docs/augment_preview.png, weightmap.png, curves.png and overlay.png from synthetic cells, and
 docs/lr_find.png and compare.png from --data (default: the synthetic cells too; the committed pictures use
 ../shared/data/isbi2012). Each is a small PNG (< 200 KB). Everything is seeded, so a rerun draws the same
 pictures up to timing numbers.
@@ -117,12 +118,36 @@ def draw_overlay(run: Path, test: Path, work: Path, out: Path) -> Path:
     return save_figure(fig, out / "overlay.png")
 
 
+def draw_pretrained(data: Path, work: Path, out: Path) -> Path:
+    """The shipped ``nuclei`` model on an image it never saw (no training): image and outlines, side by side."""
+    pred = work / "pretrained"
+    predict("nuclei", data / "images", pred, instances=True, overwrite=True, progress=False)
+    name = sorted((data / "images").iterdir())[0].stem
+    image = read_image(sorted((data / "images").iterdir())[0])
+    labels = read_label(pred / "labels" / f"{name}.tif")
+    truth = read_label(sorted((data / "masks").iterdir())[0]) if (data / "masks").is_dir() else None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(7.6, 4.0))
+    axes[0].imshow(normalize(image, "percentile")[0], cmap="gray")
+    axes[0].set_title(f"{data.name}/{name}")
+    axes[1].imshow(outline_overlay(image, labels))
+    known = f" (truth {len(np.unique(truth)) - 1})" if truth is not None else ""
+    axes[1].set_title(f"--model nuclei, no training: {labels.max()} nuclei{known}")
+    for a in axes:
+        a.set_axis_off()
+    fig.tight_layout()
+    return save_figure(fig, out / "nuclei_pretrained.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"), help="picture folder")
     p.add_argument("--work", default="/tmp/unetlab_docs", help="scratch folder (data and runs; replaced)")
     p.add_argument("--epochs", type=int, default=12, help="epochs per compared configuration")
     p.add_argument("--data", default=None, help="dataset for lr_find.png and compare.png (default: synthetic)")
+    p.add_argument("--nuclei", default=None,
+                   help="images/ (+ masks/) for nuclei_pretrained.png, e.g. ../shared/data/stardist_nuclei")
+    p.add_argument("--only-nuclei", action="store_true", help="draw nuclei_pretrained.png only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out, work = Path(args.out), Path(args.work)
@@ -130,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if work.exists():
         shutil.rmtree(work)
     t0 = time.time()
+    if args.nuclei:
+        picture = draw_pretrained(Path(args.nuclei), work, out)
+        print(f"{picture}  {picture.stat().st_size / 1000:.0f} KB")
+        if args.only_nuclei:
+            return 0 if picture.stat().st_size <= MAX_BYTES else 1
     data = write_synthetic_dataset(work / "train", n_images=12, size=(160, 160), seed=0)
     test = write_synthetic_dataset(work / "test", n_images=2, size=(256, 256), seed=1)
     written = [draw_augment_preview(out), draw_weightmap(out)]

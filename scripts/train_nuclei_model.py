@@ -22,8 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger("train_nuclei_model")
 
 RECIPE = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import shared_data
 
+from conftest import shared_data
 from unetlab.cli import main
 from unetlab.runfolder import (
     PRETRAINED_DIR,
@@ -125,6 +125,7 @@ def test_models_command_lists_pretrained_with_test_scores(capsys):
 def test_packaging_a_run_keeps_its_predictions(tmp_path):
     """scripts/train_nuclei_model.package: float16 weights, card from summary.json; same masks as the run."""
     import train_nuclei_model as T
+
     from corpus.make_corpus import TINY_TRAIN_FLAGS, good_dataset
 
     data = good_dataset(tmp_path / "data", n=10)
@@ -164,8 +165,8 @@ def test_nuclei_model_on_stardist_image_without_fine_tuning(tmp_path):
 def test_init_fine_tunes_from_another_run(tmp_path):
     """--init RUN starts from RUN's network and weights; a run of another target is refused in one line."""
     import torch
-    from corpus.make_corpus import TINY_TRAIN_FLAGS, good_dataset
 
+    from corpus.make_corpus import TINY_TRAIN_FLAGS, good_dataset
     from unetlab.config import RunConfig
     from unetlab.errors import UnetlabError
     from unetlab.training.setup import initial_weights
@@ -198,3 +199,13 @@ def test_package_data_globs_ship_every_pretrained_file():
     shipped = {p for pattern in patterns for p in pkg.glob(pattern)}
     files = {p for p in (pkg / "pretrained").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert files and files <= shipped, sorted(str(f.relative_to(pkg)) for f in files - shipped)
+
+
+def test_exporting_a_pretrained_model_writes_to_the_working_folder_not_the_package(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnx", reason="ONNX export needs the export extra")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in (PRETRAINED_DIR / "nuclei").rglob("*"))
+    rc, out, err = cli(capsys, "export", "nuclei", "--format", "torchscript")
+    assert rc == 0, err
+    assert (tmp_path / "nuclei.pt").is_file()
+    assert sorted(p.name for p in (PRETRAINED_DIR / "nuclei").rglob("*")) == before

@@ -284,19 +284,34 @@ def _run_models(args):
 
 
 def _add_export(p):
-    p.add_argument("run_dir", help="run folder written by `unetlab train`")
-    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--out", default=None, help="file to write (default: RUN_DIR/model.onnx or model.pt)")
+    p.add_argument("run_dir", help="run folder written by `unetlab train` (or a pretrained model's name)")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript", "bioimageio"], default="onnx",
+                   help="onnx or torchscript: one model file; bioimageio: a BioImage.IO model package (rdf.yaml, "
+                        "TorchScript and ONNX weights, test input/output, README, cover) as a folder or a .zip")
+    p.add_argument("--out", default=None, help="file, or for bioimageio a folder or .zip, to write (default: "
+                                               "RUN_DIR/model.onnx, model.pt or bioimageio.zip)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file or folder")
+    g = p.add_argument_group("bioimageio package")
+    g.add_argument("--name", help="model name (default: from the run folder and target)")
+    g.add_argument("--author", action="append", help="author name; repeat for several (default: 'unetlab user')")
+    g.add_argument("--license", default="CC-BY-4.0", help="SPDX license id (default CC-BY-4.0)")
+    g.add_argument("--sample", help="image file to use as the test input (default: a synthetic image)")
+    g.add_argument("--tag", action="append", default=[], help="extra tag; repeat for several")
 
 
-@command("export", "Export a trained model to ONNX or TorchScript (dynamic batch, height and width)",
-         _add_export)
+@command("export", "Export a trained model to ONNX, TorchScript or a BioImage.IO model package", _add_export)
 def _run_export(args):
-    from .inference.export import export_run
+    if args.fmt == "bioimageio":
+        from .inference.bioimageio import export_bioimageio
 
-    out = export_run(args.run_dir, args.fmt, args.out, overwrite=args.overwrite, opset=args.opset)
+        out = export_bioimageio(args.run_dir, args.out, overwrite=args.overwrite, name=args.name,
+                                authors=args.author, license=args.license, sample=args.sample, tags=args.tag,
+                                opset=args.opset)
+    else:
+        from .inference.export import export_run
+
+        out = export_run(args.run_dir, args.fmt, args.out, overwrite=args.overwrite, opset=args.opset)
     print(out)
     return 0
 

@@ -227,8 +227,11 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, ove
     """Export the model of a run folder (``unetlab export``); ``out`` defaults to ``RUN_DIR/model.onnx|.pt``."""
     if fmt not in FORMATS:
         raise UnetlabError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
-    run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / f"model{SUFFIXES[fmt]}"
+    from ..runfolder import is_pretrained, resolve_run_dir
+
+    if out is None:  # beside the run, or for a shipped pretrained model in the working folder, never the package
+        out = Path(f"{run_dir}{SUFFIXES[fmt]}") if is_pretrained(run_dir) else Path(run_dir) / f"model{SUFFIXES[fmt]}"
+    run_dir, out = resolve_run_dir(run_dir), Path(out)
     if out.exists() and not overwrite:
         raise UnetlabError("output file exists", out, hint="pass --overwrite to replace it")
     from ..runfolder import load_run

@@ -274,16 +274,3 @@ def test_zoom_augmentation_teaches_the_network_other_sizes(size_data, tmp_path):
     native = _ap50(run, size_data / "native", tmp_path / "native", "none")
     twice = _ap50(run, size_data / "twice", tmp_path / "twice", "none")
     assert native > 0.85 and twice >= native - 0.1, (native, twice)
-
-
-def test_auto_tolerance_is_wider_for_networks_trained_with_zoom():
-    from unetlab.config import RunConfig
-    from unetlab.inference.rescale import AUTO_TOLERANCE, ZOOM_TOLERANCE, auto_tolerance_for
-
-    cfg = RunConfig()
-    assert auto_tolerance_for(cfg, "distance") == ZOOM_TOLERANCE > AUTO_TOLERANCE  # zoom on by default there
-    assert auto_tolerance_for(cfg, "binary") == AUTO_TOLERANCE
-    cfg.data.augment.zoom = 0.0
-    assert auto_tolerance_for(cfg, "distance") == AUTO_TOLERANCE
-    cfg.data.augment.zoom, cfg.data.augment.zoom_range = 0.5, (1.0, 2.0)  # only enlarging: not both ways
-    assert auto_tolerance_for(cfg, "distance") == AUTO_TOLERANCE

@@ -16,7 +16,7 @@ from ..files import remove_stale_temporaries, write_text
 from ..runfolder import load_run, resolve_run_dir
 from .options import PredictOptions, resolve_options
 from .predictor import Predictor
-from .rescale import auto_tolerance_for, parse_diameter
+from .rescale import parse_diameter
 from .streaming import should_stream
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,6 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     rle_items: list[tuple[str, np.ndarray]] = []
     want_labels = o.instances or bool(o.rle) or o.rois
     train_diameter = run.info.get("diameter")
-    auto_tolerance = auto_tolerance_for(run.config, kind)
     diameter = parse_diameter(o.diameter)
     if diameter == "auto" and not (want_labels and train_diameter and kind in ("boundary", "distance")):
         diameter = None  # auto: instance models (boundary, distance targets) that know their objects' size
@@ -196,7 +195,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
                 prob = _predict_with_fallback(predictor, raw, f, bar.update)
             else:
                 prob, labels, choice = _predict_at_training_size(predictor, raw, f, train_diameter, diameter,
-                                                                 kind, pp, run.info, auto_tolerance)
+                                                                 kind, pp, run.info)
                 bar.update(predictor.n_tiles(prob.shape[-2:]))
                 scales[name] = {"Scale": round(choice.scale, 4), "Diameter": choice.diameter,
                                 "DiameterFrom": choice.how}
@@ -340,7 +339,7 @@ def _predict_streaming(predictor: Predictor, f: Path, paths: dict[str, Path], pr
 
 
 def _predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Path, train_diameter: float,
-                              diameter: float | str, kind: str, pp, info: dict, tolerance: float):
+                              diameter: float | str, kind: str, pp, info: dict):
     """Probabilities and labels of one image predicted with its objects rescaled to the training size
     (:func:`~unetlab.inference.rescale.predict_rescaled`), and the scale chosen."""
     from .postprocess import probabilities_to_labels
@@ -350,7 +349,7 @@ def _predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Pat
     target = kind if kind in ("binary", "boundary", "distance") else "binary"
     return predict_rescaled(predictor.predict_prepared, prepared, float(train_diameter), diameter,
                             to_labels=lambda p: probabilities_to_labels(p, target, pp),
-                            foreground=lambda p: _foreground(p, info, pp.threshold), tolerance=tolerance)
+                            foreground=lambda p: _foreground(p, info, pp.threshold))
 
 
 def _predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from ..config import RunConfig
 from ..data.sizes import median_diameter
 from ..errors import UnetlabError
 from ..labels import resize_nearest
@@ -27,10 +26,6 @@ from ..labels import resize_nearest
 log = logging.getLogger(__name__)
 
 AUTO_TOLERANCE = 0.2  # --diameter auto predicts again when the measured size is off by more than this
-ZOOM_TOLERANCE = 0.3  # ... for a network trained with zoom augmentation, which copes with sizes near its own
-# (chosen on 40 validation images of the nuclei model: AP@0.5 at x1/x2/x0.5 0.792/0.722/0.747 against
-# 0.779/0.723/0.750 at 0.2 and 0.791/0.717/0.747 at 0.4; the test split took no part. Without zoom, predicted
-# fragments of objects twice the training size can look only 25% small: 0.2 keeps them from passing.)
 MIN_SCALE, MAX_SCALE = 0.125, 8.0
 MIN_SIDE = 16  # a rescaled image is never smaller than this (pixels) on either side
 
@@ -57,16 +52,6 @@ def parse_diameter(value: str | float | None) -> float | str | None:
     if not d > 0:
         raise UnetlabError(f"--diameter must be positive, not {value!r}")
     return d
-
-
-def auto_tolerance_for(cfg: RunConfig, target: str) -> float:
-    """How far off the measured object size may be before ``--diameter auto`` rescales: wider for a network
-    trained with zoom augmentation (:data:`ZOOM_TOLERANCE`) than without (:data:`AUTO_TOLERANCE`)."""
-    from ..data.augment import zoom_probability
-
-    zoomed = zoom_probability(cfg.data.augment, target) > 0 and cfg.data.augment.zoom_range[0] < 1 < \
-        cfg.data.augment.zoom_range[1]
-    return ZOOM_TOLERANCE if zoomed else AUTO_TOLERANCE
 
 
 def scale_for(train_diameter: float, diameter: float) -> float:

@@ -10,7 +10,8 @@ The network defaults to a tiny U-Net (preset unet, depth 3, width 8) because une
 1849 tiles of a 16k image, over 20 minutes on 2 CPU cores: ``--model slim`` runs it anyway. Memory depends on
 the tile batch and the network's widest activations, not on the image size, as the rows show.
 
-    python benchmarks/bench_memory.py [--size 16384] [--model tiny|slim] [--layout raw|tiled] [--threads N]
+    python benchmarks/bench_memory.py [--size 16384] [--model tiny|slim] [--layout raw|tiled|ome-tiff|ome-zarr]
+        [--threads N]
 
 Results: benchmarks/results/bench_memory.json.
 """
@@ -35,6 +36,7 @@ MODELS = {
     "slim": ("unet-slim", {}),
 }
 LIMIT_GIB = 3.0
+LAYOUTS = {"raw": ".tif", "tiled": ".tif", "ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr"}
 
 
 def log(msg: str) -> None:
@@ -45,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=16384)
     p.add_argument("--model", choices=list(MODELS), default="tiny")
-    p.add_argument("--layout", choices=["raw", "tiled"], default="raw",
-                   help="raw: uncompressed TIFF; tiled: zlib-compressed 512 px tiles")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="raw",
+                   help="raw: uncompressed TIFF; tiled: zlib-compressed 512 px tiles; ome-tiff: the same as an "
+                   "OME-TIFF; ome-zarr: an OME-Zarr (NGFF 0.4) image in 512 px chunks")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--compare-size", type=int, default=4096,
@@ -76,13 +79,28 @@ def write_big_tiff(path: Path, size: int, layout: str) -> Path:
                 w.close()
         return path
 
+    if layout == "ome-zarr":  # written chunk row by chunk row; the NGFF metadata by hand (one level)
+        import zarr
+
+        group = zarr.open_group(str(path), mode="w", zarr_format=2)
+        array = group.create_array("0", shape=(size, size), chunks=(512, 512), dtype=np.uint16)
+        for y0, rows in C.mosaic_rows(size, size, fields, seed=9):
+            array[y0 : y0 + rows.shape[-2]] = rows.reshape(-1, size)
+        group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y", "type": "space"},
+                                                                  {"name": "x", "type": "space"}],
+                                       "datasets": [{"path": "0", "coordinateTransformations": [
+                                           {"type": "scale", "scale": [1.0, 1.0]}]}]}]
+        return path
+
     def tiles():
         for _y0, rows in C.mosaic_rows(size, size, fields, seed=9):  # 512-row bands = one row of tiles
             for x in range(0, size, 512):
                 yield rows[:, x : x + 512]
 
+    ome = {"ome": True, "metadata": {"axes": "YX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65}} if (
+        layout == "ome-tiff") else {}
     tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint16, tile=(512, 512), compression="zlib",
-                     photometric="minisblack")
+                     photometric="minisblack", **ome)
     return path
 
 
@@ -138,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             folder = work / f"in_{size}"
             folder.mkdir(exist_ok=True)
-            image = folder / f"cells_{size}.tif"
+            image = folder / f"cells_{size}{LAYOUTS[args.layout]}"
             if not image.exists():
                 log(f"writing a {size}x{size} 16-bit TIFF ({args.layout}) ...")
                 t = time.perf_counter()
                 write_big_tiff(image, size, args.layout)
-                log(f"  {image.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t:.0f} s")
+                disk = sum(p.stat().st_size for p in image.rglob("*")) if image.is_dir() else image.stat().st_size
+                log(f"  {disk / 2**20:.0f} MiB in {time.perf_counter() - t:.0f} s")
             modes = ["streamed"] if size == args.size else ["in memory", "streamed"]
             for mode in modes:
                 out = work / f"out_{size}_{mode.replace(' ', '_')}"
@@ -163,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = [sys.executable, "-c", code]
                 log(f"predicting {size}x{size} ({mode}) in a child process ...")
                 r = run_child(cmd, args.threads)
-                mask = out / "masks" / (f"{image.stem}.tif" if mode == "streamed" else f"{image.stem}.png")
+                stem = image.name[: -len(LAYOUTS[args.layout])]
+                mask = out / "masks" / (f"{stem}.tif" if mode == "streamed" else f"{stem}.png")
                 summary = mask_summary(mask) if mask.suffix == ".tif" else {"shape": [size, size]}
                 rows.append({"image": f"{size}x{size}", "path": mode, "model": f"{args.model} ({preset})",
                              "mpx": size * size / 1e6, "mpx_per_s": size * size / 1e6 / r["seconds"],
@@ -174,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
     info["load_average_end"] = C.load_average()
     print(f"\npeak resident memory of prediction in a child process (ru_maxrss); tile {args.tile}, batch "
-          f"{args.batch_size}, input {args.layout} TIFF, model {args.model} = {preset} {extra or ''}")
+          f"{args.batch_size}, input {args.layout}, model {args.model} = {preset} {extra or ''}")
     if args.model == "tiny":
         print("(tiny model: unet-slim needs ~116 TFLOP for a 16k image, over 20 min on 2 cores; --model slim)")
     C.print_table(rows, [("image", "image", ""), ("path", "path", ""), ("model", "model", ""),

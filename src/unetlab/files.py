@@ -64,6 +64,36 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` (a directory output such as
+    an OME-Zarr image), on any failure it is deleted. An old ``path`` is moved aside first, then deleted."""
+    import shutil
+
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as exc:
+        err = write_error(exc, path)
+        if err is None:
+            raise
+        raise err from exc
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_atomic(path: str | Path, writer: Callable[[Path], object]) -> Path:
     """Call ``writer(tmp_path)`` then rename the temporary file onto ``path`` (never a half-written file)."""
     with atomic_output(path) as tmp:
@@ -103,8 +133,13 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
-    for p in folder.rglob(".*.tmp*"):
-        if p.is_file() and (_STALE.match(p.name) or (p.name.endswith(".data") and _STALE.match(p.name[:-5]))):
+    import shutil
+
+    for p in sorted(folder.rglob(".*.tmp*")):
+        if p.is_dir() and _STALE.match(p.name):  # an unfinished directory output (atomic_directory)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.is_file() and (_STALE.match(p.name) or (p.name.endswith(".data") and _STALE.match(p.name[:-5]))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -9,30 +9,47 @@ import numpy as np
 
 from ..errors import UnetlabError
 from ..files import write_atomic
+from .ome import is_ome_tiff, is_zarr_path, open_zarr_image, read_ome_tiff
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 _TIFF = (".tif", ".tiff")
 
 
 def is_image_file(path: str | Path) -> bool:
-    """True for files whose extension unetlab reads as an image (hidden files excluded)."""
+    """True for files whose extension unetlab reads as an image, and for Zarr / OME-Zarr image directories
+    (hidden ones excluded)."""
     p = Path(path)
-    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    if p.name.startswith("."):
+        return False
+    return p.suffix.lower() in IMAGE_EXTENSIONS or is_zarr_path(p)
+
+
+def image_stem(path: str | Path) -> str:
+    """The image's name without its format: ``a.ome.tif``, ``a.ome.zarr``, ``a.zarr`` and ``a.tif`` give ``a``."""
+    name = Path(path).name
+    for ending in (".ome.tiff", ".ome.tif", ".ome.zarr", ".zarr"):
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return Path(name).stem
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Sorted image files directly inside ``folder``."""
+    """Sorted image files (and Zarr image directories) directly inside ``folder``."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    return sorted(p for p in folder.iterdir() if (p.is_file() and is_image_file(p)) or is_zarr_path(p))
 
 
 def _read_raw(path: Path) -> np.ndarray:
     if not path.exists():
         raise UnetlabError("file not found", path)
+    if is_zarr_path(path):
+        return open_zarr_image(path).read()
     if path.stat().st_size == 0:
         raise UnetlabError("file is empty (0 bytes)", path, READ_HINT)
     try:
-        if path.suffix.lower() in _TIFF:
+        if is_ome_tiff(path):
+            arr = read_ome_tiff(path)
+        elif path.suffix.lower() in _TIFF:
             import tifffile
 
             arr = tifffile.imread(path)
@@ -90,7 +107,7 @@ def read_image(path: str | Path, drop_alpha: bool = True) -> np.ndarray:
     """
     path = Path(path)
     arr = to_channels_first(_read_raw(path))
-    if drop_alpha and arr.shape[0] == 4 and path.suffix.lower() not in _TIFF:
+    if drop_alpha and arr.shape[0] == 4 and path.suffix.lower() not in _TIFF and not is_zarr_path(path):
         arr = arr[:3]
     out = arr.astype(np.float32, copy=False)
     if not np.isfinite(out).all():

@@ -45,6 +45,8 @@ class PredictOptions:
                           "with native bf16, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     probabilities: bool = _opt(False, "also write float32 probability TIFFs")
     instances: bool = _opt(False, "write instance labels, counts and measurements")
+    ome_zarr: bool = _opt(False, "also write the instance labels as OME-Zarr (labels/NAME.ome.zarr, NGFF 0.4 with "
+                          "the input's pixel size), beside the TIFF")
     overlays: bool = _opt(False, "write outline overlay PNGs")
     tta: bool = _opt(False, "average the 8 flips/rotations")
     rle: str | Path | None = _opt(None, "write a Kaggle run-length submission CSV", metavar="CSV")

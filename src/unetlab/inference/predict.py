@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import IMAGE_EXTENSIONS, is_image_file, read_image, write_image
+from ..data.io import IMAGE_EXTENSIONS, image_stem, is_image_file, read_image, write_image
+from ..data.ome import is_zarr_path
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries, write_text
 from ..runfolder import load_run, resolve_run_dir
@@ -29,10 +31,13 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
     path = Path(path)
     if not path.exists():
         raise UnetlabError("input not found", path)
-    if path.is_file():
+    if path.is_file() or is_zarr_path(path):
         if not is_image_file(path):
-            raise UnetlabError(f"not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})", path)
-        return [(path.stem, path)]
+            raise UnetlabError(f"not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)}, or a "
+                               "Zarr / OME-Zarr directory)", path)
+        return [(image_stem(path), path)]
+    if path.name.lower().endswith(".zarr"):
+        raise UnetlabError("not a Zarr image: no zarr.json, .zarray or .zattrs in the directory", path)
     from ..data.layouts import detect_layout, load_dataset
 
     try:
@@ -56,15 +61,19 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
             if not samples:
                 raise UnetlabError(f"none of the '{split}' samples of {split_file} are in this dataset", path)
         return [(s.name.replace("/", "__"), s.image) for s in samples]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(p for p in path.rglob("*") if ((p.is_file() and is_image_file(p)) or is_zarr_path(p))
+                   and not any(part.startswith(".") or part.lower().endswith(".zarr")
+                               for part in p.relative_to(path).parts[:-1]))  # nothing inside a Zarr image
     if not files:
         raise UnetlabError("no images found in folder", path)
     out = []
     for f in files:
-        rel = f.relative_to(path).with_suffix("")
-        out.append(("__".join(rel.parts), f))
+        rel = f.relative_to(path)
+        out.append(("__".join((*rel.parent.parts, image_stem(f))), f))
     return out
+
+
+PREDICTIONS_JSON = "predictions.json"
 
 
 def output_paths(out: Path, name: str, multiclass: bool) -> dict[str, Path]:
@@ -73,6 +82,7 @@ def output_paths(out: Path, name: str, multiclass: bool) -> dict[str, Path]:
         "mask": out / ("classes" if multiclass else "masks") / f"{name}.png",
         "prob": out / "probabilities" / f"{name}.tif",
         "labels": out / "labels" / f"{name}.tif",
+        "labels_zarr": out / "labels" / f"{name}.ome.zarr",
         "overlay": out / "overlays" / f"{name}.png",
     }
 
@@ -154,7 +164,12 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         try:
             import tifffile
 
-            if f.suffix.lower() in (".tif", ".tiff"):
+            if is_zarr_path(f):
+                from ..data.ome import open_zarr_image
+
+                view = open_zarr_image(f)
+                sizes[f] = (view.height, view.width)
+            elif f.suffix.lower() in (".tif", ".tiff"):
                 with tifffile.TiffFile(f) as t:
                     shp = t.series[0].shape
                 sizes[f] = tuple(shp[-2:]) if len(shp) == 2 or shp[-1] > 4 else tuple(shp[:2])
@@ -176,7 +191,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         if stream:  # PNG cannot be written band by band
             paths["mask"] = paths["mask"].with_suffix(".tif")
         needed = [paths["mask"]] + ([paths["prob"]] if o.probabilities else []) + (
-            [paths["labels"]] if want_labels else []) + ([paths["overlay"]] if o.overlays or o.instances else []) + (
+            [paths["labels"]] if want_labels else []) + ([paths["labels_zarr"]] if want_labels and o.ome_zarr else []) + ([paths["overlay"]] if o.overlays or o.instances else []) + (
             [out / "rois" / f"{name}.zip"] if o.rois else [])
         if o.resume and all(p.exists() for p in needed) and _resume_done(name, f, paths, want_labels, bool(o.rle),
                                                                          measurements, rle_items, scales):
@@ -219,6 +234,9 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
                 labels = probabilities_to_labels(prob, kind if kind in ("binary", "boundary", "distance")
                                                  else "binary", pp)
             writers.write_labels(paths["labels"], labels, protect, note=scales.get(name))
+            if o.ome_zarr:
+                writers.write_labels_ome_zarr(paths["labels_zarr"], labels, protect, _pixel_size(f),
+                                              note=scales.get(name))
             measurements[name] = writers.measure_objects(labels, raw)
             if o.rle:
                 rle_items.append((name, labels))
@@ -247,6 +265,10 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         scales = {n: s for p in parts for n, s in p["scales"].items()}
         if o.rle and dist.is_main:
             _merge_rle_parts(Path(o.rle), [Path(f"{o.rle}.rank{r}.part") for r in range(dist.world_size)], order)
+    if dist.is_main:  # which image each output came from, for viewers (the napari reader) and for provenance
+        write_text(out / PREDICTIONS_JSON, json.dumps(
+            {"model": str(model), "run": str(run_dir), "images": {n: str(Path(f).resolve()) for n, f in inputs},
+             "labels": want_labels, "multiclass": multiclass}, indent=1) + "\n")
     summary = {"images": len(inputs), "predicted": len(done), "skipped_done": len(skipped), "bad": bad,
                "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
     if measurements:
@@ -320,6 +342,19 @@ def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bo
     if rle:
         rle_items.append((name, labels))
     return True
+
+
+def _pixel_size(image: Path) -> tuple[float, float] | None:
+    """The physical pixel size (y, x) in µm that an OME-TIFF or OME-Zarr input declares (None otherwise)."""
+    from ..data.ome import is_ome_tiff, read_metadata
+
+    if not (is_ome_tiff(image) or is_zarr_path(image)):
+        return None
+    try:
+        return read_metadata(image).pixel_size_um
+    except UnetlabError as exc:
+        log.warning("%s", exc)
+        return None
 
 
 def _predict_streaming(predictor: Predictor, f: Path, paths: dict[str, Path], probabilities: bool,

@@ -1,8 +1,11 @@
-"""Huge TIFF images, tile by tile: read rows on demand, normalise from a subsample, write outputs band by band.
+"""Huge TIFF and Zarr images, tile by tile: read rows on demand, normalise from a subsample, write outputs band
+by band.
 
-:func:`open_tiff_rows` gives a lazy channels-first view of a TIFF whose ``[:, y0:y1, x0:x1]`` reads only those
-rows: uncompressed contiguous data by positioned reads (no memory map, so pages read never count as the
-process's resident memory), compressed or tiled pages by decoding only the strips/tiles the rows touch.
+:func:`open_tiff_rows` gives a lazy channels-first view of a TIFF or Zarr / OME-Zarr image whose
+``[:, y0:y1, x0:x1]`` reads only those rows: uncompressed contiguous TIFF data by positioned reads (no memory
+map, so pages read never count as the process's resident memory), compressed, striped or tiled TIFF pages
+through tifffile's zarr interface (``series.aszarr``), which decodes only the strips/tiles the rows touch, and
+Zarr arrays by their chunks.
 :func:`band_normalizer` computes the normalisation from a strided subsample and applies it per band, and
 :func:`stream_predict_file` writes the mask as a compressed tiled TIFF and the probabilities as a float32 TIFF
 while the predictor yields finished bands, so memory stays bounded by one band of tiles whatever the image size.
@@ -14,11 +17,11 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..data.ome import AxesView, is_zarr_path, open_zarr
 from ..errors import UnetlabError
 from ..files import atomic_output
 
@@ -27,14 +30,6 @@ log = logging.getLogger(__name__)
 STREAM_THRESHOLD = 64_000_000  # pixels: larger TIFF images are predicted tile by tile from disk
 SUBSAMPLE_MAX = 32_000_000  # at most this many pixels (per channel) go into the normalisation percentiles
 MASK_TILE = 256
-
-
-@dataclass
-class _Plane:
-    """Where one channel's pixels are: a page (and the sample inside it) of the TIFF."""
-
-    page: object
-    sample: int
 
 
 class TiffRows:
@@ -57,7 +52,6 @@ class TiffRows:
         except Exception:
             self._tif.close()
             raise
-        self._cache: dict[tuple[int, int], np.ndarray] = {}  # (plane, tile row) -> (S, rows, W) decoded
 
     def _setup(self) -> None:
         series = self._tif.series[0]
@@ -78,7 +72,12 @@ class TiffRows:
         self.dtype = np.dtype(self._tif.byteorder + series.dtype.char)
         self._offset = series.dataoffset  # contiguous uncompressed data: the file offset of pixel (0, 0)
         self._contig_samples = spp if first.planarconfig == 1 else 1  # samples interleaved per pixel
-        self._pages = pages
+        self._store = None
+        if self._offset is None:  # compressed or segmented: decoded by tifffile through its zarr store
+            import zarr
+
+            self._store = series.aszarr(level=0)
+            self._zarr = AxesView(zarr.open(self._store, mode="r"), series.axes, self.path)
 
     # -- the array-like face used by tiling.read_window --------------------------------------------------------
     @property
@@ -121,62 +120,15 @@ class TiffRows:
             out[c] = np.frombuffer(fh.read(n * w * item), self.dtype).reshape(n, w)
         return out
 
-    def _segment_rows(self, page) -> int:
-        return int(page.tilelength) if page.is_tiled else min(int(page.rowsperstrip or self.height), self.height)
-
-    def _decode_row(self, page, plane_in_page: int, ty: int) -> np.ndarray:
-        """Decode the tiles/strip of tile row ``ty`` of one page plane: (samples, rows, W)."""
-        h, w = self.height, self.width
-        tl = self._segment_rows(page)
-        tw = int(page.tilewidth) if page.is_tiled else w
-        nx = math.ceil(w / tw)
-        ny = math.ceil(h / tl)
-        planes = int(page.samplesperpixel) if page.planarconfig == 2 else 1
-        if len(page.dataoffsets) != planes * ny * nx:
-            raise UnetlabError("TIFF segment layout not understood; cannot stream it", self.path)
-        spp = 1 if page.planarconfig == 2 else int(page.samplesperpixel)
-        rows = min(tl, h - ty * tl)
-        out = np.zeros((spp, rows, w), self.dtype)
-        fh = self._tif.filehandle
-        for tx in range(nx):
-            i = (plane_in_page * ny + ty) * nx + tx
-            if not page.databytecounts[i]:
-                continue
-            fh.seek(page.dataoffsets[i])
-            seg, idx, _shape = page.decode(fh.read(page.databytecounts[i]), i, jpegtables=page.jpegtables)
-            if seg is None:
-                continue
-            x = int(idx[-2])
-            seg = seg[0]  # (rows, cols, samples)
-            cols = min(seg.shape[1], w - x)
-            out[:, :, x : x + cols] = np.moveaxis(seg[:rows, :cols], -1, 0)
-        return out
-
     def _read_segments(self, y0: int, y1: int) -> np.ndarray:
-        out = np.empty((self.channels, y1 - y0, self.width), self.dtype)
-        c = 0
-        keep = set()
-        for page in self._pages:
-            tl = self._segment_rows(page)
-            planes = int(page.samplesperpixel) if page.planarconfig == 2 else 1
-            for plane in range(planes):
-                for ty in range(y0 // tl, (max(y1, y0 + 1) - 1) // tl + 1):
-                    key = (c, ty)
-                    keep.add(key)
-                    block = self._cache.get(key)
-                    if block is None:
-                        block = self._cache[key] = self._decode_row(page, plane, ty)
-                    a, b = max(y0, ty * tl), min(y1, ty * tl + block.shape[1])
-                    if b > a:
-                        out[c : c + block.shape[0], a - y0 : b - y0] = block[:, a - ty * tl : b - ty * tl]
-                c += 1 if page.planarconfig == 2 else int(page.samplesperpixel)
-        for key in [k for k in self._cache if k not in keep]:  # bands move down: drop rows above
-            del self._cache[key]
-        return out
+        """Compressed, striped or tiled data: through tifffile's zarr view, which decodes only the strips or
+        tiles that rows ``y0:y1`` touch."""
+        return self._zarr[:, y0:y1, :]
 
     def close(self) -> None:
         """Close the file."""
-        self._cache.clear()
+        if self._store is not None:
+            self._store.close()
         self._tif.close()
 
     def __enter__(self) -> TiffRows:
@@ -186,27 +138,33 @@ class TiffRows:
         self.close()
 
 
-def open_tiff_rows(path: str | Path) -> TiffRows:
-    """A lazy channels-first view of the TIFF at ``path`` (see :class:`TiffRows`)."""
+def open_tiff_rows(path: str | Path) -> TiffRows | AxesView:
+    """A lazy channels-first view of the TIFF (see :class:`TiffRows`) or Zarr / OME-Zarr image at ``path``."""
+    if is_zarr_path(path):
+        array, axes, _meta = open_zarr(path)
+        return AxesView(array, axes, path)
     return TiffRows(path)
 
 
 def tiff_pixels(path: str | Path) -> int | None:
-    """Height x width of the first series of a TIFF, read from its header (None if it cannot be read)."""
-    import tifffile
-
+    """Height x width of a TIFF's first series or a Zarr image, read from its header (None if unreadable)."""
     try:
+        if is_zarr_path(path):
+            view = open_tiff_rows(path)
+            return view.height * view.width
+        import tifffile
+
         with tifffile.TiffFile(path) as t:
             page = t.series[0].pages[0]
             return int(page.imagelength) * int(page.imagewidth)
     except Exception as exc:  # the image is read (and its problem reported) by the normal reader instead
-        log.warning("%s: TIFF header not readable (%s: %s); not streaming it", path, type(exc).__name__, exc)
+        log.warning("%s: header not readable (%s: %s); not streaming it", path, type(exc).__name__, exc)
         return None
 
 
 def should_stream(path: str | Path, threshold: int | None = STREAM_THRESHOLD) -> bool:
-    """True for TIFF files with more than ``threshold`` pixels (None: never stream)."""
-    if threshold is None or Path(path).suffix.lower() not in (".tif", ".tiff"):
+    """True for TIFF files and Zarr images with more than ``threshold`` pixels (None: never stream)."""
+    if threshold is None or (Path(path).suffix.lower() not in (".tif", ".tiff") and not is_zarr_path(path)):
         return False
     n = tiff_pixels(path)
     return n is not None and n > threshold

@@ -158,6 +158,14 @@ def test_bad_zarr_and_3d_images_are_one_line_errors(tmp_path, capsys):
     assert len([ln for ln in err.strip().splitlines() if not ln.startswith("  ")]) == 1
 
 
+def test_two_images_with_one_output_name_are_one_line_error(tmp_path):
+    image, _ = nuclei_image(seed=6, size=64, n=2)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    write_ome_zarr(tmp_path / "a.ome.zarr", image[None])
+    with pytest.raises(UnetlabError, match="two images give the output name 'a': a.ome.zarr and a.tif"):
+        collect_inputs(tmp_path)
+
+
 def test_ome_zarr_output_replaces_atomically_and_cli_flag(tmp_path, capsys):
     from unetlab.inference.writers import write_labels_ome_zarr
 
@@ -168,6 +176,15 @@ def test_ome_zarr_output_replaces_atomically_and_cli_flag(tmp_path, capsys):
     write_labels_ome_zarr(tmp_path / "l.ome.zarr", lab)  # replaces the old one, leaves nothing behind
     np.testing.assert_array_equal(read_image(tmp_path / "l.ome.zarr")[0], lab)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.ome.zarr"]
+    big = np.zeros((2100, 1500), np.uint16)
+    big[1000:1200, 700:900] = 7
+    write_labels_ome_zarr(tmp_path / "big.ome.zarr", big, pixel_size_um=(0.5, 0.4))
+    attrs = json.loads((tmp_path / "big.ome.zarr" / ".zattrs").read_text())["multiscales"][0]
+    assert [d["coordinateTransformations"][0]["scale"] for d in attrs["datasets"]] == [[0.5, 0.4], [1.0, 0.8]]
+    level1 = np.asarray(zarr.open_array(str(tmp_path / "big.ome.zarr" / attrs["datasets"][1]["path"])))
+    np.testing.assert_array_equal(level1, big[::2, ::2])  # nearest neighbour: still labels
+    assert read_metadata(tmp_path / "big.ome.zarr").pixel_size_um == pytest.approx((0.5, 0.4))
+    (tmp_path / "big.ome.zarr").rename(tmp_path.parent / f"{tmp_path.name}_big.ome.zarr")
     with pytest.raises(UnetlabError, match="refusing to overwrite an input"):
         write_labels_ome_zarr(tmp_path / "l.ome.zarr", lab, protect=[tmp_path / "l.ome.zarr"])
     image, _ = nuclei_image(seed=5, size=128, n=6)

@@ -66,10 +66,16 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
                                for part in p.relative_to(path).parts[:-1]))  # nothing inside a Zarr image
     if not files:
         raise UnetlabError("no images found in folder", path)
-    out = []
+    out: list[tuple[str, Path]] = []
+    seen: dict[str, Path] = {}
     for f in files:
         rel = f.relative_to(path)
-        out.append(("__".join((*rel.parent.parts, image_stem(f))), f))
+        name = "__".join((*rel.parent.parts, image_stem(f)))
+        if name in seen:  # a.tif beside a.png or a.ome.zarr: their outputs would overwrite each other
+            raise UnetlabError(f"two images give the output name '{name}': {seen[name].name} and {f.name}", f,
+                               "rename one, or predict them into different folders")
+        seen[name] = f
+        out.append((name, f))
     return out
 
 

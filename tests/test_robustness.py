@@ -478,6 +478,28 @@ def test_out_of_memory_falls_back_to_smaller_tile_batches(tmp_path, capsys, capl
                 == read_label(tmp_path / "ref" / "masks" / f"{name}.png")).all()
 
 
+def test_out_of_memory_falls_back_when_predicting_at_the_training_size(tmp_path, capsys, monkeypatch):
+    """--diameter (auto here, the default for instance models) predicts rescaled images: the same fallback."""
+    import tifffile
+
+    from test_pretrained import nuclei_image
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "n.tif", nuclei_image(seed=2, size=160, n=8)[0])
+    common = ["predict", "--model", "nuclei", "--input", tmp_path / "in", "--instances", "--no-progress",
+              "--tile", "64"]
+    rc, _out, err = cli(capsys, *common, "--out", tmp_path / "ref", "--batch-size", "1")
+    assert rc == 0, err
+    seen: list[int] = []
+    _oom_predict_fn(monkeypatch, seen)
+    rc, _out, err = cli(capsys, *common, "--out", tmp_path / "oom", "--batch-size", "4")
+    assert rc == 0, err
+    assert seen[0] > 1 and 1 in seen
+    ref = read_label(tmp_path / "ref" / "labels" / "n.tif")
+    assert ref.max() >= 6
+    np.testing.assert_array_equal(read_label(tmp_path / "oom" / "labels" / "n.tif"), ref)
+
+
 def test_out_of_memory_with_single_tiles_is_a_user_error(tmp_path, capsys, monkeypatch, run_dir):
     data = good_dataset(tmp_path / "data", n=1)
     _oom_predict_fn(monkeypatch, [], always=True)

@@ -215,8 +215,9 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
             if diameter is None:
                 prob = _predict_with_fallback(predictor, raw, f, bar.update)
             else:
-                prob, labels, choice = _predict_at_training_size(predictor, raw, f, train_diameter, diameter,
-                                                                 kind, pp, run.info)
+                prob, labels, choice = _on_oom_smaller_batches(predictor, f, partial(
+                    _predict_at_training_size, raw=raw, source=f, train_diameter=train_diameter,
+                    diameter=diameter, kind=kind, pp=pp, info=run.info))
                 bar.update(predictor.n_tiles(prob.shape[-2:]))
                 scales[name] = {"Scale": round(choice.scale, 4), "Diameter": choice.diameter,
                                 "DiameterFrom": choice.how}
@@ -394,12 +395,18 @@ def _predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Pat
 
 
 def _predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:
-    """Predict, halving the tile batch on out-of-memory errors instead of failing; the smaller batch is kept
-    for the images that follow. Out of memory with single tiles is a one-line error saying what to change."""
+    """Predict one image at its own size, with :func:`_on_oom_smaller_batches`."""
+    return _on_oom_smaller_batches(predictor, source, lambda p: p.predict_image(raw, source, progress))
+
+
+def _on_oom_smaller_batches(predictor: Predictor, source: Path, work):
+    """``work(predictor)``, halving the tile batch on out-of-memory errors instead of failing; the smaller batch
+    is kept for the images that follow. Out of memory with single tiles is a one-line error saying what to
+    change."""
     p = predictor
     while True:
         try:
-            return p.predict_image(raw, source, progress)
+            return work(p)
         except (RuntimeError, MemoryError) as exc:
             oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
             if not oom:

@@ -136,3 +136,25 @@ def test_val_groups_flag_keeps_brackets_through_the_config():
 
     cfg = apply_overrides(RunConfig(), {"val_groups": "[ab]*,*Pos00[89]"})
     assert list(cfg.data.val_groups) == ["[ab]*", "*Pos00[89]"]
+
+
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
+    from unetlab.files import atomic_directory, remove_stale_temporaries
+
+    target = tmp_path / "out" / "a.ome.zarr"
+    with atomic_directory(target) as tmp:
+        (tmp / "old").write_text("1")
+    with pytest.raises(RuntimeError, match="boom"), atomic_directory(target) as tmp:
+        (tmp / "new").write_text("2")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in target.iterdir()) == ["old"]  # a failed write leaves the old one whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.ome.zarr"]
+    with atomic_directory(target) as tmp:
+        (tmp / "new").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.ome.zarr"]
+    stale = target.parent / ".b.ome.zarr.abcd_123.tmp"  # left by a killed process
+    (stale / "0").mkdir(parents=True)
+    (stale / "0" / "0.0").write_bytes(b"x")
+    assert remove_stale_temporaries(target.parent) == [stale]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.ome.zarr"]

@@ -37,7 +37,50 @@ def is_ome_tiff(path: str | Path) -> bool:
     return Path(path).name.lower().endswith((".ome.tif", ".ome.tiff"))
 
 
-class AxesView:
+class LazyImage:
+    """The (C, H, W) array face of a lazily read image: ``shape``, ``ndim`` and ``[c, y0:y1, x0:x1]`` slicing.
+
+    Subclasses set ``channels``, ``height`` and ``width`` and implement ``_window(ys, xs)``, which reads the
+    (C, rows, columns) block of two slices; channels are then picked from it.
+    """
+
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or not all(isinstance(k, slice) for k in key):
+            raise IndexError(f"{type(self).__name__} takes [channels, rows, columns] slices")
+        cs, ys, xs = key + (slice(None),) * (3 - len(key))
+        return self._window(ys, xs)[cs]
+
+    def _window(self, ys: slice, xs: slice) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self) -> np.ndarray:
+        """The whole image, (C, H, W), in its own dtype."""
+        return self[:, :, :]
+
+    def close(self) -> None:
+        """Release the file (nothing to release by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AxesView(LazyImage):
     """A (C, H, W) view of an array with named axes; indexing ``[c, y0:y1, x0:x1]`` reads only those rows.
 
     Every axis other than Y and X is a channel axis (C, S for samples, Q for unknown), except T and Z, which
@@ -60,39 +103,14 @@ class AxesView:
         self.height, self.width = int(array.shape[self._yx[0]]), int(array.shape[self._yx[1]])
         self.dtype = np.dtype(array.dtype)
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.height, self.width)
-
-    @property
-    def ndim(self) -> int:
-        return 3
-
-    def __getitem__(self, key) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if len(key) > 3 or not all(isinstance(k, slice) for k in key):
-            raise IndexError("AxesView takes [channels, rows, columns] slices")
-        cs, ys, xs = key + (slice(None),) * (3 - len(key))
+    def _window(self, ys: slice, xs: slice) -> np.ndarray:
         index: list[Any] = [0 if a in "TZ" else slice(None) for a in self.axes]
         index[self._yx[0]], index[self._yx[1]] = ys, xs
         block = np.asarray(self.array[tuple(index)])
         kept = [a for a in self.axes if a not in "TZ"]  # integer indices dropped T and Z
         order = [kept.index(a) for a in kept if a not in "YX"] + [kept.index("Y"), kept.index("X")]
         block = np.transpose(block, order)
-        return block.reshape((self.channels, *block.shape[-2:]))[cs]
-
-    def read(self) -> np.ndarray:
-        """The whole image, (C, H, W), in its own dtype."""
-        return self[:, :, :]
-
-    def close(self) -> None:
-        """Nothing to release (zarr stores need no closing); here for the streaming reader's interface."""
-
-    def __enter__(self) -> AxesView:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return block.reshape((self.channels, *block.shape[-2:]))
 
 
 # --- OME-Zarr / Zarr --------------------------------------------------------------------------------------------
@@ -209,5 +227,5 @@ def read_ome_tiff(path: str | Path) -> np.ndarray:
         return AxesView(series.asarray(), series.axes, path).read()
 
 
-__all__ = ["AxesView", "ImageMeta", "is_ome_tiff", "is_zarr_path", "open_zarr", "open_zarr_image",
+__all__ = ["AxesView", "ImageMeta", "LazyImage", "is_ome_tiff", "is_zarr_path", "open_zarr", "open_zarr_image",
            "read_metadata", "read_ome_tiff"]

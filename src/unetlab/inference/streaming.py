@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.ome import AxesView, is_zarr_path, open_zarr
+from ..data.ome import AxesView, LazyImage, is_zarr_path, open_zarr
 from ..errors import UnetlabError
 from ..files import atomic_output
 
@@ -32,7 +32,7 @@ SUBSAMPLE_MAX = 32_000_000  # at most this many pixels (per channel) go into the
 MASK_TILE = 256
 
 
-class TiffRows:
+class TiffRows(LazyImage):
     """A lazy (C, H, W) view of one TIFF series: ``view[:, y0:y1, x0:x1]`` reads only rows ``y0:y1``.
 
     Supports contiguous uncompressed data (positioned reads) and single-sample-per-page or multi-sample pages
@@ -79,24 +79,11 @@ class TiffRows:
             self._store = series.aszarr(level=0)
             self._zarr = AxesView(zarr.open(self._store, mode="r"), series.axes, self.path)
 
-    # -- the array-like face used by tiling.read_window --------------------------------------------------------
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.height, self.width)
-
-    @property
-    def ndim(self) -> int:
-        return 3
-
-    def __getitem__(self, key) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if len(key) > 3 or not all(isinstance(k, slice) for k in key):
-            raise IndexError("TiffRows takes [channels, rows, columns] slices")
-        cs, ys, xs = key + (slice(None),) * (3 - len(key))
+    # -- the array-like face used by tiling.read_window (LazyImage) -------------------------------------------
+    def _window(self, ys: slice, xs: slice) -> np.ndarray:
         y0, y1, ystep = ys.indices(self.height)
         x0, x1, xstep = xs.indices(self.width)
-        rows = self.rows(y0, max(y0, y1))
-        return rows[cs, ::ystep, x0:x1:xstep]
+        return self.rows(y0, max(y0, y1))[:, ::ystep, x0:x1:xstep]
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
         """Rows ``y0:y1`` of every channel, (C, y1 - y0, W), in the file's dtype."""
@@ -130,12 +117,6 @@ class TiffRows:
         if self._store is not None:
             self._store.close()
         self._tif.close()
-
-    def __enter__(self) -> TiffRows:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_tiff_rows(path: str | Path) -> TiffRows | AxesView:

@@ -192,5 +192,32 @@ def test_ome_zarr_output_replaces_atomically_and_cli_flag(tmp_path, capsys):
     rc = main(["-q", "predict", "--model", "nuclei", "--input", str(tmp_path / "n.tif"), "--out",
                str(tmp_path / "o"), "--instances", "--ome-zarr", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
+    rc = main(["-q", "predict", "--model", "nuclei", "--input", str(tmp_path / "n.tif"), "--out",
+               str(tmp_path / "o2"), "--ome-zarr", "--no-progress"])
+    assert rc == 2 and "add --instances" in capsys.readouterr().err
     attrs = json.loads((tmp_path / "o" / "labels" / "n.ome.zarr" / ".zattrs").read_text())
     assert attrs["multiscales"][0]["version"] == "0.4" and "image-label" in attrs
+
+
+def test_training_datasets_pair_ome_images_with_their_masks(tmp_path):
+    from unetlab.data.inspect import inspect_dataset
+    from unetlab.data.layouts import load_dataset
+
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "masks").mkdir()
+    truth = {}
+    for i in range(2):
+        image, labels = nuclei_image(seed=i, size=96, n=4)
+        write_ome_zarr(tmp_path / "ds" / "images" / f"z{i}.ome.zarr", image[None])
+        tifffile.imwrite(tmp_path / "ds" / "images" / f"t{i}.ome.tif", image[None], ome=True, metadata={"axes": "CYX"})
+        for stem in (f"z{i}", f"t{i}"):
+            tifffile.imwrite(tmp_path / "ds" / "masks" / f"{stem}.tif", labels)
+            truth[stem] = (image, labels)
+    info = load_dataset(tmp_path / "ds")
+    assert sorted(s.name for s in info.samples) == ["t0", "t1", "z0", "z1"] and not info.problems
+    for s in info.samples:
+        image, labels = truth[s.name]
+        np.testing.assert_array_equal(np.squeeze(read_image(s.image)), image)
+        assert (s.load_mask() > 0).sum() == (labels > 0).sum()
+    report = inspect_dataset(tmp_path / "ds", progress=False)
+    assert not report["problems"] and report["n_pairs"] == 4 and report["n_objects"] == 16

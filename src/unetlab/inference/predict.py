@@ -155,6 +155,8 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     measurements: dict[str, list[dict]] = {}
     rle_items: list[tuple[str, np.ndarray]] = []
     want_labels = o.instances or bool(o.rle) or o.rois
+    if o.ome_zarr and not want_labels:
+        raise UnetlabError("--ome-zarr writes the instance labels as OME-Zarr: add --instances")
     train_diameter = run.info.get("diameter")
     diameter = parse_diameter(o.diameter)
     if diameter == "auto" and not (want_labels and train_diameter and kind in ("boundary", "distance")):

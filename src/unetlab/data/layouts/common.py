@@ -10,6 +10,7 @@ import numpy as np
 
 from ...errors import UnetlabError
 from ..io import READ_HINT, describe_read_error, is_image_file, read_label
+from ..ome import AxesView, is_ome_tiff, is_zarr_path, open_zarr_image
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,12 @@ def find_dir(root: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def scan_images(folder: Path) -> list[Path]:
-    """Sorted image files directly inside ``folder`` (fast: one directory scan, no stat per file)."""
+    """Sorted image files (and Zarr / OME-Zarr image directories) directly inside ``folder`` (fast: one
+    directory scan, no stat per file but for ``*.zarr`` names)."""
     try:
-        return sorted(Path(e.path) for e in os.scandir(folder) if is_image_file(e.name) and e.is_file())
+        return sorted(Path(e.path) for e in os.scandir(folder)
+                      if (is_image_file(e.name) and e.is_file()) or (e.name.lower().endswith(".zarr")
+                                                                     and is_zarr_path(e.path)))
     except OSError as exc:
         log.warning("%s: folder not listable (%s); no images taken from it", folder, exc)
         return []
@@ -73,9 +77,18 @@ def image_header(path: str | Path) -> tuple[int, int, int, str]:
     path = Path(path)
     if not path.exists():
         raise UnetlabError("file not found", path)
+    if is_zarr_path(path):
+        view = open_zarr_image(path)
+        return view.height, view.width, view.channels, str(view.dtype)
     if path.stat().st_size == 0:
         raise UnetlabError("file is empty (0 bytes)", path, READ_HINT)
     try:
+        if is_ome_tiff(path):  # by its OME axes; the series is only looked at, not read
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                view = AxesView(tf.series[0], tf.series[0].axes, path)
+            return view.height, view.width, view.channels, str(view.dtype)
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...labels import mask_to_labels
+from ..io import image_stem
 from ..sample import DatasetInfo, Sample
 from .common import find_dir, image_without_mask, mask_without_image, read_mask_raw, scan_images
 from .registry import Layout, register_layout
@@ -49,8 +50,8 @@ def mask_key(stem: str) -> str:
 
 def _flat_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
     """Split one folder's files into (images, masks): masks carry a mask suffix and match an image stem."""
-    stems = {f.stem for f in files}
-    masks = [f for f in files if mask_key(f.stem) != f.stem and mask_key(f.stem) in stems]
+    stems = {image_stem(f) for f in files}
+    masks = [f for f in files if mask_key(image_stem(f)) != image_stem(f) and mask_key(image_stem(f)) in stems]
     mask_set = set(masks)
     return [f for f in files if f not in mask_set], masks
 
@@ -95,24 +96,24 @@ def load(
         masks = scan_images(masks_dir) if masks_dir is not None and masks_dir.is_dir() else []
     by_key: dict[str, Path] = {}
     for m in masks:
-        by_key.setdefault(m.stem, m)
+        by_key.setdefault(image_stem(m), m)
     for m in masks:
-        by_key.setdefault(mask_key(m.stem), m)
+        by_key.setdefault(mask_key(image_stem(m)), m)
     groups = read_groups(root)
     samples, problems = [], []
     used: set[Path] = set()
     for img in images:
-        m = by_key.get(img.stem)
+        m = by_key.get(image_stem(img))
         if m is None:
             problems.append(image_without_mask(img, masks_dir))
             continue
         used.add(m)
         samples.append(
             Sample(
-                name=img.stem,
+                name=image_stem(img),
                 image=img,
                 mask_loader=partial(load_binary_or_instance, m, invert_mask),
-                group=groups.get(img.stem, img.stem),
+                group=groups.get(image_stem(img), image_stem(img)),
                 mask_paths=(m,),
             )
         )

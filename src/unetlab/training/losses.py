@@ -74,12 +74,10 @@ def _bce_class_weight(target: Tensor, class_weights: list[float] | None) -> Tens
     return w_bg * (1.0 - target) + w_fg * target
 
 
-def binary_bce(
-    logits: Tensor, target: Tensor, weight: Tensor | None = None, class_weights: list[float] | None = None
+def _weighted_binary_mean(
+    loss: Tensor, target: Tensor, valid: Tensor, weight: Tensor | None, class_weights: list[float] | None
 ) -> Tensor:
-    """Pixel-wise BCE with logits averaged over valid pixels, times class and border weights."""
-    logits, target, valid = _binary_inputs(logits, target)
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    """Mean of a per-pixel binary loss over valid pixels, times class weights and border weights."""
     cw = _bce_class_weight(target, class_weights)
     if cw is not None:
         loss = loss * cw
@@ -87,6 +85,15 @@ def binary_bce(
     if pw is not None:
         loss = loss * pw
     return _masked_mean(loss, valid)
+
+
+def binary_bce(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, class_weights: list[float] | None = None
+) -> Tensor:
+    """Pixel-wise BCE with logits averaged over valid pixels, times class and border weights."""
+    logits, target, valid = _binary_inputs(logits, target)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return _weighted_binary_mean(loss, target, valid, weight, class_weights)
 
 
 def binary_focal(
@@ -102,13 +109,7 @@ def binary_focal(
     p = torch.sigmoid(logits)
     p_t = p * target + (1.0 - p) * (1.0 - target)
     loss = bce * (1.0 - p_t).clamp_min(0.0).pow(gamma)
-    cw = _bce_class_weight(target, class_weights)
-    if cw is not None:
-        loss = loss * cw
-    pw = _pixel_weight(weight, loss)
-    if pw is not None:
-        loss = loss * pw
-    return _masked_mean(loss, valid)
+    return _weighted_binary_mean(loss, target, valid, weight, class_weights)
 
 
 def binary_dice(

@@ -304,6 +304,23 @@ def test_a_test_split_is_held_out_and_scored_once_at_the_end(cells, tmp_path, ca
     assert main(["-q", "predict", "--model", str(run), "--input", str(cells), "--split", "test", "--out",
                  str(tmp_path / "pred"), "--no-progress"]) == 0
     assert {p.stem for p in (tmp_path / "pred" / "masks").iterdir()} == test
+    # `unetlab tune` tunes a finished run again on its validation images and rescores the test split
+    cfg = RunConfig.load(run / "config.yaml")
+    cfg.postprocess.threshold, cfg.postprocess.min_size = 0.95, 1000  # settings that find nothing
+    cfg.data.root = str(tmp_path / "moved")
+    cfg.save(run / "config.yaml")
+    assert main(["-q", "tune", str(run)]) == 2
+    assert "dataset folder" in capsys.readouterr().err
+    assert main(["tune", str(run), "--data", str(cells)]) == 0
+    assert "validation AP@0.5" in capsys.readouterr().out
+    tuned = RunConfig.load(run / "config.yaml")
+    assert tuned.postprocess.threshold <= 0.7 and tuned.postprocess.min_size <= 50
+    assert tuned.data.root == str(tmp_path / "moved")  # the run's own dataset folder is kept
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["postprocess"]["threshold"] == tuned.postprocess.threshold
+    assert summary["test"]["n_images"] == 1 and {"ap50", "dsb_score"} <= set(summary["test"])
+    assert main(["-q", "tune", str(tmp_path / "pred")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
     # a run without a test split says so in one line
     plain = tmp_path / "plain"
     train(config(cells, epochs=1), plain, progress=False)
@@ -311,3 +328,16 @@ def test_a_test_split_is_held_out_and_scored_once_at_the_end(cells, tmp_path, ca
     assert main(["-q", "predict", "--model", str(plain), "--input", str(cells), "--split", "test", "--out",
                  str(tmp_path / "p2"), "--no-progress"]) == 2
     assert "no 'test' samples" in capsys.readouterr().err
+
+
+def test_contact_weights_train_the_distance_target(cells, tmp_path):
+    """--contact-weight: the weighted distance loss falls and the network finds the cells."""
+    run = tmp_path / "run"
+    result = train(config(cells, epochs=EPOCHS, target="distance", contact_weight=10.0, sigma=2.0), run,
+                   progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    rows = metrics(run)
+    assert float(rows[-1]["val_dice"]) > float(rows[-1]["all_foreground_dice"]) + 0.3
+    saved = RunConfig.load(run / "config.yaml")
+    assert saved.train.contact_weight == 10.0 and saved.train.sigma == 2.0

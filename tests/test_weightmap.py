@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unetlab.labels import instance_labels
-from unetlab.training.weightmap import border_weight_map, write_weight_map_png
+from unetlab.training.weightmap import border_weight_map, contact_weight_map, write_weight_map_png
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data"
 
@@ -76,6 +76,53 @@ def test_touching_instances_keep_their_ids():
     assert np.all(got[lab > 0] == 1.0)
 
 
+def touching_objects() -> np.ndarray:
+    lab = np.zeros((24, 36), np.int32)
+    lab[4:16, 3:13] = 1
+    lab[4:16, 13:25] = 2  # touches object 1: no background between them
+    lab[18:22, 30:34] = 7  # on its own
+    return lab
+
+
+def test_contact_weight_map_stresses_where_objects_touch():
+    lab = touching_objects()
+    got = contact_weight_map(lab, w0=10.0, sigma=2.0)
+    # the paper's border term on every pixel (an object pixel's nearest object is itself, d1 = 0), no class balance
+    border = brute_force(lab, 10.0, 2.0, False) - 1.0
+    h, w = lab.shape
+    ids = [1, 2, 7]
+    yy, xx = np.mgrid[:h, :w]
+    dist = np.sort(np.stack([np.sqrt(((yy[..., None] - np.argwhere(lab == i)[:, 0]) ** 2
+                                      + (xx[..., None] - np.argwhere(lab == i)[:, 1]) ** 2).min(-1)) for i in ids]), 0)
+    want = 1.0 + 10.0 * np.exp(-((dist[0] + dist[1]) ** 2) / (2 * 2.0**2))
+    assert np.allclose(got, want, atol=1e-4)
+    assert np.allclose(got[lab == 0], 1.0 + border[lab == 0], atol=1e-4)  # background: the border term as before
+    assert np.isclose(got[10, 12], 1 + 10 * np.exp(-1 / 8), atol=1e-5)  # the contact line: d1 = 0, d2 = 1
+    assert got[10, 4] < 1.01 and got[21, 33] < 1.01  # inside, away from the contact; the lone object
+    assert np.all(border_weight_map(lab, 10.0, 2.0, class_balance=False)[lab > 0] == 1.0)  # default unchanged
+
+
+def test_distance_loss_weights_both_terms():
+    import torch
+
+    from unetlab.training.losses import distance_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8)
+    target = (torch.rand(2, 1, 8, 8) > 0.4).float()  # distances of exactly 1, so a logit of 30 is exact
+    ones = torch.ones(2, 8, 8)
+    assert torch.isclose(distance_loss(logits, target, ones), distance_loss(logits, target))
+    heavy = ones.clone()
+    heavy[:, :4] = 5.0
+    exact = torch.where(target[:, 0] > 0, 30.0, -30.0)
+    fg_only, dist_only = logits.clone(), logits.clone()
+    fg_only[:, 1] = exact  # distance exact: only the foreground term is left
+    dist_only[:, 0] = exact  # foreground exact: only the distance term is left
+    for x in (fg_only, dist_only):
+        plain, weighted = distance_loss(x, target), distance_loss(x, target, heavy)
+        assert plain > 0.1 and weighted > 1.5 * plain
+
+
 def test_single_object_and_empty_masks_get_class_weights_only():
     lab = np.zeros((16, 16), np.int32)
     assert np.all(border_weight_map(lab) == 1.0)
@@ -117,6 +164,18 @@ def test_png_output(tmp_path):
     assert stats["max"] > 3 * stats["min"] > 0
 
 
+def test_weightmap_command_draws_the_contact_map(tmp_path, capsys):
+    from unetlab.cli import main
+
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "labels.tif", touching_objects().astype(np.uint16))
+    assert main(["weightmap", str(tmp_path / "labels.tif"), "--out", str(tmp_path / "c.png"), "--contacts",
+                 "--sigma", "2"]) == 0
+    line = capsys.readouterr().out
+    top = float(line.split("max")[1])
+    assert np.isclose(top, 1 + 10 * np.exp(-1 / 8), atol=1e-3) and "min 1.000" in line
+
+
 @pytest.mark.realdata
 def test_isbi_mask_weight_map():
     masks = sorted((DATA / "isbi2012" / "masks").glob("*")) if (DATA / "isbi2012").is_dir() else []
@@ -130,3 +189,18 @@ def test_isbi_mask_weight_map():
     assert np.isfinite(w).all() and w.shape == lab.shape
     # thin membranes between two cells carry the border term: far heavier than cell interiors
     assert np.median(w[membrane]) > 3 * np.median(w[~membrane])
+
+
+def test_weight_map_choice_from_the_config():
+    from unetlab.config import RunConfig, apply_overrides
+    from unetlab.errors import UnetlabError
+    from unetlab.training.setup import border_weight_fn
+
+    lab = touching_objects()
+    assert border_weight_fn(RunConfig()) is None
+    fn = border_weight_fn(apply_overrides(RunConfig(), {"train.contact_weight": 5.0, "train.sigma": 2.0}))
+    assert np.allclose(fn(lab), contact_weight_map(lab, 5.0, 2.0))
+    fn = border_weight_fn(apply_overrides(RunConfig(), {"train.border_weight": True}))
+    assert np.allclose(fn(lab), border_weight_map(lab, 10.0, 5.0))
+    with pytest.raises(UnetlabError, match="choose one weight map"):
+        border_weight_fn(apply_overrides(RunConfig(), {"train.border_weight": True, "train.contact_weight": 5.0}))

@@ -140,13 +140,16 @@ def _add_weightmap(p):
     p.add_argument("--w0", type=float, default=10.0, help="border weight (paper: 10)")
     p.add_argument("--sigma", type=float, default=5.0, help="border width in pixels (paper: 5)")
     p.add_argument("--no-class-balance", action="store_true", help="leave out the class-frequency term w_c")
+    p.add_argument("--contacts", action="store_true",
+                   help="the contact weight map of --contact-weight instead (object pixels too, no w_c)")
 
 
 @command("weightmap", "Draw the U-Net border weight map of a mask as a colour-mapped PNG", _add_weightmap)
 def _run_weightmap(args):
     from .training.weightmap import write_weight_map_png
 
-    stats = write_weight_map_png(args.mask, args.out, args.w0, args.sigma, not args.no_class_balance)
+    stats = write_weight_map_png(args.mask, args.out, args.w0, args.sigma,
+                                 not (args.no_class_balance or args.contacts), objects=args.contacts)
     print(f"{args.out}: weights min {stats['min']:.3f}  mean {stats['mean']:.3f}  max {stats['max']:.3f}")
     return 0
 
@@ -313,6 +316,27 @@ def _run_export(args):
 
         out = export_run(args.run_dir, args.fmt, args.out, overwrite=args.overwrite, opset=args.opset)
     print(out)
+    return 0
+
+
+def _add_tune(p):
+    p.add_argument("run_dir", help="run folder written by `unetlab train` (with split.json)")
+    p.add_argument("--data", help="the dataset folder it was trained on (default: the one in its config.yaml)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--metric", choices=["ap_mean", "f1"], default="ap_mean",
+                   help="what tuning maximises per image: ap_mean, the DSB score (default), or f1 at IoU 0.5")
+
+
+@command("tune", "Tune a finished run's instance post-processing again on its validation images, "
+                 "then score its test split", _add_tune)
+def _run_tune(args):
+    from .training.tuning import retune_run
+
+    r = retune_run(args.run_dir, data=args.data, device=args.device, metric=args.metric)
+    pp, val, test = r["postprocess"], r["postprocess"]["validation_objects"], r["test"] or {}
+    print(f"{args.run_dir}: threshold {pp['threshold']:.2f}, prominence {pp['prominence']}, min size "
+          f"{pp['min_size']}; validation AP@0.5 {val['ap50']:.3f}, DSB score {val['dsb_score']:.3f}"
+          + (f"; test AP@0.5 {test['ap50']:.3f}, DSB score {test['dsb_score']:.3f}" if "ap50" in test else ""))
     return 0
 
 

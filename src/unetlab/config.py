@@ -120,9 +120,10 @@ class TrainConfig:
     step_gamma: float = 0.1
     loss: str = "bce_dice"  # bce | bce_dice | ce | ce_dice | dice | focal
     class_weights: list[float] | None = None
-    border_weight: bool = False
+    border_weight: bool = False  # the U-Net border weight map (w0, sigma) on the loss
     w0: float = 10.0
     sigma: float = 5.0
+    contact_weight: float = 0.0  # w0 of a weight map on object pixels and gaps where two objects meet (0 off)
     grad_clip: float | None = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool | None = None  # None: on CUDA only (measured slower for CPU training)

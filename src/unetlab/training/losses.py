@@ -295,11 +295,13 @@ def distillation_loss(
 
 
 def distance_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Loss of the 2-channel distance target: BCE on foreground (channel 0) + BCE of the distance on foreground."""
+    """Loss of the 2-channel distance target: BCE on foreground (channel 0) + BCE of the distance on foreground;
+    a pixel ``weight`` (N,H,W) multiplies both terms."""
     logits = logits.float()
     fg = (target > 0).float()
     pix = F.binary_cross_entropy_with_logits(logits[:, :1], fg, reduction="none")
+    dist = F.binary_cross_entropy_with_logits(logits[:, 1:2], target.clamp(0, 1), reduction="none") * fg
     if weight is not None:
-        pix = pix * weight.unsqueeze(1)
-    dist = F.binary_cross_entropy_with_logits(logits[:, 1:2], target.clamp(0, 1), reduction="none")
-    return pix.mean() + (dist * fg).sum() / fg.sum().clamp_min(1.0)
+        w = weight.float().unsqueeze(1) if weight.dim() == pix.dim() - 1 else weight.float()
+        pix, dist = pix * w, dist * w
+    return pix.mean() + dist.sum() / fg.sum().clamp_min(1.0)

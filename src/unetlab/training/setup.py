@@ -185,12 +185,20 @@ def make_loss_fn(cfg: RunConfig, info: dict) -> Callable:
 
 
 def border_weight_fn(cfg: RunConfig) -> Callable | None:
-    """The per-patch border weight map function when ``cfg.train.border_weight`` is on, else None."""
-    if not cfg.train.border_weight:
-        return None
-    from .weightmap import border_weight_map
+    """The per-image weight map function: the border weight map when ``cfg.train.border_weight`` is on, the
+    contact weight map when ``cfg.train.contact_weight`` > 0, else None."""
+    t = cfg.train
+    if t.border_weight and t.contact_weight > 0:
+        raise UnetlabError("choose one weight map: --border-weight or --contact-weight")
+    if t.contact_weight < 0:
+        raise UnetlabError(f"--contact-weight must be 0 (off) or positive (got {t.contact_weight})")
+    from .weightmap import border_weight_map, contact_weight_map
 
-    return partial(border_weight_map, w0=cfg.train.w0, sigma=cfg.train.sigma)
+    if t.contact_weight > 0:
+        return partial(contact_weight_map, w0=t.contact_weight, sigma=t.sigma)
+    if t.border_weight:
+        return partial(border_weight_map, w0=t.w0, sigma=t.sigma)
+    return None
 
 
 # --- training patches ----------------------------------------------------------------------------------------

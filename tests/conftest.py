@@ -30,3 +30,21 @@ def synthetic_cells(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("cells")
     return write_synthetic_dataset(root, n_images=10, size=(128, 128), seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared
+    2-core machine two spinning OpenMP threads are many times slower, and subprocesses run with one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory) -> Path:
+    """Six synthetic 96x96 cell images with masks, made once per module."""
+    from unetlab.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("cells"), n_images=6, size=(96, 96), seed=0)

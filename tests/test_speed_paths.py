@@ -33,13 +33,7 @@ TINY = {"preset": "unet", "depth": 2, "base_width": 8, "patch_size": 64, "batch_
         "lr": 5e-3, "tensorboard": False, "val_fraction": 0.2, "seed": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

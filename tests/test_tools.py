@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from unetlab.cli import main
@@ -33,20 +32,7 @@ TINY = {"preset": "unet", "depth": 2, "base_width": 8, "patch_size": 64, "batch_
 TINY_FLAGS = ["--depth", "2", "--base-width", "8", "--patch-size", "64", "--batch-size", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: two spinning OpenMP threads on a busy 2-core machine are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory) -> Path:
-    from unetlab.data.synthetic import write_synthetic_dataset
-
-    return write_synthetic_dataset(tmp_path_factory.mktemp("cells"), n_images=6, size=(96, 96), seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(root: Path, **over) -> RunConfig:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from unetlab.config import RunConfig, apply_overrides
 from unetlab.errors import UnetlabError
@@ -34,21 +33,7 @@ COLLAPSE = {"epochs": 8, "collapse_patience": 2, "max_recoveries": 4}
 COLLAPSE_FROM = 3  # the first epoch whose training and validation see the collapsed network
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads are many times slower,
-    and the subprocesses below run with OMP_NUM_THREADS=1, so in-process numbers match theirs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory) -> Path:
-    from unetlab.data.synthetic import write_synthetic_dataset
-
-    return write_synthetic_dataset(tmp_path_factory.mktemp("cells"), n_images=6, size=(96, 96), seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(root: Path, **over) -> RunConfig:

@@ -179,8 +179,7 @@ def retune_run(run_dir: str | Path, data: str | Path | None = None, device: str 
     if not split_file.exists():
         raise UnetlabError("no split.json: the validation images are not known", run_dir)
     split = read_json(split_file)
-    root = cfg.data.root
-    data_cfg = replace(cfg.data, root=str(data) if data is not None else root, include=None)
+    data_cfg = replace(cfg.data, root=str(data) if data is not None else cfg.data.root, include=None)
     if not Path(data_cfg.root).exists():
         raise UnetlabError(f"dataset folder {data_cfg.root} not found", run_dir / "config.yaml",
                            "give the folder the run was trained on with --data")

@@ -50,8 +50,9 @@ def mask_key(stem: str) -> str:
 
 def _flat_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
     """Split one folder's files into (images, masks): masks carry a mask suffix and match an image stem."""
-    stems = {image_stem(f) for f in files}
-    masks = [f for f in files if mask_key(image_stem(f)) != image_stem(f) and mask_key(image_stem(f)) in stems]
+    stem = {f: image_stem(f) for f in files}
+    stems = set(stem.values())
+    masks = [f for f in files if mask_key(stem[f]) != stem[f] and mask_key(stem[f]) in stems]
     mask_set = set(masks)
     return [f for f in files if f not in mask_set], masks
 
@@ -103,17 +104,18 @@ def load(
     samples, problems = [], []
     used: set[Path] = set()
     for img in images:
-        m = by_key.get(image_stem(img))
+        name = image_stem(img)
+        m = by_key.get(name)
         if m is None:
             problems.append(image_without_mask(img, masks_dir))
             continue
         used.add(m)
         samples.append(
             Sample(
-                name=image_stem(img),
+                name=name,
                 image=img,
                 mask_loader=partial(load_binary_or_instance, m, invert_mask),
-                group=groups.get(image_stem(img), image_stem(img)),
+                group=groups.get(name, name),
                 mask_paths=(m,),
             )
         )

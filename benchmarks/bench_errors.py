@@ -8,7 +8,7 @@ benchmarks/results/bench_errors.json.
 Rows, on the images of one split of the run's ``split.json`` (``val`` to look for levers; ``test`` only to
 report, never to choose):
 
-- *ceiling*: the true labels turned into the run's target (foreground and normalised distance, or the 3-class
+- *ceiling*: the true labels turned into the run's target (foreground and normalised distance, flows, or the 3-class
   boundary map) and back through its post-processing: what a perfect network would score;
 - *model*: the run's predictions with its tuned post-processing (``--scale`` predicts the images rescaled);
 - misses (true objects without a prediction at IoU >= 0.5) as *merged* (the best-overlapping prediction is larger
@@ -47,8 +47,10 @@ BRIGHTNESS_BINS = (-np.inf, 0.25, 0.5, 0.75, 1.0, 1.5, np.inf)
 
 
 def ideal_probabilities(labels: np.ndarray, kind: str) -> np.ndarray:
-    """The probabilities a perfect network would give for the target ``kind`` (distance or boundary)."""
+    """The probabilities a perfect network would give for the target ``kind`` (distance, flow or boundary)."""
     target = make_target(labels, kind)
+    if kind == "flow":
+        return np.concatenate([target[:1], (target[1:] + 1) / 2]).astype(np.float32)
     if kind == "distance":
         return np.stack([(target > 0).astype(np.float32), target.astype(np.float32)])
     if kind == "boundary":

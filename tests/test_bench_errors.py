@@ -23,7 +23,7 @@ def touching_discs() -> np.ndarray:
     return lab
 
 
-@pytest.mark.parametrize("kind", ["distance", "boundary"])
+@pytest.mark.parametrize("kind", ["distance", "boundary", "flow"])
 def test_the_ceiling_separates_touching_objects(kind):
     lab = touching_discs()
     labels = probabilities_to_labels(B.ideal_probabilities(lab, kind), kind, PostprocessConfig(min_size=10))

@@ -31,7 +31,7 @@ from unetlab.runfolder import checkpoint_path, load_run, save_checkpoint, write_
 
 PACKAGE_FILES = {"rdf.yaml", "README.md", "cover.png", "test_input.npy", "test_output.npy", "sample_input.tif",
                  "sample_output.tif", "weights_torchscript.pt", "weights.onnx"}
-OUTPUT_CHANNELS = {"binary": 1, "distance": 2, "boundary": 3}
+OUTPUT_CHANNELS = {"binary": 1, "distance": 2, "boundary": 3, "flow": 3}
 
 
 @pytest.fixture(autouse=True)
@@ -250,6 +250,16 @@ def test_cli_default_output_is_a_zip_in_the_run_folder(tmp_path, capsys):
     assert [a["name"] for a in d["authors"]] == ["B. One", "C. Two"] and "nuclei" in d["tags"]
     assert d["outputs"][0]["axes"][1]["channel_names"] == ["foreground", "distance"]
     assert "## Validation" in readme and "scale_range" in readme and "unetlab predict" in readme
+
+
+def test_flow_model_names_its_flow_channels_and_passes_validation(tmp_path):
+    from bioimageio.spec import load_description
+
+    out = export_bioimageio(make_run(tmp_path / "run", target="flow"), tmp_path / "pkg")
+    d = rdf(out)
+    assert d["outputs"][0]["axes"][1]["channel_names"] == ["foreground", "flow_y", "flow_x"]
+    assert "instance-segmentation" in d["tags"] and "centre" in (out / "README.md").read_text()
+    assert load_description(out / "rdf.yaml", perform_io_checks=True).validation_summary.status == "valid-format"
 
 
 def test_channel_codes_that_merge_channels_are_refused(tmp_path):

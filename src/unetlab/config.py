@@ -68,7 +68,7 @@ class DataConfig:
     normalization: str = "percentile"  # percentile | minmax | dtype | none
     norm_low: float = 1.0
     norm_high: float = 99.8
-    target: str = "binary"  # binary | boundary | distance
+    target: str = "binary"  # binary | boundary | distance | flow
     val_fraction: float = 0.2
     val: str | None = None  # glob or 're:<regex>' on sample names
     val_groups: list[str] | None = None
@@ -153,7 +153,7 @@ class PostprocessConfig:
     threshold: float = 0.5
     min_size: int = 10
     fill_holes: bool = True
-    markers: str = "auto"  # auto | interior | distance | none
+    markers: str = "auto"  # auto | interior | distance | flow | none
     # how far a distance peak must rise above the saddle to a higher neighbour to seed an object of its own:
     # in units of the predicted normalised distance (distance target) or in pixels (Euclidean distance of the
     # interior or mask: boundary and binary targets); None: 0.05 for the distance target, 1.0 otherwise

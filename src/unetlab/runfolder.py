@@ -110,7 +110,7 @@ def _first_sentence(exc: BaseException) -> str:
 
 
 _TASKS = ("binary", "multiclass")
-_TARGETS = ("binary", "boundary", "distance", "classes")
+_TARGETS = ("binary", "boundary", "distance", "flow", "classes")
 
 
 def read_model_info(path: Path) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class Run:
 
     @property
     def activation(self) -> str:
-        """'sigmoid' for binary and distance targets, 'softmax' for boundary and multiclass ones."""
+        """'sigmoid' for binary, distance and flow targets, 'softmax' for boundary and multiclass ones."""
         return activation_for(self.info.get("task", "binary"), self.info.get("target", "binary"))
 
 

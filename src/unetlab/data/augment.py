@@ -206,7 +206,7 @@ def apply_augment(
 # --- zoom (scale augmentation) ------------------------------------------------------------------------------
 
 
-INSTANCE_TARGETS = ("boundary", "distance")
+INSTANCE_TARGETS = ("boundary", "distance", "flow")
 
 
 def zoom_probability(cfg: AugmentConfig, target: str = "binary") -> float:

@@ -100,13 +100,15 @@ class SampleCache:
 
 
 def target_tensor(labels: np.ndarray, kind: str, multiclass: bool) -> torch.Tensor:
-    """The training target for a label patch: float (1, H, W) for binary/distance, long (H, W) for classes."""
+    """The training target for a label patch: float (1, H, W) for binary/distance, float (3, H, W) for flow,
+    long (H, W) for classes and boundary."""
     if multiclass:
         return torch.from_numpy(labels.astype(np.int64))
     t = make_target(labels, kind)
     if kind == "boundary":
         return torch.from_numpy(t.astype(np.int64))
-    return torch.from_numpy(t.astype(np.float32))[None]
+    t = torch.from_numpy(t.astype(np.float32))
+    return t if t.dim() == 3 else t[None]
 
 
 def _crop_with_padding(arr: np.ndarray, y: int, x: int, size: int) -> np.ndarray:

@@ -278,7 +278,7 @@ def _channel_names(run: Run, sources: list[int]) -> tuple[list[str], list[str]]:
     names_in = [f"channel{c}" for c in sources]
     target, k = run.info.get("target", "binary"), run.out_channels
     names_out = {"binary": ["foreground"], "distance": ["foreground", "distance"],
-                 "boundary": ["background", "interior", "boundary"]}.get(target)
+                 "flow": ["foreground", "flow_y", "flow_x"], "boundary": ["background", "interior", "boundary"]}.get(target)
     if target == "classes" or names_out is None or len(names_out) != k:
         classes = [str(c) for c in run.info.get("classes", [])]
         names_out = classes if len(classes) == k and len(set(classes)) == k else [f"class{i}" for i in range(k)]
@@ -291,7 +291,8 @@ def _default_name(run_dir: Path, run: Run) -> str:
 
 
 _TARGETS = {"binary": "a foreground probability", "distance": "foreground and normalised distance-to-boundary "
-            "probabilities (for splitting touching objects)", "boundary": "background / interior / boundary "
+            "probabilities (for splitting touching objects)", "flow": "a foreground probability and flows towards "
+            "object centres (for splitting touching objects)", "boundary": "background / interior / boundary "
             "class probabilities", "classes": "per-class probabilities"}
 
 
@@ -304,7 +305,7 @@ def _default_description(run: Run) -> str:
 
 def _tags(run: Run, extra: Sequence[str]) -> list[str]:
     target = run.info.get("target", "binary")
-    task = "instance-segmentation" if target in ("boundary", "distance") else "semantic-segmentation"
+    task = "instance-segmentation" if target in ("boundary", "distance", "flow") else "semantic-segmentation"
     tags = ["unetlab", "unet", "pytorch", "2d", "segmentation", task, *extra]
     return list(dict.fromkeys(str(t) for t in tags))
 

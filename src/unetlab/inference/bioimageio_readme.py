@@ -15,6 +15,8 @@ _MEANING = {
     "binary": ": the probability that a pixel belongs to an object",
     "distance": ": the probability of foreground, and each object pixel's distance to the object's edge divided "
                 "by the object's largest (0 outside, 1 at the centre); its peaks seed unetlab's watershed",
+    "flow": ": the probability of foreground, and each object pixel's unit vector (dy, dx) towards its object's "
+            "centre as (v + 1) / 2; unetlab follows these flows to group pixels into objects",
     "boundary": ": softmax probabilities of background, object interior and object boundary",
     "classes": ": softmax probabilities of the classes",
 }

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..data.io import IMAGE_EXTENSIONS, image_stem, is_image_file, read_image, write_image
 from ..data.ome import is_zarr_path
+from ..data.targets import INSTANCE_KINDS, TARGET_KINDS
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries, write_text
 from ..runfolder import load_run, resolve_run_dir
@@ -148,7 +149,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     multiclass = run.info.get("task") == "multiclass"
     kind = run.info.get("target", "binary")
     if o.instances and multiclass:
-        raise UnetlabError("--instances needs a binary, boundary or distance model; this one predicts classes")
+        raise UnetlabError("--instances needs a binary, boundary, distance or flow model; this one predicts classes")
     protect = [f for _n, f in inputs]
     mine = inputs[dist.rank :: dist.world_size]
     done, skipped, bad = [], [], []
@@ -159,8 +160,8 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         raise UnetlabError("--ome-zarr writes the instance labels as OME-Zarr: add --instances")
     train_diameter = run.info.get("diameter")
     diameter = parse_diameter(o.diameter)
-    if diameter == "auto" and not (want_labels and train_diameter and kind in ("boundary", "distance")):
-        diameter = None  # auto: instance models (boundary, distance targets) that know their objects' size
+    if diameter == "auto" and not (want_labels and train_diameter and kind in INSTANCE_KINDS):
+        diameter = None  # auto: instance models (boundary, distance, flow targets) that know their objects' size
     elif diameter is not None and not train_diameter:
         raise UnetlabError("--diameter needs a model that knows its training objects' size (model.json "
                            "'diameter', written by unetlab >= 0.1 at training)", run_dir / "model.json",
@@ -240,8 +241,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
             from .postprocess import probabilities_to_labels
 
             if labels is None:
-                labels = probabilities_to_labels(prob, kind if kind in ("binary", "boundary", "distance")
-                                                 else "binary", pp)
+                labels = probabilities_to_labels(prob, kind if kind in TARGET_KINDS else "binary", pp)
             writers.write_labels(paths["labels"], labels, protect, note=scales.get(name))
             if o.ome_zarr:
                 writers.write_labels_ome_zarr(paths["labels_zarr"], labels, protect, _pixel_size(f),
@@ -390,7 +390,7 @@ def _predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Pat
     from .rescale import predict_rescaled
 
     prepared = predictor.prepare(raw, source)
-    target = kind if kind in ("binary", "boundary", "distance") else "binary"
+    target = kind if kind in TARGET_KINDS else "binary"
     return predict_rescaled(predictor.predict_prepared, prepared, float(train_diameter), diameter,
                             to_labels=lambda p: probabilities_to_labels(p, target, pp),
                             foreground=lambda p: _foreground(p, info, pp.threshold))

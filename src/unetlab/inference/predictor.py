@@ -62,6 +62,28 @@ def _dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
     return x.flip(-1) if flip else x
 
 
+def _rot90_vectors(v: torch.Tensor, turns: int) -> torch.Tensor:
+    """Vector components (..., 2, H, W) as (dy, dx) after ``torch.rot90(., turns, (-2, -1))`` of the image:
+    each quarter turn maps (dy, dx) to (-dx, dy)."""
+    dy, dx = v[..., 0:1, :, :], v[..., 1:2, :, :]
+    for _ in range(turns % 4):
+        dy, dx = -dx, dy
+    return torch.cat([dy, dx], dim=-3)
+
+
+def dihedral_vectors(v: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """:func:`_dihedral` of a vector field (..., 2, H, W) of (dy, dx): the pixels move and the vectors turn."""
+    rot, flip = k % 4, k >= 4
+    if not inverse:
+        if flip:
+            v = torch.cat([v[..., 0:1, :, :], -v[..., 1:2, :, :]], dim=-3).flip(-1)
+        return _rot90_vectors(torch.rot90(v, rot, (-2, -1)), rot)
+    v = _rot90_vectors(torch.rot90(v, -rot, (-2, -1)), -rot)
+    if flip:
+        v = torch.cat([v[..., 0:1, :, :], -v[..., 1:2, :, :]], dim=-3).flip(-1)
+    return v
+
+
 def make_predict_fn(
     model: nn.Module,
     activation: str,
@@ -71,8 +93,12 @@ def make_predict_fn(
     fuse: bool = True,
     tta: bool | list[int] = False,
     compile: bool = False,
+    vectors: tuple[int, int] | None = None,
 ) -> PredictFn:
-    """A function (B, C, H, W) numpy -> probabilities on ``device``: eval, BN folded, channels-last, autocast, TTA."""
+    """A function (B, C, H, W) numpy -> probabilities on ``device``: eval, BN folded, channels-last, autocast, TTA.
+
+    ``vectors``: the output channels (dy, dx) that hold a vector field encoded as ``(v + 1) / 2`` (flow target),
+    which TTA turns back with the image."""
     from ..models import fuse_batchnorm
 
     net = fuse_batchnorm(model) if fuse else copy.deepcopy(model)  # a copy: the caller's model stays as it is
@@ -105,7 +131,12 @@ def make_predict_fn(
             ks = [k for k in transforms if square or k % 2 == 0]
             acc = None
             for k in ks:
-                y = _dihedral(run(_dihedral(x, k)), k, inverse=True)
+                if vectors is not None and k:
+                    raw, a, b = run(_dihedral(x, k)), vectors[0], vectors[1] + 1
+                    y = _dihedral(raw, k, inverse=True)
+                    y[:, a:b] = (dihedral_vectors(raw[:, a:b] * 2 - 1, k, inverse=True) + 1) / 2
+                else:
+                    y = _dihedral(run(_dihedral(x, k)), k, inverse=True)
                 acc = y if acc is None else acc + y
             return acc / len(ks)
 
@@ -156,7 +187,9 @@ class Predictor:
 
             dev = torch.device("cpu")
         elif backend == "torch":
-            predict = make_predict_fn(run.model, run.activation, dev, precision, tta=tta, compile=compile)
+            vectors = (1, 2) if run.info.get("target") == "flow" else None
+            predict = make_predict_fn(run.model, run.activation, dev, precision, tta=tta, compile=compile,
+                                      vectors=vectors)
         else:
             raise UnetlabError(f"unknown backend '{backend}' (choose torch or onnx)")
         return cls(run, dev, tile, overlap, batch_size, margin, predict)

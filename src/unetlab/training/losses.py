@@ -305,3 +305,19 @@ def distance_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) 
         w = weight.float().unsqueeze(1) if weight.dim() == pix.dim() - 1 else weight.float()
         pix, dist = pix * w, dist * w
     return pix.mean() + dist.sum() / fg.sum().clamp_min(1.0)
+
+
+FLOW_LOSS_SCALE = 12.5  # Cellpose's weighting: MSE of 5x the flows, halved, against BCE of the foreground
+
+
+def flow_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Loss of the 3-channel flow target (foreground, dy, dx): BCE on the foreground (channel 0) + 12.5 x the
+    squared error of the flows ``tanh(logit / 2)`` (= 2 sigmoid - 1) over all pixels (0 outside objects);
+    a pixel ``weight`` (N,H,W) multiplies both terms."""
+    logits = logits.float()
+    pix = F.binary_cross_entropy_with_logits(logits[:, :1], target[:, :1], reduction="none")
+    err = (torch.tanh(logits[:, 1:3] * 0.5) - target[:, 1:3]).pow(2).mean(1, keepdim=True)
+    if weight is not None:
+        w = weight.float().unsqueeze(1) if weight.dim() == pix.dim() - 1 else weight.float()
+        pix, err = pix * w, err * w
+    return pix.mean() + FLOW_LOSS_SCALE * err.mean()

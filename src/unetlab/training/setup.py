@@ -36,7 +36,7 @@ from ..data.targets import target_channels
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries
 from ..runfolder import checkpoint_path
-from .losses import build_loss, distance_loss
+from .losses import build_loss, distance_loss, flow_loss
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,11 @@ def initial_weights(cfg: RunConfig, info: dict) -> dict:
 
 
 def make_loss_fn(cfg: RunConfig, info: dict) -> Callable:
-    """The loss for this task/target (binary BCE+Dice, CE for classes/boundary, the distance pair)."""
+    """The loss for this task/target (binary BCE+Dice, CE for classes/boundary, the distance or flow pair)."""
     if info["target"] == "distance":
         return distance_loss
+    if info["target"] == "flow":
+        return flow_loss
     return build_loss(cfg.train, 1 if info["out_channels"] == 1 else info["out_channels"])
 
 

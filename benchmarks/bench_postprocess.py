@@ -51,6 +51,8 @@ def fake_probabilities(lab: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
         p = ndi.gaussian_filter(t.astype(np.float32), 1.0)[None]
     elif kind == "boundary":
         p = np.stack([ndi.gaussian_filter((t == k).astype(np.float32), 1.0) for k in range(3)])
+    elif kind == "flow":
+        p = np.stack([ndi.gaussian_filter(t[0], 1.0), *((ndi.gaussian_filter(c, 1.0) + 1) / 2 for c in t[1:])])
     else:
         p = np.stack([ndi.gaussian_filter((t > 0).astype(np.float32), 1.0), ndi.gaussian_filter(t, 1.0)])
     p = np.clip(p + rng.normal(0, 0.05, p.shape).astype(np.float32), 0, 1)
@@ -68,7 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     lab = synthetic_nuclei(args.size, args.objects)
     n_true = int(len(np.unique(lab)) - 1)
-    cases = [("binary", "none"), ("binary", "distance"), ("boundary", "interior"), ("boundary", "distance"), ("distance", "distance")]
+    cases = [("binary", "none"), ("binary", "distance"), ("boundary", "interior"), ("boundary", "distance"), ("distance", "distance"),
+             ("flow", "flow")]
     rows = []
     for kind, markers in cases:
         prob = fake_probabilities(lab, kind)

@@ -228,12 +228,12 @@ def size_data(tmp_path_factory):
     return root
 
 
-def _train_distance_model(root, out, **extra):
+def _train_distance_model(root, out, root_name="train", **extra):
     from unetlab.training import train
 
     over = dict(preset="unet", depth=3, base_width=12, patch_size=96, batch_size=8, samples_per_epoch=128,
                 epochs=8, lr=3e-3, target="distance", tensorboard=False, val_fraction=0.25, seed=0, **extra)
-    train(apply_overrides(RunConfig(), {**over, "root": str(root / "train")}), out, progress=False)
+    train(apply_overrides(RunConfig(), {**over, "root": str(root / root_name)}), out, progress=False)
     return out
 
 
@@ -274,3 +274,79 @@ def test_zoom_augmentation_teaches_the_network_other_sizes(size_data, tmp_path):
     native = _ap50(run, size_data / "native", tmp_path / "native", "none")
     twice = _ap50(run, size_data / "twice", tmp_path / "twice", "none")
     assert native > 0.85 and twice >= native - 0.1, (native, twice)
+
+
+def test_size_normalize_draws_every_training_image_with_its_objects_at_the_median_size(tmp_path):
+    """Images of small and of large discs: with size_normalize both come out of the patch sampler with the same
+    object size (the training median), without it each keeps its own."""
+    from scipy import ndimage as ndi
+
+    from unetlab.data.dataset import PatchDataset
+    from unetlab.data.io import write_image
+    from unetlab.data.layouts import load_dataset
+
+    for name, radius, spacing in (("small", 5.0, 20), ("large", 12.0, 48)):
+        labels = discs((288, 288), radius=radius, spacing=spacing)
+        write_image(tmp_path / "images" / f"{name}.tif", (labels > 0).astype(np.uint16) * 3000 + 500)
+        write_image(tmp_path / "masks" / f"{name}.tif", labels.astype(np.uint16))
+    samples = load_dataset(tmp_path).samples
+
+    def patch_diameters(normalize: bool) -> dict[str, float]:
+        cfg = apply_overrides(RunConfig(), {"root": str(tmp_path), "target": "distance", "aug_zoom": 0.0,
+                                            "aug_flip": 0, "aug_rotate90": 0, "size_normalize": normalize})
+        ds = PatchDataset(samples, cfg.data, 96, 64, seed=2)
+        ds.precompute()
+        out: dict[str, list[float]] = {}
+        for k in range(64):
+            i = int(np.random.default_rng([ds.seed, k]).integers(len(ds.cache)))
+            lab = ndi.label(ds[k]["target"].numpy()[0] > 0)[0]
+            cut = set(np.unique(lab[[0, -1]])) | set(np.unique(lab[:, [0, -1]]))
+            whole = np.where(np.isin(lab, list(cut)), 0, lab)  # objects cut by the border look small
+            out.setdefault(samples[i].name, []).extend(object_diameters(whole))
+        return {n: float(np.median(d)) for n, d in out.items()}
+
+    plain, normal = patch_diameters(False), patch_diameters(True)
+    assert plain["large"] > 2 * plain["small"]
+    assert normal["large"] == pytest.approx(normal["small"], rel=0.15)
+    assert plain["small"] <= normal["small"] < plain["large"]  # the median: most discs are small ones
+
+
+@pytest.mark.slow
+def test_a_size_normalized_run_learns_one_size_and_predicts_both_with_diameter_auto(tmp_path):
+    """Training fields of two object sizes (1x and 2x): the size-normalised network sees one size, validation
+    and the held-out test split are predicted at the measured size, and ``--diameter auto`` finds both sizes."""
+    import json
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    for factor, seed in ((1.0, 11), (2.0, 12)):
+        part = _write_fields(tmp_path / f"part{factor}", factor, n=4, seed=seed)
+        for sub in ("images", "masks"):
+            (mixed / sub).mkdir(parents=True, exist_ok=True)
+            for f in (part / sub).iterdir():
+                shutil.copy(f, mixed / sub / f"x{factor:g}_{f.name}")
+    run = _train_distance_model(tmp_path, tmp_path / "run", aug_zoom=0.0, size_normalize=True, root_name="mixed",
+                                test_fraction=0.25)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["ap50"] > 0.8, summary["test"]
+    for name, factor in (("native", 1.0), ("twice", 2.0)):
+        data = _write_fields(tmp_path / name, factor, n=2, seed=21)
+        assert _ap50(run, data, tmp_path / f"pred_{name}", "auto") > 0.85, name
+
+
+def test_size_normalize_with_a_binary_target_is_one_line_error_and_writes_nothing(tmp_path, capsys):
+    """Size normalisation needs objects that predict can measure again: with ``--target binary`` the command
+    stops with one line naming the flag and the target, before any run folder is made."""
+    from unetlab.cli import main
+    from unetlab.data.io import write_image
+
+    labels = discs((64, 64), radius=6.0, spacing=20)
+    write_image(tmp_path / "data" / "images" / "a.tif", (labels > 0).astype(np.uint8) * 200)
+    write_image(tmp_path / "data" / "masks" / "a.tif", labels.astype(np.uint8))
+    capsys.readouterr()
+    rc = main(["-q", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+               "--target", "binary", "--size-normalize", "true", "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "--size-normalize" in err[0] and "--target binary" in err[0], err[0]
+    assert not (tmp_path / "run").exists()

@@ -81,6 +81,10 @@ class DataConfig:
     test_fraction: float = 0.0  # a seeded random share of the groups
     patch_size: int = 256
     foreground_fraction: float = 0.5  # share of patches centred on a foreground pixel
+    # instance targets: draw each training image with its objects at the training set's median diameter
+    # (Cellpose-style size normalisation; random zoom then varies around it). The network learns one object
+    # size; `predict --diameter auto` brings new images to it, and validation rescales by the true sizes
+    size_normalize: bool = False
     samples_per_epoch: int | None = None  # default: enough patches to cover the training images once
     num_workers: int | None = None  # None: automatic (0 on CPU, up to 4 beside a GPU)
     cache: bool = True  # keep decoded images in memory

@@ -6,6 +6,7 @@ of worker processes or ranks; :class:`EpochSampler` hands out the indices ``epoc
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from .augment import build_augment, draw_zoom, resize_patch, zoom_probability, z
 from .channels import apply_channels
 from .io import normalize, read_image
 from .sample import Sample
+from .sizes import object_diameters, size_factor
 from .targets import make_target
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,29 @@ class PatchDataset(Dataset):
         self.zoom_p = 0.0 if multiclass else zoom_probability(cfg.augment, cfg.target)
         self._fg: dict[int, np.ndarray] = {}
         self._weights: dict[int, np.ndarray] = {}
+        self._sizes: list[float] | None = None  # per-image zoom of size normalisation
+
+    @functools.cached_property
+    def object_diameters(self) -> list[np.ndarray]:
+        """Each training image's object diameters (pixels), measured once."""
+        return [object_diameters(self.cache[i].labels) for i in range(len(self.cache))]
+
+    @property
+    def diameter(self) -> float | None:
+        """Median object diameter over all training objects (pixels; None without objects)."""
+        every = np.concatenate(self.object_diameters)
+        return float(np.median(every)) if len(every) else None
+
+    def size_factors(self) -> list[float]:
+        """Each image's zoom that brings its objects to the training median (all 1 without size_normalize)."""
+        if self._sizes is None:
+            if self.cfg.size_normalize and not self.multiclass:
+                train_d = self.diameter
+                self._sizes = [size_factor(float(np.median(d)) if len(d) else None, train_d)
+                               for d in self.object_diameters]
+            else:
+                self._sizes = [1.0] * len(self.cache)
+        return self._sizes
 
     def __len__(self) -> int:
         return self.length
@@ -176,13 +201,14 @@ class PatchDataset(Dataset):
             item = self.cache[i]
             self._foreground(i, item.labels)
             self._weight_map(i, item.labels)
+        self.size_factors()
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(k)])
         i = int(rng.integers(len(self.cache)))
         item = self.cache[i]
         h, w = item.labels.shape
-        zoom = draw_zoom(self.cfg.augment, rng, self.zoom_p)
+        zoom = draw_zoom(self.cfg.augment, rng, self.zoom_p) * self.size_factors()[i]
         p = self.patch if zoom == 1.0 else zoom_window(self.patch, zoom)  # the source window's side
         fg = self._foreground(i, item.labels)
         if len(fg) and rng.random() < self.cfg.foreground_fraction:

@@ -37,3 +37,19 @@ def median_diameter(label_images: Iterable[np.ndarray], min_pixels: int = MIN_OB
     parts = [object_diameters(lab, min_pixels) for lab in label_images]
     all_d = np.concatenate(parts) if parts else np.zeros(0)
     return float(np.median(all_d)) if len(all_d) else None
+
+
+def zoom_to(train_diameter: float, diameter: float, limits: tuple[float, float]) -> float:
+    """The zoom that brings objects of ``diameter`` pixels to ``train_diameter``, kept within ``limits``."""
+    return float(np.clip(train_diameter / diameter, *limits))
+
+
+SIZE_FACTOR_RANGE = (0.25, 4.0)  # size normalisation never zooms an image by more than this
+
+
+def size_factor(diameter: float | None, train_diameter: float | None) -> float:
+    """Size normalisation's zoom for an image whose median object is ``diameter`` pixels: the one that brings it
+    to ``train_diameter`` (1 without objects or without a training size), within :data:`SIZE_FACTOR_RANGE`."""
+    if not diameter or not train_diameter:
+        return 1.0
+    return zoom_to(train_diameter, diameter, SIZE_FACTOR_RANGE)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from ..data.sizes import median_diameter
+from ..data.sizes import median_diameter, zoom_to
 from ..errors import UnetlabError
 from ..labels import resize_nearest
 
@@ -56,7 +56,7 @@ def parse_diameter(value: str | float | None) -> float | str | None:
 
 def scale_for(train_diameter: float, diameter: float) -> float:
     """The factor that brings objects of ``diameter`` pixels to ``train_diameter``, kept within [1/8, 8]."""
-    return float(np.clip(train_diameter / diameter, MIN_SCALE, MAX_SCALE))
+    return zoom_to(train_diameter, diameter, (MIN_SCALE, MAX_SCALE))
 
 
 def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:

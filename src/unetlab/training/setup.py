@@ -32,7 +32,7 @@ from ..data.dataset import (
 from ..data.io import read_image
 from ..data.layouts import load_from_config
 from ..data.split import hold_out_test, save_split, split_samples
-from ..data.targets import target_channels
+from ..data.targets import INSTANCE_KINDS, target_channels
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries
 from ..runfolder import checkpoint_path
@@ -110,6 +110,10 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     """
     from ..models import build_model
 
+    if cfg.data.size_normalize and cfg.data.target not in INSTANCE_KINDS:
+        raise UnetlabError(f"--size-normalize needs an instance target ({', '.join(INSTANCE_KINDS)}), not "
+                           f"--target {cfg.data.target}", hint="objects are measured and rescaled per image only "
+                           "where predict --instances --diameter auto can do the same")
     data = load_from_config(cfg.data)
     bad: list[str] = []
     if data.problems:

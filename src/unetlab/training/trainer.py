@@ -25,7 +25,6 @@ from .. import distributed as D
 from .._runtime import resolve_device, seed_everything, tune_allocator, use_channels_last
 from ..config import RunConfig
 from ..data.dataset import SampleCache
-from ..data.sizes import median_diameter
 from ..data.split import load_split
 from ..errors import UnetlabError
 from ..inference.predictor import resolve_precision
@@ -119,8 +118,7 @@ class Trainer:
         self.train_cache_dataset, self.sampler, self.loader = build_train_data(cfg, s, device, self.dist)
         self.test_samples = s.test_samples
         if self.info["task"] != "multiclass":  # the objects' size, for predict --diameter
-            cache = self.train_cache_dataset.cache
-            d = median_diameter(cache[i].labels for i in range(len(cache)))
+            d = self.train_cache_dataset.diameter
             self.info["diameter"] = round(d, 2) if d is not None else None
         self.steps_per_epoch = max(1, len(self.loader) // cfg.train.grad_accumulation)
         self.optimizer = build_optimizer(self.model, cfg.train, float(cfg.train.lr))

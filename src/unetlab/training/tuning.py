@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import PostprocessConfig, RunConfig
+from ..data.channels import apply_channels
 from ..data.dataset import SampleCache
 from ..errors import UnetlabError
 from ..evaluation.metrics import match_objects, pixel_counts, pool_matches
@@ -27,9 +28,10 @@ from ..inference.postprocess import (
     remove_small_objects,
     resolve_markers,
 )
+from ..inference.rescale import predict_rescaled, resize_labels
 from ..labels import instance_labels
 from ..runfolder import checkpoint_path, load_checkpoint
-from .validation import predict_val_image
+from .validation import predict_prepared_val, predict_val_image, validation_scale
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,11 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
     probs, truths = [], []
     for i in range(min(len(val_cache), MAX_TUNING_IMAGES)):
         item = val_cache[i]
-        probs.append(predict_val_image(model, item.image, cfg, info, device, val_cache.samples[i].image).numpy())
-        truths.append(item.labels)
+        scale = validation_scale(item.labels, cfg, info)  # tuned where predict --diameter post-processes
+        prob = predict_val_image(model, item.image, cfg, info, device, val_cache.samples[i].image, scale=scale,
+                                 back=False).numpy()
+        probs.append(prob)
+        truths.append(item.labels if scale == 1.0 else resize_labels(item.labels, prob.shape[-2:]))
     try:
         pp = tune_postprocess(probs, truths, info["target"], base=cfg.postprocess, metric=metric)
     except Exception as exc:  # tuning is a convenience: never lose a finished run over it
@@ -117,6 +122,27 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
              "object AP@0.5 %.3f, mean AP@0.5:0.95 %.3f (DSB score %.3f)", len(probs), pp.threshold,
              pp.min_size, pp.prominence, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
     return {**asdict(pp), "validation_objects": scores}
+
+
+def _test_prediction(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: dict, device: torch.device,
+                     source) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and instance labels of one test image as ``predict --instances`` makes them: at the image's
+    own size, or for a size-normalised run with ``--diameter auto`` (the test labels choose nothing)."""
+    pp, kind = cfg.postprocess, info["target"]
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return predict_prepared_val(model, x, cfg, info, device).numpy()
+
+    def to_labels(p: np.ndarray) -> np.ndarray:
+        return probabilities_to_labels(p, kind, pp)
+
+    if not cfg.data.size_normalize or not info.get("diameter"):
+        prob = predict_val_image(model, image, cfg, info, device, source).numpy()
+        return prob, to_labels(prob)
+    x = apply_channels(image, cfg.data, None, source=source)
+    prob, labels, _choice = predict_rescaled(predict, x, float(info["diameter"]), "auto", to_labels=to_labels,
+                                             foreground=lambda p: foreground_mask(p, kind, pp.threshold))
+    return prob, labels
 
 
 def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, samples: list,
@@ -136,13 +162,13 @@ def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, sa
     multiclass = info["task"] == "multiclass"
     for i in range(len(cache)):
         item = cache[i]
-        prob = predict_val_image(model, item.image, cfg, info, device, samples[i].image).numpy()
         if multiclass:
+            prob = predict_val_image(model, item.image, cfg, info, device, samples[i].image).numpy()
             pred, truth = prob.argmax(0) > 0, item.labels > 0
         else:
+            prob, labels = _test_prediction(model, item.image, cfg, info, device, samples[i].image)
             pred, truth = foreground_mask(prob, info["target"], cfg.postprocess.threshold), item.labels > 0
-            matches.append(match_objects(probabilities_to_labels(prob, info["target"], cfg.postprocess),
-                                         instance_labels(item.labels)))
+            matches.append(match_objects(labels, instance_labels(item.labels)))
         c = pixel_counts(pred, truth)
         tp, fp, fn = tp + c["tp"], fp + c["fp"], fn + c["fn"]
     scores: dict = {"n_images": len(cache), "dice": 2 * tp / max(2 * tp + fp + fn, 1)}

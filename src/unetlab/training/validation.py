@@ -14,8 +14,10 @@ from .._runtime import use_channels_last
 from ..config import RunConfig
 from ..data.channels import apply_channels
 from ..data.dataset import SampleCache
+from ..data.sizes import median_diameter, size_factor
 from ..evaluation.metrics import batch_dice_counts, dice_from_counts
 from ..inference.predictor import make_predict_fn
+from ..inference.rescale import resize_image, scaled_shape
 from ..inference.tiling import tile_predict
 from ..runfolder import activation_for
 
@@ -44,14 +46,36 @@ def _val_predict_fn(model: nn.Module, cfg: RunConfig, info: dict, device: torch.
                            channels_last=use_channels_last(cfg.train.channels_last, device, training=False))
 
 
+def validation_scale(labels: np.ndarray, cfg: RunConfig, info: dict) -> float:
+    """The zoom a validation image is predicted at: with ``size_normalize``, the one that brings its true objects
+    to the training diameter (as the training images were drawn), else 1."""
+    if not cfg.data.size_normalize or info["task"] == "multiclass":
+        return 1.0
+    return size_factor(median_diameter([labels]), info.get("diameter"))
+
+
 def predict_val_image(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: dict, device: torch.device,
-                      source, predict: Callable | None = None) -> torch.Tensor:
-    """Probabilities (K, H, W) on CPU of one normalised validation image with the tiled predictor."""
+                      source, predict: Callable | None = None, scale: float = 1.0,
+                      back: bool = True) -> torch.Tensor:
+    """Probabilities (K, H, W) on CPU of one normalised validation image with the tiled predictor, predicted
+    zoomed by ``scale`` and (``back``) resized back to the image's own size."""
+    image = apply_channels(image, cfg.data, None, source=source)
+    shape = tuple(image.shape[-2:])
+    if scale != 1.0:
+        image = resize_image(image, scaled_shape(shape, scale))
+    prob = predict_prepared_val(model, image, cfg, info, device, predict)
+    if scale != 1.0 and back:
+        prob = torch.from_numpy(resize_image(prob.numpy(), shape))
+    return prob
+
+
+def predict_prepared_val(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: dict, device: torch.device,
+                         predict: Callable | None = None) -> torch.Tensor:
+    """Probabilities (K, H, W) on CPU of an image whose channels are already those the network takes."""
     model.eval()
     if predict is None:
         predict = _val_predict_fn(model, cfg, info, device)
     align = int(getattr(model, "size_multiple", 2 ** int(getattr(model, "depth", 4))))
-    image = apply_channels(image, cfg.data, None, source=source)
     return tile_predict(predict, image, info["out_channels"], tile=max(cfg.data.patch_size, 256), overlap=0.25,
                         align=align, batch_size=4, output_size=model.output_size,
                         valid_input_size=model.valid_input_size, device=device).cpu()
@@ -69,7 +93,8 @@ def validate(
     truth_fg = torch.zeros(2, dtype=torch.float64)  # (truth pixels, all pixels) for the all-foreground Dice
     for i in indices:
         item = cache[i]
-        prob = predict_val_image(model, item.image, cfg, info, device, cache.samples[i].image, predict)
+        prob = predict_val_image(model, item.image, cfg, info, device, cache.samples[i].image, predict,
+                                 scale=validation_scale(item.labels, cfg, info))
         c = foreground_counts(prob, item.labels, info)
         counts += torch.stack([x.double().reshape(-1) for x in c])
         truth_fg += torch.tensor([float((item.labels > 0).sum()), float(item.labels.size)], dtype=torch.float64)
@@ -87,4 +112,4 @@ def validate(
     return out
 
 
-__all__ = ["foreground_counts", "predict_val_image", "validate"]
+__all__ = ["foreground_counts", "predict_prepared_val", "predict_val_image", "validate", "validation_scale"]

@@ -92,6 +92,46 @@ def test_predict_with_model_nuclei_needs_no_training(tmp_path, capsys):
         assert match_objects(pred, truth)["ap"][0] > 0.8
 
 
+
+def test_predict_flags_override_the_runs_post_processing_for_this_prediction_only(tmp_path, capsys):
+    """--threshold / --min-size / --prominence replace the run's tuned settings in this prediction (recorded in
+    predictions.json), leave the model's config.yaml as it was, and out-of-range values are one line, no output."""
+    images = tmp_path / "images"
+    images.mkdir()
+    image, labels = nuclei_image(seed=3)
+    tifffile.imwrite(images / "n.tif", image)
+    config = (PRETRAINED_DIR / "nuclei" / "config.yaml").read_bytes()
+
+    def run(name: str, *flags) -> tuple[int, float, dict]:
+        rc, _out, err = cli(capsys, "predict", "--model", "nuclei", "--input", images, "--out", tmp_path / name,
+                            "--instances", "--diameter", "none", "--no-progress", *flags)
+        assert rc == 0, err
+        with open(tmp_path / name / "counts.csv", newline="") as f:
+            count = int(next(csv.DictReader(f))["Count"])
+        from PIL import Image
+
+        fg = float((np.asarray(Image.open(tmp_path / name / "masks" / "n.png")) > 0).mean())
+        used = json.loads((tmp_path / name / "predictions.json").read_text())["postprocess"]
+        return count, fg, used
+
+    n0, fg0, used0 = run("default")
+    assert abs(n0 - labels.max()) <= 2 and used0["min_size"] == load_run(resolve_run_dir("nuclei")).config.postprocess.min_size
+    n1, _fg, used1 = run("big", "--min-size", "5000")
+    assert n1 == 0 and used1["min_size"] == 5000  # every nucleus is smaller than 5000 px
+    _n, fg_low, _u = run("low", "--threshold", "0.05")
+    _n, fg_high, used_high = run("high", "--threshold", "0.95", "--prominence", "0.3")
+    assert fg_low > fg0 > fg_high > 0, (fg_low, fg0, fg_high)
+    assert used_high["threshold"] == 0.95 and used_high["prominence"] == 0.3
+    assert (PRETRAINED_DIR / "nuclei" / "config.yaml").read_bytes() == config
+
+    for flag, value in (("--threshold", "1.5"), ("--min-size", "-1"), ("--prominence", "0")):
+        rc, _out, err = cli(capsys, "predict", "--model", "nuclei", "--input", images, "--out", tmp_path / "bad",
+                            "--instances", flag, value)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and flag in lines[0], err
+        assert not (tmp_path / "bad").exists()
+
+
 def test_unknown_model_name_is_one_line_naming_the_pretrained(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "a.tif", np.zeros((32, 32), np.uint16))

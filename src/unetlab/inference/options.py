@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PostprocessConfig
+from ..errors import UnetlabError
 from .rescale import parse_diameter
 from .streaming import STREAM_THRESHOLD
 
@@ -65,6 +66,15 @@ class PredictOptions:
         "auto", "object diameter in pixels in these images, so they are rescaled to the training size; 'auto' "
         "(default) measures it per image when predicting --instances with an instance model (boundary or "
         "distance target); 'none' predicts at the images' own size", metavar="PX|auto|none", cli_type=str, from_cli=parse_diameter)
+    threshold: float | None = _opt(
+        None, "foreground probability threshold for masks and objects (default: the run's, tuned on its "
+        "validation images and stored in its config.yaml)", metavar="P")
+    min_size: int | None = _opt(None, "drop objects smaller than this many pixels (default: the run's)",
+                                metavar="PX")
+    prominence: float | None = _opt(
+        None, "how far a distance peak must rise above the saddle to a higher one to seed an object of its own "
+        "(distance target: in units of the normalised distance; boundary/binary: pixels); larger splits less "
+        "(default: the run's)", metavar="H")
     stream_threshold: int | None = _opt(
         STREAM_THRESHOLD, "TIFFs larger than this many megapixels are read, predicted and written band by "
         "band from disk (default 64; 0 = never)", metavar="MPX", cli_type=float, cli_default=64.0,
@@ -73,6 +83,20 @@ class PredictOptions:
                                  from_cli=_no_progress)
     postprocess: PostprocessConfig | None = _opt(None, "post-processing settings (default: the run's)",
                                                  flag=None)
+
+
+def effective_postprocess(o: PredictOptions, run_postprocess: PostprocessConfig) -> PostprocessConfig:
+    """The post-processing a prediction uses: ``o.postprocess`` or the run's, with the ``threshold``,
+    ``min_size`` and ``prominence`` that ``o`` sets on top; a value out of range is a one-line error."""
+    pp = o.postprocess or run_postprocess
+    if o.threshold is not None and not 0.0 < o.threshold < 1.0:
+        raise UnetlabError(f"--threshold must lie between 0 and 1 (a probability), not {o.threshold}")
+    if o.min_size is not None and o.min_size < 0:
+        raise UnetlabError(f"--min-size must be 0 or more pixels, not {o.min_size}")
+    if o.prominence is not None and not o.prominence > 0:
+        raise UnetlabError(f"--prominence must be positive, not {o.prominence}")
+    changes = {k: getattr(o, k) for k in ("threshold", "min_size", "prominence") if getattr(o, k) is not None}
+    return replace(pp, **changes) if changes else pp
 
 
 def resolve_options(options: PredictOptions | None = None, overrides: dict[str, Any] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from ..data.targets import INSTANCE_KINDS, TARGET_KINDS
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries, write_text
 from ..runfolder import load_run, resolve_run_dir
-from .options import PredictOptions, resolve_options
+from .options import PredictOptions, effective_postprocess, resolve_options
 from .predictor import Predictor
 from .rescale import parse_diameter
 from .streaming import should_stream
@@ -145,7 +146,11 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     dev = D.rank_device(resolve_device(str(o.device)), dist)  # cuda:LOCAL_RANK under torchrun
     predictor = Predictor.from_run(run, device=dev, precision=o.precision, tile=o.tile, overlap=o.overlap,
                                    batch_size=o.batch_size, tta=o.tta, compile=o.compile, backend=o.backend)
-    pp = o.postprocess or run.config.postprocess
+    pp = effective_postprocess(o, run.config.postprocess)
+    if pp != run.config.postprocess:
+        log.info("post-processing: threshold %s, min size %s, prominence %s (the run's: %s, %s, %s)", pp.threshold,
+                 pp.min_size, pp.prominence, run.config.postprocess.threshold, run.config.postprocess.min_size,
+                 run.config.postprocess.prominence)
     multiclass = run.info.get("task") == "multiclass"
     kind = run.info.get("target", "binary")
     if o.instances and multiclass:
@@ -277,7 +282,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     if dist.is_main:  # which image each output came from, for viewers (the napari reader) and for provenance
         write_text(out / PREDICTIONS_JSON, json.dumps(
             {"model": str(model), "run": str(run_dir), "images": {n: str(Path(f).resolve()) for n, f in inputs},
-             "labels": want_labels, "multiclass": multiclass}, indent=1) + "\n")
+             "labels": want_labels, "multiclass": multiclass, "postprocess": asdict(pp)}, indent=1) + "\n")
     summary = {"images": len(inputs), "predicted": len(done), "skipped_done": len(skipped), "bad": bad,
                "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
     if measurements:

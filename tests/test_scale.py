@@ -312,7 +312,7 @@ def test_size_normalize_draws_every_training_image_with_its_objects_at_the_media
 
 
 @pytest.mark.slow
-def test_a_size_normalized_run_learns_one_size_and_predicts_both_with_diameter_auto(tmp_path):
+def test_a_size_normalized_run_learns_one_size_and_predicts_both_with_diameter_auto(tmp_path, caplog):
     """Training fields of two object sizes (1x and 2x): the size-normalised network sees one size, validation
     and the held-out test split are predicted at the measured size, and ``--diameter auto`` finds both sizes."""
     import json
@@ -332,6 +332,9 @@ def test_a_size_normalized_run_learns_one_size_and_predicts_both_with_diameter_a
     for name, factor in (("native", 1.0), ("twice", 2.0)):
         data = _write_fields(tmp_path / name, factor, n=2, seed=21)
         assert _ap50(run, data, tmp_path / f"pred_{name}", "auto") > 0.85, name
+    assert "trained size-normalised" not in caplog.text
+    _ap50(run, data, tmp_path / "pred_none", "none")  # allowed, but the user is told what it means
+    assert "trained size-normalised" in caplog.text
 
 
 def test_size_normalize_with_a_binary_target_is_one_line_error_and_writes_nothing(tmp_path, capsys):

@@ -171,6 +171,10 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         raise UnetlabError("--diameter needs a model that knows its training objects' size (model.json "
                            "'diameter', written by unetlab >= 0.1 at training)", run_dir / "model.json",
                            "train again, or predict with --diameter none")
+    if diameter is None and run.config.data.size_normalize:
+        log.warning("this model was trained size-normalised (objects of %s px): images are predicted at their own "
+                    "size, which suits it only if their objects have that size; --instances with --diameter auto "
+                    "(the default) or --diameter PX rescales them", train_diameter)
     scales: dict[str, dict] = {}
     sizes = {}
     total_tiles = 0

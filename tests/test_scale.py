@@ -132,6 +132,34 @@ def test_auto_diameter_is_not_fooled_by_fragments_of_objects_much_larger_than_tr
     assert len(np.unique(labels)) - 1 == 9  # the nine discs, whole
 
 
+def test_auto_diameter_enlarges_images_whose_objects_are_too_small_to_be_found(monkeypatch):
+    """Objects far below the training size (here: under the post-processing's minimum size) vanish at the image's
+    own size and in the coarser trial passes; an enlarged pass finds them, and the refinement brings them to the
+    training size. Without that pass the image would be declared empty."""
+    from scipy import ndimage as ndi
+
+    from unetlab.inference import rescale
+
+    tiny = discs((192, 192), radius=3.0, spacing=24)  # 6 px across, 28 px in area
+    image = (tiny > 0).astype(np.float32)[None]
+
+    def predict(img):
+        lab, _n = ndi.label(img[0] > 0.5)
+        area = np.bincount(lab.ravel())
+        return np.where(area[lab] >= 60, img[0], 0.0)[None].astype(np.float32)  # a minimum size of 60 px
+
+    def to_labels(prob):
+        return ndi.label(prob[0] > 0.5)[0]
+
+    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
+    assert choice.how == "measured" and choice.scale == pytest.approx(16 / 6, rel=0.1), choice
+    assert choice.diameter == pytest.approx(6.0, rel=0.1)
+    assert len(np.unique(labels)) - 1 == len(np.unique(tiny)) - 1 == 64
+    monkeypatch.setattr(rescale, "ENLARGE_SCALES", ())
+    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
+    assert choice.how == "measured (no objects)" and not labels.any()
+
+
 def test_zoom_is_off_for_binary_targets_and_on_for_instance_targets_by_default():
     assert zoom_probability(AugmentConfig(), "binary") == 0.0
     assert zoom_probability(AugmentConfig(), "distance") == 0.5

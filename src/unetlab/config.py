@@ -84,7 +84,7 @@ class DataConfig:
     # instance targets: draw each training image with its objects at the training set's median diameter
     # (Cellpose-style size normalisation; random zoom then varies around it). The network learns one object
     # size; `predict --diameter auto` brings new images to it, and validation rescales by the true sizes
-    size_normalize: bool = False
+    size_normalize: bool = False  # zoom each image so its median object has the training median size (Cellpose)
     samples_per_epoch: int | None = None  # default: enough patches to cover the training images once
     num_workers: int | None = None  # None: automatic (0 on CPU, up to 4 beside a GPU)
     cache: bool = True  # keep decoded images in memory

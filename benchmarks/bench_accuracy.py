@@ -13,6 +13,9 @@ test images took no part in training, checkpoint choice or post-processing tunin
 - the first ``--scale-images`` test images rescaled by 2 and by 0.5 (image bilinear, labels nearest), predicted
   with ``--diameter auto``, against the same images at native size;
 - ``--other``: a folder of images + masks from elsewhere, with no fine-tuning.
+
+``--split val`` scores the validation images instead, to choose between settings (of ``--diameter auto``, say)
+without looking at the test images; report the test split.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="the dataset folder the run was trained on (for the test split rows)")
     p.add_argument("--scale-images", type=int, default=20, help="test images used for the 2x / 0.5x rows")
     p.add_argument("--other", type=Path, action="append", default=[], help="images + masks from elsewhere")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the run's split to score: test (to report, default) or val (to choose settings)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_accuracy.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -78,20 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     args.run = resolve_run_dir(args.run)
     if args.data is None and not args.other:
         raise SystemExit("give --data (the test split's dataset) and/or --other")
-    test_names = load_split(args.run / "split.json").get("test") if args.data is not None else []
+    test_names = load_split(args.run / "split.json").get(args.split) if args.data is not None else []
     if args.data is not None and not test_names:
-        raise SystemExit(f"{args.run}: no test split in split.json; train with --test-fraction (or --test)")
+        raise SystemExit(f"{args.run}: no {args.split} split in split.json; train with --test-fraction (or --test)")
     rows: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
         tmp = Path(tmp)
         for d in ("none", "auto") if test_names else ():
-            rows.append((f"test split, --diameter {d}",
-                         score(args.run, args.data, args.data, tmp / f"test_{d}", d, split="test")))
+            rows.append((f"{args.split} split, --diameter {d}",
+                         score(args.run, args.data, args.data, tmp / f"test_{d}", d, split=args.split)))
         samples = [s for s in load_dataset(args.data).samples if s.name in set(test_names)][: args.scale_images] \
             if test_names else []
         for factor in (1.0, 2.0, 0.5) if samples else ():
             folder = write_rescaled(samples, factor, tmp / f"x{factor}")
-            rows.append((f"{len(samples)} test images x{factor:g}, --diameter auto",
+            rows.append((f"{len(samples)} {args.split} images x{factor:g}, --diameter auto",
                          score(args.run, folder / "images", folder / "masks", tmp / f"pred_x{factor}", "auto")))
         for other in args.other:
             for d in ("none", "auto"):

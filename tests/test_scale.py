@@ -132,6 +132,36 @@ def test_auto_diameter_is_not_fooled_by_fragments_of_objects_much_larger_than_tr
     assert len(np.unique(labels)) - 1 == 9  # the nine discs, whole
 
 
+def test_auto_diameter_is_not_fooled_by_fragments_that_look_like_the_training_size(monkeypatch):
+    """Objects 5x the training size that shatter into pieces of about the training size (as a network that knows one
+    size does): the pass at the image's own size looks right, but the next coarser one finds objects 5x larger,
+    whole, and the refinement goes on from there to 1/5."""
+    from scipy import ndimage as ndi
+
+    from unetlab.inference import rescale
+
+    big = discs((400, 400), radius=40.0, spacing=130)  # 9 discs 80 px across
+    image = (big > 0).astype(np.float32)[None]
+    yy, xx = np.mgrid[:400, :400]
+
+    def predict(img):
+        lab, _n = ndi.label(img[0] > 0.5)
+        too_big = np.isin(lab, 1 + np.flatnonzero(object_diameters(lab, min_pixels=1) > 40))
+        h, w = img.shape[-2:]
+        grid = ((yy[:h, :w] % 17) != 16) & ((xx[:h, :w] % 17) != 16)  # 16 px blocks: pieces of ~16 px
+        return ((lab > 0) & (~too_big | grid))[None].astype(np.float32)
+
+    def to_labels(prob):
+        return ndi.label(prob[0] > 0.5)[0]
+
+    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
+    assert choice.scale == pytest.approx(0.2, rel=0.08) and choice.diameter == pytest.approx(80.0, rel=0.08)
+    assert len(np.unique(labels)) - 1 == 9  # whole
+    monkeypatch.setattr(rescale, "FRAGMENT_RATIO", float("inf"))  # without the check: the fragments win
+    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
+    assert choice.scale == 1.0 and len(np.unique(labels)) - 1 > 100
+
+
 def test_auto_diameter_enlarges_images_whose_objects_are_too_small_to_be_found(monkeypatch):
     """Objects far below the training size (here: under the post-processing's minimum size) vanish at the image's
     own size and in the coarser trial passes; an enlarged pass finds them, and the refinement brings them to the

@@ -96,6 +96,9 @@ TRIAL_SCALES = (1.0, 0.5, 0.25)  # first passes of 'auto' when the objects found
 # and when none of those finds an object: objects far below the training size (under the minimum size, or too small
 # for the network to see) appear only in an enlarged image. Found on DSB 2018 test images shrunk 0.5x (2026-12-04)
 ENLARGE_SCALES = (2.0,)
+# objects near the training size at one pass, and this many times larger (in the image's own pixels) at the next
+# coarser one, were fragments of the larger ones
+FRAGMENT_RATIO = 2.5
 
 
 def _measure_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]], train_diameter: float,
@@ -106,7 +109,9 @@ def _measure_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
     Objects much larger than the training size come out of a pass at the training scale as fragments, which
     look small and would ask for enlarging the image further. So while the objects found look smaller than
     trained, coarser passes (:data:`TRIAL_SCALES`) are tried too, and the pass whose objects are nearest the
-    training size is the starting point: there the network sees objects of the size it knows. When no first pass
+    training size is the starting point: there the network sees objects of the size it knows. Fragments can also
+    come out near the training size; so a pass whose objects look near it is checked against the next coarser
+    one, which wins when its objects are :data:`FRAGMENT_RATIO` times larger. When no first pass
     finds any object, enlarged passes (:data:`ENLARGE_SCALES`) look for objects too small to be seen as they are.
     ``run(scale)`` returns (probabilities, labels) of the image at ``scale``."""
 
@@ -116,13 +121,28 @@ def _measure_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
     def off(d: float) -> float:
         return abs(math.log(d / train_diameter))
 
+    def near(d: float) -> bool:
+        return off(d) <= math.log1p(tolerance)
+
     start: tuple[float, float] | None = None  # (scale, diameter there)
     for trial in TRIAL_SCALES:
         d = measure(trial)
-        if d is not None and (start is None or off(d) < off(start[1])):
+        if d is None:
+            pass
+        elif start is None:
             start = (trial, d)
-        if start is not None and (start[1] >= train_diameter or off(start[1]) <= math.log1p(tolerance)):
-            break  # objects as large as trained or larger are whole: no need to look coarser
+        elif near(start[1]):  # fragments come out near the training size too: a coarser pass that finds objects
+            if d / trial >= FRAGMENT_RATIO * start[1] / start[0]:  # far larger (in the image's pixels) saw them whole
+                start = (trial, d)
+        elif off(d) < off(start[1]):
+            start = (trial, d)
+        if start is None:
+            continue
+        if near(start[1]):
+            if start[0] != trial:
+                break  # near the training size, and one coarser pass found no far larger objects
+        elif start[1] >= train_diameter:
+            break  # objects larger than trained are whole: no need to look coarser
     for trial in ENLARGE_SCALES if start is None else ():
         d = measure(trial)
         if d is not None:

@@ -132,7 +132,7 @@ def draw_pretrained(data: Path, work: Path, out: Path) -> Path:
     axes[0].set_title(f"{data.name}/{name}")
     axes[1].imshow(outline_overlay(image, labels))
     known = f" (truth {len(np.unique(truth)) - 1})" if truth is not None else ""
-    axes[1].set_title(f"--model nuclei, no training: {labels.max()} nuclei{known}")
+    axes[1].set_title(f"--model nuclei: {labels.max()} nuclei{known}")
     for a in axes:
         a.set_axis_off()
     fig.tight_layout()

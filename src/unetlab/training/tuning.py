@@ -39,7 +39,7 @@ MAX_TUNING_IMAGES = 200  # validation images predicted for tuning after training
 # marker prominences tried, as factors of the target's default (distance target: 0.025, 0.05, 0.1). DSB 2018 runs
 # choose the top one; a grid up to 6x (0.3) was measured (2026-12-03, benchmarks/README.md): it picks 0.2-0.3 on
 # the validation images and raises their scores, but the untouched test images then score lower (AP@0.5 0.801 ->
-# 0.771 for the pretrained model), so the grid stays where it was.
+# 0.771 for the pretrained model of 2026-12-02), so the grid stays where it was.
 PROMINENCE_FACTORS = (0.5, 1.0, 2.0)
 
 

@@ -92,7 +92,7 @@ def map_labels_back(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return np.where(foreground & kept, near, 0).astype(up.dtype)
 
 
-TRIAL_SCALES = (1.0, 0.5, 0.25)  # first passes of 'auto' when the objects found look smaller than trained
+TRIAL_SCALES = (1.0, 0.5, 0.25)  # first passes of 'auto' while the objects found look smaller than trained
 # and when none of those finds an object: objects far below the training size (under the minimum size, or too small
 # for the network to see) appear only in an enlarged image. Found on DSB 2018 test images shrunk 0.5x (2026-12-04)
 ENLARGE_SCALES = (2.0,)
@@ -124,17 +124,18 @@ def _measure_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
     def near(d: float) -> bool:
         return off(d) <= math.log1p(tolerance)
 
+    def takes_over(trial: float, d: float, start: tuple[float, float] | None) -> bool:
+        """Whether the pass at ``trial``, whose objects measure ``d``, becomes the starting point."""
+        if start is None:
+            return True
+        if near(start[1]):  # fragments come out near the training size too: a coarser pass that finds objects
+            return d / trial >= FRAGMENT_RATIO * start[1] / start[0]  # far larger (image pixels) saw them whole
+        return off(d) < off(start[1])
+
     start: tuple[float, float] | None = None  # (scale, diameter there)
     for trial in TRIAL_SCALES:
         d = measure(trial)
-        if d is None:
-            pass
-        elif start is None:
-            start = (trial, d)
-        elif near(start[1]):  # fragments come out near the training size too: a coarser pass that finds objects
-            if d / trial >= FRAGMENT_RATIO * start[1] / start[0]:  # far larger (in the image's pixels) saw them whole
-                start = (trial, d)
-        elif off(d) < off(start[1]):
+        if d is not None and takes_over(trial, d, start):
             start = (trial, d)
         if start is None:
             continue

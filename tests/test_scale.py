@@ -391,6 +391,16 @@ def test_a_size_normalized_run_learns_one_size_and_predicts_both_with_diameter_a
         data = _write_fields(tmp_path / name, factor, n=2, seed=21)
         assert _ap50(run, data, tmp_path / f"pred_{name}", "auto") > 0.85, name
     assert "trained size-normalised" not in caplog.text
+    import logging
+    import re
+
+    from unetlab.inference.predict import predict
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="unetlab"):  # masks alone are predicted at the training size too
+        predict(run, tmp_path / "twice" / "images", tmp_path / "masks_twice", progress=False)
+    scales = [float(x) for x in re.findall(r"predicted at scale ([0-9.]+)", caplog.text)]
+    assert len(scales) == 2 and all(0.35 < x < 0.7 for x in scales), scales
     _ap50(run, data, tmp_path / "pred_none", "none")  # allowed, but the user is told what it means
     assert "trained size-normalised" in caplog.text
 

@@ -64,8 +64,9 @@ class PredictOptions:
                              "held-out test samples", choices=("val", "train", "test"))
     diameter: float | str | None = _opt(
         "auto", "object diameter in pixels in these images, so they are rescaled to the training size; 'auto' "
-        "(default) measures it per image when predicting --instances with an instance model (boundary or "
-        "distance target); 'none' predicts at the images' own size", metavar="PX|auto|none", cli_type=str, from_cli=parse_diameter)
+        "(default) measures it per image when predicting --instances with an instance model (boundary, "
+        "distance or flow target), and for every prediction of a size-normalised one; 'none' predicts at the "
+        "images' own size", metavar="PX|auto|none", cli_type=str, from_cli=parse_diameter)
     threshold: float | None = _opt(
         None, "foreground probability threshold for masks and objects (default: the run's, tuned on its "
         "validation images and stored in its config.yaml)", metavar="P")

@@ -165,7 +165,8 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         raise UnetlabError("--ome-zarr writes the instance labels as OME-Zarr: add --instances")
     train_diameter = run.info.get("diameter")
     diameter = parse_diameter(o.diameter)
-    if diameter == "auto" and not (want_labels and train_diameter and kind in INSTANCE_KINDS):
+    rescales = want_labels or run.config.data.size_normalize  # a size-normalised model's masks need it too
+    if diameter == "auto" and not (rescales and train_diameter and kind in INSTANCE_KINDS):
         diameter = None  # auto: instance models (boundary, distance, flow targets) that know their objects' size
     elif diameter is not None and not train_diameter:
         raise UnetlabError("--diameter needs a model that knows its training objects' size (model.json "
@@ -173,8 +174,8 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
                            "train again, or predict with --diameter none")
     if diameter is None and run.config.data.size_normalize:
         log.warning("this model was trained size-normalised (objects of %s px): images are predicted at their own "
-                    "size, which suits it only if their objects have that size; --instances with --diameter auto "
-                    "(the default) or --diameter PX rescales them", train_diameter)
+                    "size, which suits it only if their objects have that size; --diameter auto (the default) or "
+                    "--diameter PX rescales them", train_diameter)
     scales: dict[str, dict] = {}
     sizes = {}
     total_tiles = 0

@@ -3,7 +3,8 @@
 Reproducible from the public DSB 2018 stage-1 training set (CC0): the fluorescence images only, a test split
 held out by the seeded ``--test-fraction 0.2`` that never trains or tunes anything, the size- and
 brightness-invariant recipe (each image drawn with its nuclei at the training median size, then zoom 0.5x-2x,
-contrast/gamma/noise augmentation, per-image percentile normalisation), then the best weights stored as float16 with the tuned post-processing and the test scores.
+contrast/gamma/noise augmentation, per-image percentile normalisation), then the best weights stored as float16
+with the tuned post-processing and the test scores.
 
     python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei
     python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei --package-only

@@ -81,9 +81,8 @@ class DataConfig:
     test_fraction: float = 0.0  # a seeded random share of the groups
     patch_size: int = 256
     foreground_fraction: float = 0.5  # share of patches centred on a foreground pixel
-    # instance targets: draw each training image with its objects at the training set's median diameter
-    # (Cellpose-style size normalisation; random zoom then varies around it). The network learns one object
-    # size; `predict --diameter auto` brings new images to it, and validation rescales by the true sizes
+    # instance targets only; random zoom varies around the normalised size, validation rescales by the true
+    # sizes, and `predict --diameter auto` brings new images to it
     size_normalize: bool = False  # zoom each image so its median object has the training median size (Cellpose)
     samples_per_epoch: int | None = None  # default: enough patches to cover the training images once
     num_workers: int | None = None  # None: automatic (0 on CPU, up to 4 beside a GPU)

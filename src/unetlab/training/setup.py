@@ -112,8 +112,8 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
 
     if cfg.data.size_normalize and cfg.data.target not in INSTANCE_KINDS:
         raise UnetlabError(f"--size-normalize needs an instance target ({', '.join(INSTANCE_KINDS)}), not "
-                           f"--target {cfg.data.target}", hint="objects are measured and rescaled per image only "
-                           "where predict --instances --diameter auto can do the same")
+                           f"--target {cfg.data.target}", hint="only these targets' objects can be measured "
+                           "again at prediction, where --diameter auto rescales each image")
     data = load_from_config(cfg.data)
     bad: list[str] = []
     if data.problems:

@@ -55,7 +55,8 @@ def set_threads(threads: int | None = None) -> None:
 
 
 def resolve_device(name: str = "auto"):
-    """'auto' -> cuda if available (then mps), else cpu; otherwise the named torch device."""
+    """'auto' -> cuda if available, else cpu (never mps: name 'mps' to train on an Apple GPU); otherwise the
+    named torch device, which must be available."""
     import torch
 
     from .errors import UnetlabError
@@ -67,20 +68,45 @@ def resolve_device(name: str = "auto"):
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UnetlabError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+        raise UnetlabError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UnetlabError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UnetlabError("--device mps was asked for but no Apple GPU (MPS) is available (use --device cpu)")
     return dev
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch RNGs."""
+    """Seed Python's, NumPy's and torch's RNGs.
+
+    String hashing (``PYTHONHASHSEED``) is fixed only when the interpreter starts, so it is not set here; nothing
+    in unetlab depends on the order of a set of strings."""
     import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+# cuBLAS needs a fixed workspace to be deterministic; it is read when the first cuBLAS handle is created
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_deterministic(on: bool, device=None) -> None:
+    """``train.deterministic``: make torch choose deterministic kernels (warning where an op has none), turn off
+    cuDNN's benchmark search and, on CUDA, give cuBLAS its fixed workspace; ``False`` leaves the settings alone.
+
+    Call it before the first CUDA operation: ``CUBLAS_WORKSPACE_CONFIG`` is read when cuBLAS starts."""
+    if not on:
+        return
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    log.info("deterministic algorithms on (slower; an op without a deterministic kernel warns)")
 
 
 def use_channels_last(setting: bool | None, device, training: bool = True) -> bool:

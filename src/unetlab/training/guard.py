@@ -23,12 +23,16 @@ RECOVERY_LR_FACTOR = 0.2
 
 
 def collapsed(history: list[dict], patience: int) -> str | None:
-    """Why the run looks collapsed (Dice stuck at 0 or at the all-foreground value while the loss is flat)."""
-    if patience <= 0 or len(history) < patience:
+    """Why the run looks collapsed (Dice stuck at 0 or at the all-foreground value while the loss is flat).
+
+    Only evaluated rows (those with a ``val_dice``) count: ``patience`` is in evaluations, so a run validated
+    every few epochs is judged on its last ``patience`` validations, never on the epochs in between."""
+    if patience <= 0 or not history or "val_dice" not in history[-1]:
+        return None
+    history = [h for h in history if "val_dice" in h]
+    if len(history) < patience:
         return None
     recent = history[-patience:]
-    if "val_dice" not in recent[-1]:
-        return None
     stuck_zero = all(h.get("val_dice", 1.0) < 1e-3 for h in recent)
     stuck_full = all(abs(h.get("val_dice", 0) - h.get("all_foreground_dice", -1)) < 1e-3 for h in recent)
     if not (stuck_zero or stuck_full):

@@ -131,13 +131,15 @@ class Schedule:
         self.steps += 1
         self.apply()
 
-    def step_epoch(self, metric: float | None = None) -> None:
-        """After a validation: for ``plateau``, reduce the rate when ``metric`` (higher is better) stalls."""
+    def step_epoch(self, metric: float | None = None, mode: str = "max") -> None:
+        """After a validation: for ``plateau``, reduce the rate when ``metric`` stalls; ``mode`` says which way
+        is better ('max', or 'min' for a loss: ``decisions.monitor_mode`` of the monitored name)."""
         self.epochs_seen += 1
         if self.kind != "plateau" or metric is None or not math.isfinite(metric):
             return
         best = self.plateau_best
-        if best is None or metric > best + abs(best) * PLATEAU_THRESHOLD:
+        margin = abs(best) * PLATEAU_THRESHOLD if best is not None else 0.0
+        if best is None or (metric > best + margin if mode == "max" else metric < best - margin):
             self.plateau_best = float(metric)
             self.plateau_bad = 0
             return

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,19 +21,29 @@ import torch
 from torch import nn
 
 from .. import distributed as D
-from .._runtime import resolve_device, seed_everything, tune_allocator, use_channels_last
+from .._runtime import resolve_device, seed_everything, set_deterministic, tune_allocator, use_channels_last
 from ..config import RunConfig
 from ..data.dataset import SampleCache
 from ..data.split import load_split
 from ..errors import UnetlabError
 from ..inference.predictor import resolve_precision
 from ..runfolder import checkpoint_path, load_checkpoint, load_weights, read_json, save_checkpoint, write_json
-from .guard import collapsed, healthy, recover
+from .decisions import (
+    check_monitor,
+    decide,
+    micro_batch_plan,
+    monitor_mode,
+    monitored,
+    optimizer_steps,
+    worst,
+)
+from .guard import recover
 from .losses import distillation_loss
 from .lrfind import lr_find
 from .reporting import draw_curves, log_epoch, plot_curves, tensorboard_writer, write_metrics, write_summary
 from .schedules import build_optimizer, build_scheduler
 from .setup import (
+    Setup,
     build_setup,
     build_train_data,
     center_crop,
@@ -74,11 +83,42 @@ class Trainer:
         tune_allocator()
         self.out = Path(out) if out is not None else None
         self.progress = progress
+        cfg = self._checked_config(cfg, resume)  # before anything is written
+        self._start_device(cfg)
+        if self.out is not None:  # rank 0 checks and creates the folder, the others wait (and share its error)
+            D.run_on_main(partial(prepare_run_dir, self.out, resume, overwrite, True), self.dist)
+        # read the checkpoint to resume before anything is written: a damaged one then changes nothing
+        resume_state = load_checkpoint(checkpoint_path(self.out, "last")) if resume and self.out else None
+        seed_everything(cfg.train.seed)
+        self._resolve_lr(cfg)
+        self.cfg = cfg
+        s = build_setup(cfg, self.out, resume, self.dist, skip_bad=skip_bad)
+        check_monitor(cfg.train.monitor, s.info["task"], s.info["classes"])  # a class name, now they are known
+        self.info, self.train_samples, self.val_samples = s.info, s.train_samples, s.val_samples
+        self.bad, self.test_samples = s.bad, s.test_samples
+        self._build_model(s)
+        self._build_training(s)
+        self._start_state()
+        if resume_state is not None:  # before anything is written: a checkpoint that does not fit changes nothing
+            self._restore(resume_state)
+        if self.out is not None and self.dist.is_main:
+            cfg.save(self.out / "config.yaml")
+            write_json(self.out / "model.json", self.info)
+
+    # -- building, step by step ----------------------------------------------------------------------------
+    def _checked_config(self, cfg: RunConfig | None, resume: bool) -> RunConfig:
+        """The run's config (a resumed run's own when ``cfg`` is None), its monitor and device name checked."""
         if cfg is None:  # resume with the run's own config
             if not resume or self.out is None:
                 raise UnetlabError("a config is needed to start a run")
             cfg = RunConfig.load(self.out / "config.yaml")
+        check_monitor(cfg.train.monitor)
+        return cfg
+
+    def _start_device(self, cfg: RunConfig) -> None:
+        """The device (cuda:LOCAL_RANK under torchrun), the process group and the determinism settings."""
         device = resolve_device(cfg.train.device)
+        set_deterministic(cfg.train.deterministic, device)  # before the first CUDA operation
         self.dist = D.init_distributed(device.type)
         device = D.rank_device(device, self.dist)  # cuda:LOCAL_RANK under torchrun
         if self.dist.enabled and device.type == "cuda":
@@ -87,40 +127,40 @@ class Trainer:
         if self.dist.enabled and cfg.train.sync_batchnorm and device.type != "cuda":
             raise UnetlabError("sync_batchnorm needs CUDA GPUs (torch has no SyncBatchNorm on CPU)",
                                hint="use --sync-batchnorm false, or --norm group (independent of the batch)")
-        if self.out is not None:  # rank 0 checks and creates the folder, the others wait (and share its error)
-            D.run_on_main(partial(prepare_run_dir, self.out, resume, overwrite, True), self.dist)
-        # read the checkpoint to resume before anything is written: a damaged one then changes nothing
-        resume_state = load_checkpoint(checkpoint_path(self.out, "last")) if resume and self.out else None
-        seed_everything(cfg.train.seed)
+
+    def _resolve_lr(self, cfg: RunConfig) -> None:
+        """``--lr auto``: run the learning-rate finder (every rank gets the same rate); refuse other words."""
         if cfg.train.lr == "auto":
             found = lr_find(cfg)
             log.info("lr-find suggests a learning rate of %.2e", found.suggestion)
             cfg.train.lr = D.broadcast_object(float(found.suggestion), self.dist)  # every rank the same
         elif isinstance(cfg.train.lr, str):
             raise UnetlabError(f"bad learning rate '{cfg.train.lr}' (a number or 'auto')")
-        self.cfg = cfg
-        s = build_setup(cfg, self.out, resume, self.dist, skip_bad=skip_bad)
-        self.info, self.train_samples, self.val_samples = s.info, s.train_samples, s.val_samples
-        self.bad = s.bad
-        self.model = s.model.to(device)
-        self.channels_last = use_channels_last(cfg.train.channels_last, device)
+
+    def _build_model(self, s: Setup) -> None:
+        """The network on its device and memory format, SyncBatchNorm and DDP when distributed."""
+        self.model = s.model.to(self.device)
+        self.channels_last = use_channels_last(self.cfg.train.channels_last, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if self.dist.enabled and cfg.train.sync_batchnorm:
+        if self.dist.enabled and self.cfg.train.sync_batchnorm:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net: nn.Module = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+
+    def _build_training(self, s: Setup) -> None:
+        """Loss, patches and loader, optimiser and schedule, validation images, precision and teacher."""
+        cfg, device = self.cfg, self.device
         self.loss_fn = make_loss_fn(cfg, self.info)
         # every training sample is read (and cached) now: bad files fail here, before any training
         self.train_cache_dataset, self.sampler, self.loader = build_train_data(cfg, s, device, self.dist)
-        self.test_samples = s.test_samples
         if self.info["task"] != "multiclass":  # the objects' size, for predict --diameter
             d = self.train_cache_dataset.diameter
             self.info["diameter"] = round(d, 2) if d is not None else None
-        self.steps_per_epoch = max(1, len(self.loader) // cfg.train.grad_accumulation)
+        self.steps_per_epoch = optimizer_steps(len(self.loader), cfg.train.grad_accumulation)
         self.optimizer = build_optimizer(self.model, cfg.train, float(cfg.train.lr))
         self.schedule = build_scheduler(self.optimizer, cfg.train, self.steps_per_epoch, cfg.train.epochs)
         self.val_cache = SampleCache(self.val_samples, cfg.data)
@@ -128,21 +168,23 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.teacher = load_teacher(cfg, self.info, device)
+
+    def _start_state(self) -> None:
+        """The run's progress before its first epoch: history, best score, the collapse guard's restore point."""
+        self.monitor = monitored(self.cfg.train.monitor, bool(self.val_samples))
+        self.mode = monitor_mode(self.monitor)  # which way the monitor is better (a loss: lower)
+        if self.monitor != self.cfg.train.monitor:
+            log.info("no validation images: the best checkpoint is the one with the lowest %s", self.monitor)
         self.epoch = 0
         self.history: list[dict] = []
         self.recoveries: list[dict] = []
-        self.best = -math.inf
+        self.best = worst(self.mode)
         self.best_epoch = -1
         self.good_state: dict | None = None  # the collapse guard's restore point (latest healthy evaluation)
         self.good_epoch = -1
         self.bad_evals = 0
         self.start_time = time.time()
         self.tb = None
-        if resume_state is not None:  # before anything is written: a checkpoint that does not fit changes nothing
-            self._restore(resume_state)
-        if self.out is not None and self.dist.is_main:
-            cfg.save(self.out / "config.yaml")
-            write_json(self.out / "model.json", self.info)
 
     # -- state ---------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -216,12 +258,14 @@ class Trainer:
         bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", unit="batch",
                    disable=disable, leave=False, dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
+        # groups of `accum` micro-batches, the last one of the epoch shorter when `accum` does not divide
+        plan = micro_batch_plan(len(self.loader), accum)
         for step, batch in enumerate(bar):
-            stepping = (step + 1) % accum == 0
+            group, stepping = plan[step]
             # DDP: gradients are all-reduced only on the micro-batch that steps (no_sync on the others)
             sync = self.net.no_sync() if self.dist.enabled and not stepping else contextlib.nullcontext()
             with sync:
-                loss = self._forward_backward(batch, accum)
+                loss = self._forward_backward(batch, group)
             if stepping:
                 if self.cfg.train.grad_clip:
                     self.scaler.unscale_(self.optimizer)
@@ -237,8 +281,9 @@ class Trainer:
         t = D.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
         return float(t[0] / max(t[1], 1))
 
-    def _forward_backward(self, batch: dict, accum: int) -> torch.Tensor:
-        """Loss of one micro-batch, back-propagated (scaled by 1/accum); a non-finite loss on any rank raises."""
+    def _forward_backward(self, batch: dict, group: int) -> torch.Tensor:
+        """Loss of one micro-batch, back-propagated scaled by 1/``group`` (the size of its accumulation group, so
+        a step follows the group's mean gradient); a non-finite loss on any rank raises."""
         x = batch["image"].to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -260,7 +305,7 @@ class Trainer:
         bad = not bool(torch.isfinite(loss))
         if D.any_rank(bad, self.dist):  # all ranks stop together: one rank alone would deadlock DDP
             raise _NonFinite(float(loss.detach()) if bad else float("nan"))
-        self.scaler.scale(loss / accum).backward()
+        self.scaler.scale(loss / group).backward()
         return loss
 
     def _recover(self, reason: str, epoch: int) -> bool:
@@ -290,44 +335,17 @@ class Trainer:
                 continue
             row = {"epoch": self.epoch + 1, "train_loss": loss, "lr": self.schedule.lr}
             last = self.epoch + 1 == cfg.train.epochs
-            evaluated = self.val_samples and ((self.epoch + 1) % cfg.train.val_every == 0 or last)
+            evaluated = bool(self.val_samples) and ((self.epoch + 1) % cfg.train.val_every == 0 or last)
             if evaluated:
                 row.update(validate(self.model, self.val_cache, val_idx, cfg, self.info, self.device, self.dist))
             row["seconds"] = time.time() - t0
             self.history.append(row)
             self.epoch += 1
-            metric = row.get(cfg.train.monitor, -loss if not self.val_samples else None)
-            if evaluated or not self.val_samples:
-                self.schedule.step_epoch(metric)
-                since = self.recoveries[-1].get("history_len", 0) if self.recoveries else 0
-                why = collapsed(self.history[since:], cfg.train.collapse_patience) if evaluated else None
-                if why:
-                    self._log_epoch(row)
-                    if self._recover(why, self.epoch):
-                        self.bad_evals = 0
-                        continue
-                    stop_reason = "collapsed"
-                if metric is not None and metric > self.best + 1e-6:
-                    self.best, self.best_epoch, self.bad_evals = float(metric), self.epoch, 0
-                    if main and self.out is not None:
-                        save_checkpoint(checkpoint_path(self.out, "best"),
-                                        {"model": self.model.state_dict(), "epoch": self.epoch, "metrics": row,
-                                         "config": cfg.to_dict(), "info": self.info})
-                else:
-                    self.bad_evals += 1
-                if evaluated and healthy(row) and not why:
-                    self.good_state, self.good_epoch = self._snapshot(), self.epoch
-            self._log_epoch(row)
-            if main and self.out is not None and (self.epoch % cfg.train.save_every == 0 or last):
-                save_checkpoint(checkpoint_path(self.out, "last"), self._state())
-                self._write_metrics()
-            if stop_reason == "collapsed":
-                break
-            if cfg.train.early_stopping and self.bad_evals >= cfg.train.early_stopping:
-                stop_reason = f"early stopping after {self.bad_evals} evaluations without improvement"
-                log.info("%s", stop_reason)
-                if main and self.out is not None:
-                    save_checkpoint(checkpoint_path(self.out, "last"), self._state())
+            stop = self._end_epoch(row, evaluated, last)
+            if stop == _RECOVERED:
+                continue
+            if stop:
+                stop_reason = stop
                 break
         seconds = time.time() - self.start_time
         result = TrainResult(self.out, self.best, self.best_epoch, self.epoch, self.history, self.recoveries,
@@ -338,7 +356,7 @@ class Trainer:
             if cfg.train.tune_postprocess and self.info["task"] != "multiclass" and len(self.val_cache):
                 tuned = tune_on_validation(self.model, self.out, cfg, self.info, self.val_cache, self.device)
             test = score_test_split(self.model, self.out, cfg, self.info, self.test_samples, self.device)
-            write_summary(self.out / "summary.json", best_metric=self.best, monitor=cfg.train.monitor,
+            write_summary(self.out / "summary.json", best_metric=self.best, monitor=self.monitor,
                           best_epoch=self.best_epoch, epochs_run=self.epoch, stop_reason=stop_reason,
                           recoveries=self.recoveries, seconds=seconds, history=self.history, postprocess=tuned,
                           left_out=self.bad, test=test)
@@ -347,6 +365,44 @@ class Trainer:
             self.tb.close()
         D.barrier(self.dist)  # the run folder is complete when train() returns on any rank
         return result
+
+    def _end_epoch(self, row: dict, evaluated: bool, last: bool) -> str | None:
+        """Act on the epoch's :func:`~.decisions.decide`: schedule, guard, best and last checkpoints; why to stop
+        (``_RECOVERED``: the guard restored an earlier state, go on with the next epoch)."""
+        cfg = self.cfg
+        since = self.recoveries[-1].get("history_len", 0) if self.recoveries else 0
+        d = decide(row, self.history[since:], evaluated=evaluated, has_val=bool(self.val_samples),
+                   monitor=cfg.train.monitor, best=self.best, bad_evals=self.bad_evals,
+                   collapse_patience=cfg.train.collapse_patience, early_stopping=cfg.train.early_stopping)
+        if d.counted:
+            self.schedule.step_epoch(d.metric, self.mode)
+        stop = d.stop
+        if d.collapse:
+            self._log_epoch(row)
+            if self._recover(d.collapse, self.epoch):
+                self.bad_evals = 0
+                return _RECOVERED
+            stop = "collapsed"
+        self.bad_evals = d.bad_evals
+        if d.improved:
+            self.best, self.best_epoch = float(d.metric), self.epoch
+            self._save_best(row)
+        if d.restore_point:
+            self.good_state, self.good_epoch = self._snapshot(), self.epoch
+        self._log_epoch(row)
+        if d.stop:
+            log.info("%s", d.stop)
+        if self.dist.is_main and self.out is not None and (self.epoch % cfg.train.save_every == 0 or last or d.stop):
+            save_checkpoint(checkpoint_path(self.out, "last"), self._state())
+            self._write_metrics()
+        return stop
+
+    def _save_best(self, row: dict) -> None:
+        """Write checkpoints/best.pt (rank 0): the weights of this epoch, its metrics, config and model info."""
+        if self.dist.is_main and self.out is not None:
+            save_checkpoint(checkpoint_path(self.out, "best"),
+                            {"model": self.model.state_dict(), "epoch": self.epoch, "metrics": row,
+                             "config": self.cfg.to_dict(), "info": self.info})
 
     def _log_epoch(self, row: dict) -> None:
         """Log an epoch's line (and its TensorBoard scalars) on rank 0."""
@@ -369,6 +425,9 @@ def _set_numpy_rng_state(state: dict) -> None:
     """Inverse of :func:`_numpy_rng_state`."""
     keys = state["keys"].numpy().astype(np.uint32)
     np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+
+
+_RECOVERED = "recovered"  # _end_epoch: the collapse guard restored an earlier state
 
 
 class _NonFinite(Exception):

@@ -1,11 +1,21 @@
-"""Process settings: thread count from the flag or the environment, the automatic channels-last rule, help order."""
+"""Process settings: thread count from the flag or the environment, the automatic channels-last rule, help order,
+`train.deterministic`, seeding and the device choice."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from unetlab._runtime import set_threads, use_channels_last
+from unetlab._runtime import (
+    CUBLAS_WORKSPACE,
+    resolve_device,
+    seed_everything,
+    set_deterministic,
+    set_threads,
+    use_channels_last,
+)
 from unetlab.cli import build_parser, main
 from unetlab.errors import UnetlabError
 
@@ -54,3 +64,44 @@ def test_help_lists_the_main_journey_first():
     help_text = build_parser().format_help()
     positions = [help_text.index(f"    {name} ") for name in ("demo", "train", "predict", "evaluate", "weightmap")]
     assert positions == sorted(positions)
+
+
+@pytest.fixture
+def restore_determinism():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def test_deterministic_sets_what_pytorch_users_expect(monkeypatch, restore_determinism):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = True
+    set_deterministic(False, torch.device("cpu"))  # off: the process's settings are left alone
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    set_deterministic(True, torch.device("cpu"))
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # only CUDA needs it
+    set_deterministic(True, torch.device("cuda"))  # a device object needs no GPU
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+
+
+def test_seeding_does_not_pretend_to_fix_string_hashing(monkeypatch):
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    seed_everything(3)
+    assert "PYTHONHASHSEED" not in os.environ  # read only at interpreter start-up: setting it later does nothing
+
+
+def test_auto_device_is_cuda_or_cpu_and_mps_only_when_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UnetlabError, match="no Apple GPU"):
+        resolve_device("mps")
+    with pytest.raises(UnetlabError, match="no CUDA GPU"):
+        resolve_device("cuda")

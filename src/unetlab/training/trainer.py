@@ -72,6 +72,7 @@ class TrainResult:
     seconds: float = 0.0
     bad: list[str] = field(default_factory=list)  # files left out by --skip-bad, one line each
     rank: int = 0  # under torchrun every rank returns the same result; rank 0 is the one to report it
+    monitor: str = ""  # what best_metric measures: train.monitor, or train_loss for a run without validation
 
 
 class Trainer:
@@ -349,7 +350,7 @@ class Trainer:
                 break
         seconds = time.time() - self.start_time
         result = TrainResult(self.out, self.best, self.best_epoch, self.epoch, self.history, self.recoveries,
-                             seconds, rank=self.dist.rank)
+                             seconds, rank=self.dist.rank, monitor=self.monitor)
         tuned = None
         if main and self.out is not None:
             self._write_metrics()

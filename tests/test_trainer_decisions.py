@@ -11,6 +11,7 @@ import torch
 from unetlab.config import TrainConfig
 from unetlab.errors import UnetlabError
 from unetlab.training.decisions import (
+    best_in_history,
     check_monitor,
     decide,
     micro_batch_plan,
@@ -90,6 +91,14 @@ def test_decide_minimises_a_loss_monitor_and_falls_back_to_it_without_validation
     # no validation images: the run keeps its best by the training loss, every epoch
     d = decide(b, [a, b], **decide_kw(evaluated=False, has_val=False, best=0.7))
     assert d.counted and d.improved and d.metric == 0.6 and not d.restore_point
+
+
+def test_the_best_is_found_again_in_a_history():
+    history = rows([None, 0.5, None, 0.7], [1.0, 0.8, 0.6, 0.7])
+    assert best_in_history(history, "val_dice", has_val=True) == (0.7, 4)
+    assert best_in_history(history, "train_loss", has_val=True) == (0.7, 4)  # only validated epochs count
+    assert best_in_history(history, "train_loss", has_val=False) == (0.6, 3)
+    assert best_in_history([], "train_loss", has_val=False) == (math.inf, -1)
 
 
 def test_decide_reports_a_collapse_and_neither_a_restore_point_nor_early_stopping_then():

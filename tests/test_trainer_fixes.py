@@ -128,6 +128,26 @@ def test_without_validation_images_the_lowest_training_loss_is_kept(cells, tmp_p
     assert result.monitor == json.loads((run / "summary.json").read_text())["monitor"] == "train_loss"
 
 
+def test_resuming_a_run_saved_when_every_monitor_was_maximised_finds_its_lowest_loss(cells, tmp_path):
+    """A checkpoint from before monitors had a direction (no "monitor"; without validation images the best was
+    the highest negated loss) resumes with its best found again in its history, not stuck below every loss."""
+    from unetlab.runfolder import save_checkpoint
+
+    run = tmp_path / "run"
+    first = train(config(cells, epochs=2, val_fraction=0.0), run, progress=False)
+    last = load_checkpoint(checkpoint_path(run, "last"))
+    del last["monitor"]
+    last["best"] = -min(h["train_loss"] for h in first.history)  # what was kept before
+    save_checkpoint(checkpoint_path(run, "last"), last)
+    cfg = RunConfig.load(run / "config.yaml")
+    cfg.train.epochs = 3
+    cfg.save(run / "config.yaml")
+    result = train(None, run, resume=True, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 3 and result.best_metric == min(losses)
+    assert result.best_epoch == 1 + losses.index(min(losses))
+
+
 # --- 5. train.deterministic -----------------------------------------------------------------------------------
 @pytest.fixture
 def restore_determinism():

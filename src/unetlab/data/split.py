@@ -94,7 +94,7 @@ def split_samples(info: DatasetInfo, cfg: DataConfig, seed: int = 0) -> tuple[li
         if new:
             log.warning("%s: %d samples not in the saved split go to training (e.g. %s)",
                         cfg.split_file, len(new), new[0])
-        _check(train, val, f"split_file {cfg.split_file}")
+        _check(train, val, f"split_file {cfg.split_file}", allow_empty_val=not val_names)  # a run without val
         return train, val
 
     if cfg.fold:

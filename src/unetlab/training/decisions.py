@@ -64,6 +64,17 @@ def is_better(value: float, best: float, mode: str) -> bool:
     return value > best + IMPROVEMENT if mode == "max" else value < best - IMPROVEMENT
 
 
+def best_in_history(history: list[dict], name: str, has_val: bool) -> tuple[float, int]:
+    """The best value of the monitor ``name`` over the counted rows of ``history`` and its epoch (-1: none)."""
+    mode = monitor_mode(name)
+    best, epoch = worst(mode), -1
+    for row in history:
+        counted = "val_dice" in row or not has_val
+        if counted and name in row and is_better(float(row[name]), best, mode):
+            best, epoch = float(row[name]), int(row["epoch"])
+    return best, epoch
+
+
 @dataclass(frozen=True)
 class Decision:
     """What to do at the end of one epoch (``counted``: whether it was an evaluation that decisions count)."""
@@ -114,6 +125,6 @@ def optimizer_steps(batches: int, accum: int) -> int:
     return max(1, math.ceil(batches / max(int(accum), 1)))
 
 
-__all__ = ["CLASS_MONITOR_PREFIX", "Decision", "TRAIN_MONITORS", "VALIDATION_MONITORS", "check_monitor", "decide",
-           "is_better", "micro_batch_plan", "monitor_mode", "monitor_names", "monitored", "optimizer_steps",
-           "worst"]
+__all__ = ["CLASS_MONITOR_PREFIX", "Decision", "TRAIN_MONITORS", "VALIDATION_MONITORS", "best_in_history",
+           "check_monitor", "decide", "is_better", "micro_batch_plan", "monitor_mode", "monitor_names", "monitored",
+           "optimizer_steps", "worst"]

@@ -29,6 +29,7 @@ from ..errors import UnetlabError
 from ..inference.predictor import resolve_precision
 from ..runfolder import checkpoint_path, load_checkpoint, load_weights, read_json, save_checkpoint, write_json
 from .decisions import (
+    best_in_history,
     check_monitor,
     decide,
     micro_batch_plan,
@@ -200,6 +201,7 @@ class Trainer:
             "recoveries": self.recoveries,
             "best": self.best,
             "best_epoch": self.best_epoch,
+            "monitor": self.monitor,  # what best measures (a resume with another monitor recomputes it)
             "bad_evals": self.bad_evals,
             # the restore point: usually this very state (then not stored twice), else its own copy
             "good_epoch": self.good_epoch,
@@ -220,6 +222,11 @@ class Trainer:
         self.history = list(state["history"])
         self.recoveries = list(state["recoveries"])
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        # a checkpoint without a monitor is from a version that maximised every monitor, losses too
+        if state.get("monitor", self.monitor if self.mode == "max" else None) != self.monitor:
+            self.best, self.best_epoch = best_in_history(self.history, self.monitor, bool(self.val_samples))
+            log.info("best %s recomputed from the run's history: %.4f at epoch %d", self.monitor, self.best,
+                     self.best_epoch)
         self.bad_evals = int(state.get("bad_evals", 0))
         self.good_epoch = int(state.get("good_epoch", -1))
         if self.good_epoch == self.epoch and self.good_epoch >= 0:

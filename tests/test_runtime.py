@@ -89,6 +89,20 @@ def test_deterministic_sets_what_pytorch_users_expect(monkeypatch, restore_deter
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
 
 
+def test_train_deterministic_true_makes_the_run_deterministic(cells, tmp_path, restore_determinism, one_thread):
+    from unetlab.config import RunConfig, apply_overrides
+    from unetlab.training import train
+
+    tiny = {"root": str(cells), "preset": "unet", "depth": 2, "base_width": 8, "patch_size": 64, "batch_size": 8,
+            "samples_per_epoch": 16, "epochs": 1, "tensorboard": False, "tune_postprocess": False}
+    torch.use_deterministic_algorithms(False)
+    train(apply_overrides(RunConfig(), tiny), tmp_path / "off", progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()  # before the fix --deterministic true did this too
+    train(apply_overrides(RunConfig(), {**tiny, "deterministic": True}), tmp_path / "on", progress=False)
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
 def test_seeding_does_not_pretend_to_fix_string_hashing(monkeypatch):
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
     seed_everything(3)

@@ -1,6 +1,6 @@
-"""Trainer settings that used to do nothing or the wrong thing, on tiny runs: the collapse guard with validation
-every few epochs, gradient accumulation over short epochs, the monitor (checked, losses minimised) and
-train.deterministic."""
+"""Trainer settings that used to do the wrong thing, on tiny runs: the collapse guard with validation every few
+epochs, gradient accumulation over short epochs and the monitor (checked, losses minimised); train.deterministic
+is in tests/test_runtime.py."""
 
 from __future__ import annotations
 
@@ -146,22 +146,3 @@ def test_resuming_a_run_saved_when_every_monitor_was_maximised_finds_its_lowest_
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 3 and result.best_metric == min(losses)
     assert result.best_epoch == 1 + losses.index(min(losses))
-
-
-# --- 5. train.deterministic -----------------------------------------------------------------------------------
-@pytest.fixture
-def restore_determinism():
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
-
-
-def test_deterministic_true_makes_torch_deterministic(cells, tmp_path, restore_determinism):
-    torch.use_deterministic_algorithms(False)
-    train(config(cells, epochs=1), tmp_path / "off", progress=False)
-    assert not torch.are_deterministic_algorithms_enabled()
-    train(config(cells, epochs=1, deterministic=True), tmp_path / "on", progress=False)
-    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark

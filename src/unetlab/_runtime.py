@@ -1,4 +1,4 @@
-"""Process-level settings: allocator tuning, device choice, threads and seeding."""
+"""Process-level settings: allocator tuning, device choice, threads, seeding (and RNG states) and determinism."""
 
 from __future__ import annotations
 
@@ -86,6 +86,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """torch's and numpy's global RNG states as tensors and plain values (a checkpoint loads with
+    ``weights_only=True``)."""
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state}
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
 
 
 # cuBLAS needs a fixed workspace to be deterministic; it is read when the first cuBLAS handle is created

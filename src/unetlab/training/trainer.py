@@ -16,12 +16,19 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import distributed as D
-from .._runtime import resolve_device, seed_everything, set_deterministic, tune_allocator, use_channels_last
+from .._runtime import (
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_deterministic,
+    set_rng_state,
+    tune_allocator,
+    use_channels_last,
+)
 from ..config import RunConfig
 from ..data.dataset import SampleCache
 from ..data.split import load_split
@@ -206,7 +213,7 @@ class Trainer:
             # the restore point: usually this very state (then not stored twice), else its own copy
             "good_epoch": self.good_epoch,
             "good_state": self.good_state if self.good_epoch != self.epoch else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
+            "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "info": self.info,
             "world_size": self.dist.world_size,
@@ -235,8 +242,7 @@ class Trainer:
             self.good_state = state.get("good_state")
         if self.recoveries:  # a recovery reseeded the patch stream
             self.train_cache_dataset.seed = self.cfg.train.seed + 1000 * len(self.recoveries)
-        torch.set_rng_state(state["rng"]["torch"])
-        _set_numpy_rng_state(state["rng"]["numpy"])
+        set_rng_state(state["rng"])
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size and self.dist.is_main:
             b = self.cfg.train.batch_size * self.cfg.train.grad_accumulation
@@ -420,19 +426,6 @@ class Trainer:
     def _write_metrics(self) -> None:
         """Write the history so far to the run's metrics.csv."""
         write_metrics(self.history, self.out / "metrics.csv")
-
-
-def _numpy_rng_state() -> dict:
-    """numpy's global RNG state as plain values and a tensor (a checkpoint loads with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def _set_numpy_rng_state(state: dict) -> None:
-    """Inverse of :func:`_numpy_rng_state`."""
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
 _RECOVERED = "recovered"  # _end_epoch: the collapse guard restored an earlier state

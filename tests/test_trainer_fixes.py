@@ -53,16 +53,16 @@ def force_collapse_from(mp: pytest.MonkeyPatch, first: int) -> None:
 
 def test_the_guard_rescues_a_forced_collapse_when_validating_every_third_epoch(cells, tmp_path, monkeypatch):
     force_collapse_from(monkeypatch, COLLAPSE_FROM)
-    result = train(config(cells, epochs=15, val_every=VAL_EVERY, collapse_patience=2, max_recoveries=2),
+    result = train(config(cells, epochs=12, val_every=VAL_EVERY, collapse_patience=2, max_recoveries=2),
                    tmp_path / "run", progress=False)
     (event,) = result.recoveries  # without the fix the unvalidated epochs between look healthy: never rescued
     assert event["reason"] == "validation Dice stuck at 0"
     assert event["epoch"] == 9  # the second validation at Dice 0 (epochs 6 and 9)
     assert event["restored"] == "last good state (epoch 3)"
     evaluated = [h for h in result.history if "val_dice" in h]
-    assert [h["epoch"] for h in evaluated] == [3, 6, 9, 12, 15]
+    assert [h["epoch"] for h in evaluated] == [3, 6, 9, 12]
     assert [h["val_dice"] for h in evaluated[1:3]] == [0.0, 0.0]
-    assert evaluated[-1]["val_dice"] > evaluated[-1]["all_foreground_dice"] + 0.2  # learning again
+    assert evaluated[-1]["val_dice"] > evaluated[-1]["all_foreground_dice"] + 0.3  # learning again (seen: 0.94, 0.25)
 
 
 # --- 2. gradient accumulation ---------------------------------------------------------------------------------

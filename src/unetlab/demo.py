@@ -51,5 +51,5 @@ def run_demo(out: str | Path = "unetlab_demo", minutes: float = 2.0, overwrite: 
 def format_demo_result(result: dict) -> str:
     """The line ``unetlab demo`` prints for a :func:`run_demo` result."""
     return (f"demo: held-out Dice {result['dice']:.3f} on {result['n_test']} synthetic images "
-            f"(training {result['train_seconds']:.0f} s, {result.get('epochs_run', '?')} epochs); "
+            f"(training {result['train_seconds']:.0f} s, {result.get('epochs_run', '?')} epoch(s)); "
             f"outputs in {result['out']}")

@@ -341,7 +341,7 @@ class Trainer:
             out_of_time = time_budget_reached(time.time() - self.start_time, row["seconds"], cfg.train.max_minutes)
             if D.any_rank(out_of_time, self.dist):  # every rank stops at the same epoch
                 stop_reason = f"time budget of {cfg.train.max_minutes:g} min (max_minutes) reached"
-                log.info("%s after %d epochs", stop_reason, self.epoch)
+                log.info("%s after epoch %d", stop_reason, self.epoch)
                 if main and self.out is not None:
                     save_checkpoint(checkpoint_path(self.out, "last"), self._state())
                 break

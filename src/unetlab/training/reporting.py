@@ -95,7 +95,7 @@ def time_estimate(row: dict, epochs: int, max_minutes: float | None = None) -> s
     note = "validation included" if "val_dice" in row else "validation not included"
     line = f"epoch 1 took {seconds:.0f} s; about {_duration(total)} for {epochs} epochs ({note})"
     if max_minutes is not None and total > max_minutes * 60:
-        line += f"; the time budget of {max_minutes:g} min (max_minutes) stops it sooner"
+        line += f"; its time budget of {max_minutes:g} min stops it sooner"
     return line
 
 
@@ -177,13 +177,13 @@ def curves_figure(history: list[dict]) -> Any:
         last = [h for h in history if "val_dice" in h][-1]
         if _baseline(last) is not None:
             b.axhline(_baseline(last), color="tab:red", ls="--", lw=1,
-                      label=f"Dice of {baseline_label(last)} ({_baseline(last):.3f})")
+                      label=f"{baseline_label(last)} baseline ({_baseline(last):.3f})")
         best = max(vals, key=lambda v: v[1])
         b.axvline(best[0], color="gray", ls=":", lw=1)
         b.set_title(f"best Dice {best[1]:.4f} at epoch {best[0]}")
     b.set_xlabel("epoch")
     b.set_ylim(0, 1)
-    b.legend(loc="lower right")
+    b.legend(loc="best")
     for ax in (a, b):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.tight_layout()

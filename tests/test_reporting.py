@@ -140,6 +140,11 @@ def test_semantic_run_with_output_redirected(tiny_cells, tmp_path):
     assert "\r" not in text and "batch/s" not in text  # no progress bar without a terminal
     summary = json.loads((run / "summary.json").read_text())
     assert summary["precision"] == "fp32" and summary["postprocess"] is None
+    # asked for, `unetlab tune` still tunes a binary run's post-processing for predict --instances
+    from unetlab.cli import main
+
+    assert main(["tune", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["postprocess"]["validation_objects"]
 
 
 def test_instance_run_prints_object_scores_and_the_tuned_settings_once(tiny_cells, tmp_path, caplog, capsys):

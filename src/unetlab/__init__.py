@@ -15,6 +15,10 @@ The public API mirrors the command line::
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from ._version import __version__
@@ -27,12 +31,44 @@ def config_with(**overrides: Any) -> RunConfig:
     return apply_overrides(RunConfig(), overrides)
 
 
+@contextlib.contextmanager
+def console_logging() -> Iterator[None]:
+    """While the block runs, unetlab's INFO lines (epoch lines, estimates) go to stderr when the application has
+    configured no logging (no handler on the root or the ``unetlab`` logger, as in a notebook); else nothing."""
+    root, pkg = logging.getLogger(), logging.getLogger("unetlab")
+    if root.handlers or pkg.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()  # the stderr of the moment (a notebook's, a test's capture)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = pkg.level
+    pkg.addHandler(handler)
+    if level == logging.NOTSET:
+        pkg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(level)
+
+
+def _with_console_logging(fn: Any) -> Any:
+    """``fn`` run inside :func:`console_logging`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with console_logging():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def __getattr__(name: str) -> Any:
     """The parts of the public API imported on first use, so `import unetlab` stays light (no torch until needed)."""
     if name == "train":
         from .training import train
 
-        return train
+        return _with_console_logging(train)  # a notebook sees the epoch lines too
     if name == "predict":
         from .inference.predict import predict
 
@@ -60,5 +96,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'unetlab' has no attribute {name!r}")
 
 
-__all__ = ["PredictOptions", "RunConfig", "UnetlabError", "__version__", "config_with", "evaluate",
+__all__ = ["PredictOptions", "RunConfig", "UnetlabError", "__version__", "config_with", "console_logging", "evaluate",
            "list_presets", "load_dataset", "load_run", "predict", "train"]

@@ -134,6 +134,9 @@ class TrainConfig:
     save_every: int = 1
     monitor: str = "val_dice"
     early_stopping: int | None = None  # patience in evaluations
+    max_minutes: float | None = field(default=None, metadata={"help": (
+        "stop training when another epoch would pass this many minutes (checked after each epoch); "
+        "none: no limit")})
     collapse_patience: int = 3
     max_recoveries: int = 3
     seed: int = 0

@@ -20,7 +20,8 @@ DEMO_OVERRIDES = {
 
 def run_demo(out: str | Path = "unetlab_demo", minutes: float = 2.0, overwrite: bool = False, seed: int = 0,
              n_train: int = 20, n_test: int = 4) -> dict:
-    """Generate data, train, predict and evaluate; returns {'dice', 'n_test', 'train_seconds', 'out'}."""
+    """Generate data, train for at most ``minutes``, predict and evaluate; returns {'dice', 'n_test',
+    'train_seconds', 'epochs_run', 'epochs', 'out'}."""
     from .data.synthetic import write_synthetic_dataset
     from .evaluation import evaluate
     from .inference.predict import predict
@@ -34,17 +35,21 @@ def run_demo(out: str | Path = "unetlab_demo", minutes: float = 2.0, overwrite: 
     log.info("writing %d synthetic training and %d test images (16-bit TIFF) to %s", n_train, n_test, out / "data")
     write_synthetic_dataset(out / "data" / "train", n_images=n_train, size=(256, 256), seed=seed)
     write_synthetic_dataset(out / "data" / "test", n_images=n_test, size=(384, 384), seed=seed + 1)
-    epochs = max(2, int(round(minutes * 60 / 8)))  # about 8 s per epoch on 2 CPU cores
+    # about 8 s per epoch on 2 idle CPU cores sizes the schedule; on a busier or slower machine the time budget
+    # (max_minutes) ends training at the last epoch that fits
+    epochs = max(2, int(round(minutes * 60 / 8)))
     cfg = apply_overrides(RunConfig(), {**DEMO_OVERRIDES, "root": str(out / "data" / "train"), "epochs": epochs,
-                                        "seed": seed})
+                                        "seed": seed, "max_minutes": minutes})
     result = train(cfg, out / "run")
     predict(out / "run", out / "data" / "test" / "images", out / "predictions", instances=True, overlays=True)
     report = evaluate(out / "predictions" / "masks", out / "data" / "test" / "masks", out=out / "evaluation.json")
     dice = float(report["mean"]["dice"])
-    return {"dice": dice, "n_test": n_test, "train_seconds": result.seconds, "out": str(out)}
+    return {"dice": dice, "n_test": n_test, "train_seconds": result.seconds, "epochs_run": result.epochs_run,
+            "epochs": epochs, "out": str(out)}
 
 
 def format_demo_result(result: dict) -> str:
     """The line ``unetlab demo`` prints for a :func:`run_demo` result."""
     return (f"demo: held-out Dice {result['dice']:.3f} on {result['n_test']} synthetic images "
-            f"(training {result['train_seconds']:.0f} s); outputs in {result['out']}")
+            f"(training {result['train_seconds']:.0f} s, {result.get('epochs_run', '?')} epoch(s)); "
+            f"outputs in {result['out']}")

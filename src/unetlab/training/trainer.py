@@ -48,7 +48,16 @@ from .decisions import (
 from .guard import recover
 from .losses import distillation_loss
 from .lrfind import lr_find
-from .reporting import draw_curves, log_epoch, plot_curves, tensorboard_writer, write_metrics, write_summary
+from .reporting import (
+    draw_curves,
+    log_epoch,
+    plot_curves,
+    precision_name,
+    tensorboard_writer,
+    time_budget_reached,
+    write_metrics,
+    write_summary,
+)
 from .schedules import build_optimizer, build_scheduler
 from .setup import (
     Setup,
@@ -361,6 +370,13 @@ class Trainer:
             if stop:
                 stop_reason = stop
                 break
+            out_of_time = time_budget_reached(time.time() - self.start_time, row["seconds"], cfg.train.max_minutes)
+            if D.any_rank(out_of_time, self.dist):  # every rank stops at the same epoch
+                stop_reason = f"time budget of {cfg.train.max_minutes:g} min (max_minutes) reached"
+                log.info("%s after epoch %d", stop_reason, self.epoch)
+                if main and self.out is not None:
+                    save_checkpoint(checkpoint_path(self.out, "last"), self._state())
+                break
         seconds = time.time() - self.start_time
         result = TrainResult(self.out, self.best, self.best_epoch, self.epoch, self.history, self.recoveries,
                              seconds, rank=self.dist.rank, monitor=self.monitor)
@@ -373,7 +389,7 @@ class Trainer:
             write_summary(self.out / "summary.json", best_metric=self.best, monitor=self.monitor,
                           best_epoch=self.best_epoch, epochs_run=self.epoch, stop_reason=stop_reason,
                           recoveries=self.recoveries, seconds=seconds, history=self.history, postprocess=tuned,
-                          left_out=self.bad, test=test)
+                          left_out=self.bad, test=test, precision=precision_name(self.amp_dtype))
             draw_curves(self.history, self.out / "curves.png")
         if self.tb is not None:
             self.tb.close()
@@ -421,7 +437,7 @@ class Trainer:
     def _log_epoch(self, row: dict) -> None:
         """Log an epoch's line (and its TensorBoard scalars) on rank 0."""
         if self.dist.is_main:
-            log_epoch(row, self.cfg.train.epochs, self.tb)
+            log_epoch(row, self.cfg.train.epochs, self.tb, self.history, self.cfg.train.max_minutes)
 
     def _write_metrics(self) -> None:
         """Write the history so far to the run's metrics.csv."""

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import PostprocessConfig, RunConfig
 from ..data.channels import apply_channels
 from ..data.dataset import SampleCache
+from ..data.targets import INSTANCE_KINDS
 from ..errors import UnetlabError
 from ..evaluation.metrics import match_objects, pixel_counts, pool_matches
 from ..inference.postprocess import (
@@ -82,19 +83,30 @@ def tune_postprocess(
             if best is None or score > best[0] + 1e-12:
                 best = (score, replace(cfg0, min_size=int(ms)))
     assert best is not None
-    log.info(
-        "tuned post-processing: threshold=%.2f min_size=%d prominence=%s (%s %.4f)",
-        best[1].threshold, best[1].min_size, best[1].prominence, metric, best[0],
-    )
+    log.debug("tuned post-processing: threshold=%.2f min_size=%d prominence=%s (%s %.4f)",
+              best[1].threshold, best[1].min_size, best[1].prominence, metric, best[0])
     return best[1]
 
 
+def has_object_scores(info: dict, semantic_too: bool = False) -> bool:
+    """Whether a run's target separates touching objects (boundary, distance, flow), so that object scores
+    (AP, DSB score) and tuned instance post-processing mean something; a binary or multiclass run is semantic
+    (``semantic_too``: a binary run counts too, as when ``unetlab tune`` asks for it)."""
+    return info.get("task") != "multiclass" and (semantic_too or info.get("target") in INSTANCE_KINDS)
+
+
 def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, val_cache: SampleCache,
-                       device: torch.device, metric: str = "ap_mean") -> dict | None:
+                       device: torch.device, metric: str = "ap_mean", semantic_too: bool = False,
+                       announce: bool = True) -> dict | None:
     """Tune threshold/min size (and marker distance) of instance post-processing on the validation images
     with the run's best weights, and store them in its config.yaml (used by ``predict --instances``).
 
-    Returns the tuned settings with their object scores on those images, or None when tuning failed."""
+    Only instance targets are tuned unless ``semantic_too`` (a binary run, when ``unetlab tune`` asks); the
+    result is logged once unless not ``announce`` (the caller reports it). Returns the tuned settings with their
+    object scores on those images, or None when not tuned."""
+    if not has_object_scores(info, semantic_too):
+        log.debug("post-processing not tuned: the %s target of this run is semantic", info.get("target"))
+        return None
     best = checkpoint_path(out, "best")
     model = copy.deepcopy(model)
     if best.exists():
@@ -118,9 +130,10 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
                            for p, t in zip(probs, truths)])
     scores = {"ap50": pooled["ap"][0], "ap_mean": pooled["ap_mean_pooled"], "dsb_score": pooled["dsb_score"],
               "n_images": len(probs)}
-    log.info("post-processing tuned on %d validation images: threshold %.2f, min size %d, prominence %s; "
-             "object AP@0.5 %.3f, mean AP@0.5:0.95 %.3f (DSB score %.3f)", len(probs), pp.threshold,
-             pp.min_size, pp.prominence, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
+    log.log(logging.INFO if announce else logging.DEBUG,
+            "post-processing tuned on %d validation images: threshold %.2f, min size %d, prominence %s; "
+            "object AP@0.5 %.3f, mean AP@0.5:0.95 %.3f (DSB score %.3f)", len(probs), pp.threshold,
+            pp.min_size, pp.prominence, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
     return {**asdict(pp), "validation_objects": scores}
 
 
@@ -146,10 +159,11 @@ def _test_prediction(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: 
 
 
 def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, samples: list,
-                     device: torch.device) -> dict | None:
+                     device: torch.device, semantic_too: bool = False) -> dict | None:
     """Score the run's best weights once on the held-out test images (never used for training, checkpoint choice
-    or tuning): pixel Dice pooled over the images, and for instance targets the object scores with the tuned
-    post-processing (AP@0.5, mean AP@0.5:0.95, DSB score). None when the run has no test split."""
+    or tuning): pixel Dice pooled over the images, and for instance targets (or, ``semantic_too``, a binary
+    one) the object scores with the tuned post-processing (AP@0.5, mean AP@0.5:0.95, DSB score). None when
+    the run has no test split."""
     if not samples:
         return None
     best = checkpoint_path(out, "best")
@@ -160,6 +174,7 @@ def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, sa
     tp = fp = fn = 0
     matches = []
     multiclass = info["task"] == "multiclass"
+    objects = has_object_scores(info, semantic_too)
     for i in range(len(cache)):
         item = cache[i]
         if multiclass:
@@ -168,7 +183,8 @@ def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, sa
         else:
             prob, labels = _test_prediction(model, item.image, cfg, info, device, samples[i].image)
             pred, truth = foreground_mask(prob, info["target"], cfg.postprocess.threshold), item.labels > 0
-            matches.append(match_objects(labels, instance_labels(item.labels)))
+            if objects:
+                matches.append(match_objects(labels, instance_labels(item.labels)))
         c = pixel_counts(pred, truth)
         tp, fp, fn = tp + c["tp"], fp + c["fp"], fn + c["fn"]
     scores: dict = {"n_images": len(cache), "dice": 2 * tp / max(2 * tp + fp + fn, 1)}
@@ -224,12 +240,12 @@ def retune_run(run_dir: str | Path, data: str | Path | None = None, device: str 
     run.model.to(dev)
     tune_cfg = replace(cfg, data=data_cfg)
     tuned = tune_on_validation(run.model, run_dir, tune_cfg, info, SampleCache(chosen["val"], data_cfg), dev,
-                               metric=metric)
+                               metric=metric, semantic_too=True, announce=False)  # the caller prints it
     if tuned is None:
         raise UnetlabError("post-processing could not be tuned (see the warning above)", run_dir)
     cfg.postprocess = tune_cfg.postprocess
     cfg.save(run_dir / "config.yaml")  # with the run's own dataset folder, not the one given here
-    test = score_test_split(run.model, run_dir, tune_cfg, info, chosen["test"], dev)
+    test = score_test_split(run.model, run_dir, tune_cfg, info, chosen["test"], dev, semantic_too=True)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary = read_json(summary_path)
@@ -238,4 +254,4 @@ def retune_run(run_dir: str | Path, data: str | Path | None = None, device: str 
     return {"postprocess": tuned, "test": test}
 
 
-__all__ = ["PROMINENCE_FACTORS", "retune_run", "score_test_split", "tune_on_validation", "tune_postprocess"]
+__all__ = ["PROMINENCE_FACTORS", "has_object_scores", "retune_run", "score_test_split", "tune_on_validation", "tune_postprocess"]

@@ -109,7 +109,20 @@ def validate(
             out[f"val_dice_{name}"] = float(d)
     t, total = truth_fg.tolist()
     out["all_foreground_dice"] = 2 * t / (total + t) if total else 0.0
+    out["baseline_dice"] = constant_prediction_dice(tsum.tolist(), total)
     return out
 
 
-__all__ = ["foreground_counts", "predict_prepared_val", "predict_val_image", "validate", "validation_scale"]
+def constant_prediction_dice(truth_sums: list[float], total: float) -> float:
+    """The best val Dice a model that learnt nothing gets: every pixel one class (all foreground, all background
+    or, multiclass, all one class), the mean Dice over the evaluated classes of ``truth_sums`` pixels each."""
+    if not total or not truth_sums:
+        return 0.0
+    best = 0.0
+    for c in range(-1, len(truth_sums)):  # -1: every pixel background
+        d = [2 * t / (total + t) if j == c else (0.0 if t else 1.0) for j, t in enumerate(truth_sums)]
+        best = max(best, sum(d) / len(d))
+    return best
+
+
+__all__ = ["constant_prediction_dice", "foreground_counts", "predict_prepared_val", "predict_val_image", "validate", "validation_scale"]

@@ -181,9 +181,11 @@ def curves_figure(history: list[dict]) -> Any:
         best = max(vals, key=lambda v: v[1])
         b.axvline(best[0], color="gray", ls=":", lw=1)
         b.set_title(f"best Dice {best[1]:.4f} at epoch {best[0]}")
+        b.legend(loc="best")
+    else:
+        b.set_title("no validation images")
     b.set_xlabel("epoch")
     b.set_ylim(0, 1)
-    b.legend(loc="best")
     for ax in (a, b):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.tight_layout()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import PostprocessConfig
+from ..config import PostprocessConfig, coerce
 from ..errors import UnetlabError
 from .rescale import parse_diameter
 from .streaming import STREAM_THRESHOLD
@@ -27,6 +27,11 @@ def _opt(default: Any, help: str, **cli: Any) -> Any:
 def _megapixels_to_pixels(mpx: float) -> int | None:
     """``--stream-threshold`` is in megapixels with 0 meaning never; the option is in pixels with None."""
     return int(mpx * 1e6) if mpx > 0 else None
+
+
+def _channel_list(text: str | None) -> list[int] | None:
+    """``--channels 0,2`` (or ``[0, 2]``) as a list of channel indices; not given: None."""
+    return coerce(text, list[int] | None, "--channels")
 
 
 def _no_progress(flag: bool) -> bool | None:
@@ -44,6 +49,10 @@ class PredictOptions:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _opt("auto", "autocast precision (default auto: bf16 or fp16 on a GPU, bf16 on CPUs "
                           "with native bf16, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
+    channels: list[int] | None = _opt(
+        None, "the image channels the model takes, in order, e.g. 0 or 0,2 (default: the channels it was trained "
+        "on, e.g. channel 0 of an RGB image for the nuclei model)", metavar="C[,C...]", cli_type=str,
+        from_cli=_channel_list)
     probabilities: bool = _opt(False, "also write float32 probability TIFFs")
     instances: bool = _opt(False, "write instance labels, counts and measurements")
     ome_zarr: bool = _opt(False, "also write the instance labels as OME-Zarr (labels/NAME.ome.zarr, NGFF 0.4 with "

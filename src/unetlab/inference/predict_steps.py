@@ -52,8 +52,8 @@ def header_sizes(files: list[Path], predictor: Predictor) -> tuple[dict[Path, tu
         try:
             sizes[f] = header_size(f)
             total += predictor.n_tiles(sizes[f])
-        except Exception as exc:  # the image itself is read (and its problem reported) when its turn comes
-            log.warning("%s: size not readable from the header (%s: %s); the progress bar counts it as one tile",
+        except Exception as exc:  # the image itself is read, and its problem reported, when its turn comes
+            log.debug("%s: size not readable from the header (%s: %s); the progress bar counts it as one tile",
                         f, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             total += 1
     return sizes, total

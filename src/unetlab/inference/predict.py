@@ -192,13 +192,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     with tqdm(total=total_tiles, desc="predict", unit="tile", disable=disable, dynamic_ncols=True) as bar:
         for name, f in mine:
             _predict_one(job, name, f, res, bar.update, sizes.get(f))
-    if o.rle:  # several ranks: one part each, joined by rank 0 below
-        part = Path(f"{o.rle}.rank{dist.rank}.part") if dist.enabled else Path(o.rle)
-        from .writers import write_rle_csv
-
-        write_rle_csv(part, res.rle_items, style=o.rle_style, protect=job.protect)
-    if dist.enabled:
-        res = _merge_ranks(res, inputs, dist, Path(o.rle) if o.rle else None)
+    res = _merge_ranks(job, res, inputs, dist)
     if dist.is_main:
         _write_tables(job, res, model, run_dir, inputs)
         _log_scales(res.scales)
@@ -382,10 +376,18 @@ def _write_one(job: _Job, name: str, f: Path, raw: np.ndarray, prob: np.ndarray,
         writers.write_overlay(paths["overlay"], raw, ndi.label(fg > 0)[0], protect)
 
 
-def _merge_ranks(res: _Results, inputs: list[tuple[str, Path]], dist, rle: Path | None) -> _Results:
-    """Every rank's results, in input order, as a single process would have them; rank 0 joins the RLE parts."""
+def _merge_ranks(job: _Job, res: _Results, inputs: list[tuple[str, Path]], dist) -> _Results:
+    """Write the run-length CSV (one part per rank, joined by rank 0) and return every rank's results, in
+    input order, as a single process would have them."""
     from .. import distributed as D
+    from .writers import write_rle_csv
 
+    rle = Path(job.o.rle) if job.o.rle else None
+    if rle is not None:
+        part = Path(f"{rle}.rank{dist.rank}.part") if dist.enabled else rle
+        write_rle_csv(part, res.rle_items, style=job.o.rle_style, protect=job.protect)
+    if not dist.enabled:
+        return res
     parts = D.gather_objects({"done": res.done, "skipped": res.skipped, "bad": res.bad,
                               "measurements": res.measurements, "scales": res.scales}, dist)
     order = {name: i for i, (name, _f) in enumerate(inputs)}

@@ -134,6 +134,7 @@ class _Job:
     pp: PostprocessConfig
     diameter: float | str | None
     protect: list[Path]
+    device: Any = None  # where the network runs (onnxruntime's provider device with --backend onnx)
     channels_said: bool = False  # the line on channels taken from a multichannel image: once per prediction
 
     @property
@@ -193,9 +194,11 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         for name, f in mine:
             _predict_one(job, name, f, res, bar.update, sizes.get(f))
     res = _merge_ranks(job, res, inputs, dist)
-    if dist.is_main:
+    if dist.is_main:  # at the end: a command that fails prints its one error line only
         _write_tables(job, res, model, run_dir, inputs)
         _log_scales(res.scales)
+        log.info("predict: device %s, precision %s (--precision %s), %d thread(s), backend %s", job.device,
+                 job.predictor.precision, o.precision, torch_threads(), o.backend)
     summary = {"images": len(inputs), "predicted": len(res.done), "skipped_done": len(res.skipped),
                "bad": res.bad, "out": str(out), "rank": dist.rank, "world_size": dist.world_size,
                "precision": job.predictor.precision}
@@ -225,15 +228,12 @@ def _plan(o: PredictOptions, out: Path, run_dir: Path, protect: list[Path], dist
         dev = D.rank_device(resolve_device(str(o.device)), dist)  # cuda:LOCAL_RANK under torchrun
     predictor = Predictor.from_run(run, device=dev, precision=o.precision, tile=o.tile, overlap=o.overlap,
                                    batch_size=o.batch_size, tta=o.tta, compile=o.compile, backend=o.backend)
-    where = onnx_device(dev) if o.backend == "onnx" else predictor.device
-    log.info("predict: device %s, precision %s (--precision %s), %d thread(s), backend %s", where,
-             predictor.precision, o.precision, torch_threads(), o.backend)
     pp = effective_postprocess(o, run.config.postprocess)
     if pp != run.config.postprocess:
         log.info("post-processing: threshold %s, min size %s, prominence %s (the run's: %s, %s, %s)", pp.threshold,
                  pp.min_size, pp.prominence, run.config.postprocess.threshold, run.config.postprocess.min_size,
                  run.config.postprocess.prominence)
-    job = _Job(o, out, run, predictor, pp, None, protect)
+    job = _Job(o, out, run, predictor, pp, None, protect, onnx_device(dev) if o.backend == "onnx" else predictor.device)
     if o.instances and job.multiclass:
         raise UnetlabError("--instances needs a binary, boundary, distance or flow model; this one predicts classes")
     if o.ome_zarr and not job.want_labels:

@@ -198,7 +198,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         _write_tables(job, res, model, run_dir, inputs)
         _log_scales(res.scales)
         log.info("predict: device %s, precision %s (--precision %s), %d thread(s), backend %s", job.device,
-                 job.predictor.precision, o.precision, torch_threads(), o.backend)
+                 job.predictor.precision, o.precision, _torch_threads(), o.backend)
     summary = {"images": len(inputs), "predicted": len(res.done), "skipped_done": len(res.skipped),
                "bad": res.bad, "out": str(out), "rank": dist.rank, "world_size": dist.world_size,
                "precision": job.predictor.precision}
@@ -242,7 +242,7 @@ def _plan(o: PredictOptions, out: Path, run_dir: Path, protect: list[Path], dist
     return job
 
 
-def torch_threads() -> int:
+def _torch_threads() -> int:
     """The number of threads PyTorch computes with on the CPU."""
     import torch
 

@@ -19,6 +19,8 @@ from .predictor import Predictor
 log = logging.getLogger(__name__)
 
 def foreground(prob: np.ndarray, run_info: dict, threshold: float) -> np.ndarray:
+    """The mask of probabilities ``prob``: the class map of a multi-class model, else the foreground rule of its
+    target at ``threshold``."""
     if run_info.get("task") == "multiclass":
         return prob.argmax(0).astype(np.uint8)
     from .postprocess import foreground_mask
@@ -69,8 +71,8 @@ def with_skip_bad_hint(exc: UnetlabError, image: Path) -> UnetlabError:
         text = text[: -len(f" ({hint})")]
     new = type(exc).__new__(type(exc))
     new.__dict__.update(exc.__dict__)
-    UnetlabError.__init__(new, text, None, f"{hint}; or --skip-bad goes on past unreadable images"
-                          if hint else "--skip-bad goes on past unreadable images, listing them")
+    UnetlabError.__init__(new, text, None, f"{hint}; or --skip-bad skips such images"
+                          if hint else "--skip-bad skips such images and lists them")
     new.path = exc.path
     return new
 

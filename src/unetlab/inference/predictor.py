@@ -268,7 +268,8 @@ class Predictor:
         if img.shape[0] != want:
             raise UnetlabError(
                 f"image has {image.shape[0]} channel(s) but the model expects {self.run.info.get('image_channels', want)}",
-                source, "convert the image, or predict it with a model trained on such images",
+                source, "choose the channels with --channels, convert the image, or predict it with a model trained on "
+                "such images",
             )
         return img
 

@@ -196,7 +196,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     res = _merge_ranks(job, res, inputs, dist)
     if dist.is_main:  # at the end: a command that fails prints its one error line only
         _write_tables(job, res, model, run_dir, inputs)
-        _log_scales(res.scales)
+        _log_scales(res.scales, bool(res.measurements))
         log.info("predict: device %s, precision %s (--precision %s), %d thread(s), backend %s", job.device,
                  job.predictor.precision, o.precision, _torch_threads(), o.backend)
     summary = {"images": len(inputs), "predicted": len(res.done), "skipped_done": len(res.skipped),
@@ -417,15 +417,16 @@ def _write_tables(job: _Job, res: _Results, model: str | Path, run_dir: Path, in
         writers.write_summary_csv(job.out / "counts.csv", res.measurements, job.protect, per_image=res.scales)
 
 
-def _log_scales(scales: dict[str, dict]) -> None:
-    """One line for the scales images were predicted at (each image's is in counts.csv)."""
+def _log_scales(scales: dict[str, dict], in_counts: bool) -> None:
+    """One line for the scales images were predicted at (each image's is in counts.csv when written, and in
+    a --debug line)."""
     if not scales:
         return
     values = sorted(s["Scale"] for s in scales.values())
     rescaled = sum(1 for v in values if v != 1.0)
     log.info("predicted %d image(s) at the training object size: %d rescaled, scale min %.3f, median %.3f, "
-             "max %.3f (per image in counts.csv)", len(values), rescaled, values[0], float(np.median(values)),
-             values[-1])
+             "max %.3f (per image: %s)", len(values), rescaled, values[0], float(np.median(values)), values[-1],
+             "counts.csv" if in_counts else "--debug")
 
 
 def format_predict_summary(summary: dict) -> str:

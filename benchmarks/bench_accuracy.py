@@ -56,10 +56,12 @@ def write_rescaled(samples, factor: float, out: Path) -> Path:
     return out
 
 
-def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, split: str | None = None) -> dict:
-    """Predict ``images`` with ``run`` (instances) and score the labels against ``truth``."""
+def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, split: str | None = None,
+          precision: str = "auto") -> dict:
+    """Predict ``images`` with ``run`` (instances) at ``precision`` and score the labels against ``truth``."""
     t0 = time.time()
-    predict(run, images, out, instances=True, diameter=diameter, split=split, progress=False, overwrite=True)
+    predict(run, images, out, instances=True, diameter=diameter, split=split, progress=False, overwrite=True,
+            precision=precision)
     seconds = time.time() - t0
     rep = evaluate(out / "labels", truth, instances=True)
     obj = rep["objects"]
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other", type=Path, action="append", default=[], help="images + masks from elsewhere")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="the run's split to score: test (to report, default) or val (to choose settings)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="predict's --precision for every row (default auto)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_accuracy.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -91,25 +95,29 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         for d in ("none", "auto") if test_names else ():
             rows.append((f"{args.split} split, --diameter {d}",
-                         score(args.run, args.data, args.data, tmp / f"test_{d}", d, split=args.split)))
+                         score(args.run, args.data, args.data, tmp / f"test_{d}", d, split=args.split,
+                               precision=args.precision)))
         samples = [s for s in load_dataset(args.data).samples if s.name in set(test_names)][: args.scale_images] \
             if test_names else []
         for factor in (1.0, 2.0, 0.5) if samples else ():
             folder = write_rescaled(samples, factor, tmp / f"x{factor}")
             rows.append((f"{len(samples)} {args.split} images x{factor:g}, --diameter auto",
-                         score(args.run, folder / "images", folder / "masks", tmp / f"pred_x{factor}", "auto")))
+                         score(args.run, folder / "images", folder / "masks", tmp / f"pred_x{factor}", "auto",
+                               precision=args.precision)))
         for other in args.other:
             for d in ("none", "auto"):
                 rows.append((f"{other.name}, --diameter {d}",
-                             score(args.run, other / "images", other / "masks", tmp / f"o_{other.name}_{d}", d)))
+                             score(args.run, other / "images", other / "masks", tmp / f"o_{other.name}_{d}", d,
+                               precision=args.precision)))
     info = json.loads((args.run / "model.json").read_text())
-    header = f"run {args.run} (training object diameter {info.get('diameter')} px)"
+    header = f"run {args.run} (training object diameter {info.get('diameter')} px), --precision {args.precision}"
     lines = [header, "", "| images | n | objects | AP@0.5 | DSB score | s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {name} | {r['n_images']} | {r['n_objects']} | {r['ap50']:.3f} | {r['dsb_score']:.3f} | "
               f"{r['seconds']:.0f} |" for name, r in rows]
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "machine": C.machine_info(__import__("torch").device("cpu")),
+    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "precision": args.precision,
+                                    "machine": C.machine_info(__import__("torch").device("cpu")),
                                     "rows": [{"name": n, **r} for n, r in rows]}, indent=1))
     log.info("wrote %s", args.out)
     return 0

@@ -399,8 +399,9 @@ def test_a_size_normalized_run_learns_one_size_and_predicts_both_with_diameter_a
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="unetlab"):  # masks alone are predicted at the training size too
         predict(run, tmp_path / "twice" / "images", tmp_path / "masks_twice", progress=False)
-    scales = [float(x) for x in re.findall(r"predicted at scale ([0-9.]+)", caplog.text)]
-    assert len(scales) == 2 and all(0.35 < x < 0.7 for x in scales), scales
+    line = re.findall(r"predicted (\d+) image\(s\) at the training object size: (\d+) rescaled, scale min "
+                      r"([0-9.]+), median [0-9.]+, max ([0-9.]+)", caplog.text)  # one summary line
+    assert len(line) == 1 and line[0][:2] == ("2", "2") and 0.35 < float(line[0][2]) <= float(line[0][3]) < 0.7, line
     _ap50(run, data, tmp_path / "pred_none", "none")  # allowed, but the user is told what it means
     assert "trained size-normalised" in caplog.text
 

@@ -190,7 +190,9 @@ def load_onnx(path: str | Path, device: str = "cpu") -> Callable[[torch.Tensor],
     providers: list = ["CPUExecutionProvider"]
     if dev.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UnetlabError("onnxruntime has no CUDA support here", path, hint="use device 'cpu'")
+            raise UnetlabError(f"onnxruntime has no CUDA support here (providers: "
+                               f"{', '.join(ort.get_available_providers())})", path,
+                               hint="use --device cpu, or install onnxruntime-gpu for --device cuda")
         providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import PostprocessConfig
+from ..config import PostprocessConfig, coerce
 from ..errors import UnetlabError
 from .rescale import parse_diameter
 from .streaming import STREAM_THRESHOLD
@@ -29,6 +29,11 @@ def _megapixels_to_pixels(mpx: float) -> int | None:
     return int(mpx * 1e6) if mpx > 0 else None
 
 
+def _channel_list(text: str | None) -> list[int] | None:
+    """``--channels 0,2`` (or ``[0, 2]``) as a list of channel indices; not given: None."""
+    return coerce(text, list[int] | None, "--channels")
+
+
 def _no_progress(flag: bool) -> bool | None:
     """``--no-progress`` given: no bar (False); not given: automatic (None)."""
     return False if flag else None
@@ -41,15 +46,20 @@ class PredictOptions:
     tile: int = _opt(512, "tile size in pixels (default 512)")
     overlap: float = _opt(0.25, "tile overlap as a fraction (default 0.25)")
     batch_size: int = _opt(4, "tiles per forward pass (default 4)")
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N (with --backend onnx: onnxruntime's CUDA provider)")
     precision: str = _opt("auto", "autocast precision (default auto: bf16 or fp16 on a GPU, bf16 on CPUs "
-                          "with native bf16, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
+                          "with native bf16, else fp32; fp32 with --backend onnx); the one used is logged and "
+                          "recorded in predictions.json", choices=("auto", "fp32", "bf16", "fp16"))
+    channels: list[int] | None = _opt(
+        None, "the image channels the model takes, in order, e.g. 0 or 0,2 (default: the channels it was trained "
+        "on, e.g. channel 0 of an RGB image for the nuclei model)", metavar="C[,C...]", cli_type=str,
+        from_cli=_channel_list)
     probabilities: bool = _opt(False, "also write float32 probability TIFFs")
     instances: bool = _opt(False, "write instance labels, counts and measurements")
     ome_zarr: bool = _opt(False, "also write the instance labels as OME-Zarr (labels/NAME.ome.zarr, NGFF 0.4 with "
                           "the input's pixel size), beside the TIFF")
     overlays: bool = _opt(False, "write outline overlay PNGs")
-    tta: bool = _opt(False, "average the 8 flips/rotations")
+    tta: bool = _opt(False, "average the 8 flips/rotations (either backend)")
     rle: str | Path | None = _opt(None, "write a Kaggle run-length submission CSV", metavar="CSV")
     rle_style: str = _opt("dsb", "run-length CSV style: dsb (ImageId,EncodedPixels) or sartorius "
                           "(id,predicted) (default dsb)", choices=("dsb", "sartorius"))

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..config import PostprocessConfig, coerce
 from ..data.io import IMAGE_EXTENSIONS, image_stem, is_image_file, read_image, write_image
 from ..data.ome import is_zarr_path
 from ..data.targets import INSTANCE_KINDS, TARGET_KINDS
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries, write_text
-from ..runfolder import load_run, resolve_run_dir
+from ..runfolder import Run, load_run, resolve_run_dir
 from .options import PredictOptions, effective_postprocess, resolve_options
-from .predictor import Predictor
+from .predict_steps import (
+    foreground as _foreground,
+)
+from .predict_steps import (
+    header_sizes,
+    merge_rle_parts,
+    on_oom_smaller_batches,
+    pixel_size,
+    predict_at_training_size,
+    predict_streaming,
+    predict_with_fallback,
+    with_skip_bad_hint,
+)
+from .predictor import Predictor, onnx_device
 from .rescale import parse_diameter
 from .streaming import should_stream
 
@@ -109,12 +123,43 @@ def _check_out(out: Path, input: Path, overwrite: bool, resume: bool) -> None:
             log.info("removed %s, left by an interrupted run", tmp)
 
 
-def _foreground(prob: np.ndarray, run_info: dict, threshold: float) -> np.ndarray:
-    if run_info.get("task") == "multiclass":
-        return prob.argmax(0).astype(np.uint8)
-    from .postprocess import foreground_mask
+@dataclass
+class _Job:
+    """What one :func:`predict` call fixed before its first image: options, run, predictor, outputs wanted."""
 
-    return foreground_mask(prob, run_info.get("target", "binary"), threshold)
+    o: PredictOptions
+    out: Path
+    run: Run
+    predictor: Predictor
+    pp: PostprocessConfig
+    diameter: float | str | None
+    protect: list[Path]
+    device: Any = None  # where the network runs (onnxruntime's provider device with --backend onnx)
+    channels_said: bool = False  # the line on channels taken from a multichannel image: once per prediction
+
+    @property
+    def multiclass(self) -> bool:
+        return self.run.info.get("task") == "multiclass"
+
+    @property
+    def kind(self) -> str:
+        return self.run.info.get("target", "binary")
+
+    @property
+    def want_labels(self) -> bool:
+        return self.o.instances or bool(self.o.rle) or self.o.rois
+
+
+@dataclass
+class _Results:
+    """What the images of one rank gave: names done, already done (resume), bad, and the tables' rows."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
+    measurements: dict[str, list[dict]] = field(default_factory=dict)
+    scales: dict[str, dict] = field(default_factory=dict)
+    rle_items: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
 
 def predict(model: str | Path, input: str | Path, out: str | Path, *, options: PredictOptions | None = None,
@@ -127,13 +172,11 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     band with bounded memory; their mask is then a tiled TIFF (``masks/<name>.tif``) and they support masks
     and probabilities only. Settings: ``options`` (a :class:`PredictOptions`, default all defaults) with any
     keyword arguments on top, e.g. ``predict(run, images, out, instances=True, tile=256)``; an unknown keyword
-    is a TypeError naming it.
+    is a TypeError naming it. Unreadable images skipped with ``skip_bad`` are listed in the summary's ``bad``.
     """
     from tqdm.auto import tqdm
 
     from .. import distributed as D
-    from .._runtime import resolve_device
-    from . import writers
 
     o = resolve_options(options, overrides)
     out = Path(out)
@@ -142,8 +185,47 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     # under torchrun: Gloo carries only the coordination (objects, barriers), whatever device predicts
     dist = D.init_distributed("cpu", backend="gloo")
     D.run_on_main(partial(_check_out, out, Path(input), o.overwrite, o.resume), dist)  # before any rank writes
+    job = _plan(o, out, run_dir, [f for _n, f in inputs], dist)
+    mine = inputs[dist.rank :: dist.world_size]
+    sizes, total_tiles = header_sizes([f for _n, f in mine], job.predictor)
+    disable = True if (o.progress is False or not dist.is_main) else (False if o.progress else None)
+    res = _Results()
+    with tqdm(total=total_tiles, desc="predict", unit="tile", disable=disable, dynamic_ncols=True) as bar:
+        for name, f in mine:
+            _predict_one(job, name, f, res, bar.update, sizes.get(f))
+    res = _merge_ranks(job, res, inputs, dist)
+    if dist.is_main:  # at the end: a command that fails prints its one error line only
+        _write_tables(job, res, model, run_dir, inputs)
+        _log_scales(res.scales, bool(res.measurements))
+        log.info("predict: device %s, precision %s (--precision %s), %d thread(s), backend %s", job.device,
+                 job.predictor.precision, o.precision, _torch_threads(), o.backend)
+    summary = {"images": len(inputs), "predicted": len(res.done), "skipped_done": len(res.skipped),
+               "bad": res.bad, "out": str(out), "rank": dist.rank, "world_size": dist.world_size,
+               "precision": job.predictor.precision}
+    if res.measurements:
+        summary["objects"] = {k: len(v) for k, v in res.measurements.items()}
+    D.barrier(dist)  # every output exists when predict() returns on any rank
+    D.cleanup(dist)
+    if res.bad and not res.done and not res.skipped:
+        raise UnetlabError(f"none of the {len(inputs)} input image(s) could be read; the first: {res.bad[0]}")
+    if res.bad and dist.is_main:  # the files themselves: once, in the summary (printed by `unetlab predict`)
+        log.warning("%d unreadable image(s) skipped (--skip-bad); the summary lists them", len(res.bad))
+    return summary
+
+
+def _plan(o: PredictOptions, out: Path, run_dir: Path, protect: list[Path], dist) -> _Job:
+    """Load the run, build the predictor and check that the options fit the model, before any image."""
+    from .. import distributed as D
+    from .._runtime import resolve_device
+
     run = load_run(run_dir)
-    dev = D.rank_device(resolve_device(str(o.device)), dist)  # cuda:LOCAL_RANK under torchrun
+    if o.channels is not None:  # the model's own channel selection, replaced
+        chosen = coerce(o.channels, list[int], "channels")
+        run.config.data = replace(run.config.data, channels=chosen, channel_code=None)
+    if o.backend == "onnx" and str(o.device) == "auto":
+        dev: Any = "auto"  # onnxruntime's providers decide (CUDA only where it has it)
+    else:
+        dev = D.rank_device(resolve_device(str(o.device)), dist)  # cuda:LOCAL_RANK under torchrun
     predictor = Predictor.from_run(run, device=dev, precision=o.precision, tile=o.tile, overlap=o.overlap,
                                    batch_size=o.batch_size, tta=o.tta, compile=o.compile, backend=o.backend)
     pp = effective_postprocess(o, run.config.postprocess)
@@ -151,22 +233,29 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         log.info("post-processing: threshold %s, min size %s, prominence %s (the run's: %s, %s, %s)", pp.threshold,
                  pp.min_size, pp.prominence, run.config.postprocess.threshold, run.config.postprocess.min_size,
                  run.config.postprocess.prominence)
-    multiclass = run.info.get("task") == "multiclass"
-    kind = run.info.get("target", "binary")
-    if o.instances and multiclass:
+    job = _Job(o, out, run, predictor, pp, None, protect, onnx_device(dev) if o.backend == "onnx" else predictor.device)
+    if o.instances and job.multiclass:
         raise UnetlabError("--instances needs a binary, boundary, distance or flow model; this one predicts classes")
-    protect = [f for _n, f in inputs]
-    mine = inputs[dist.rank :: dist.world_size]
-    done, skipped, bad = [], [], []
-    measurements: dict[str, list[dict]] = {}
-    rle_items: list[tuple[str, np.ndarray]] = []
-    want_labels = o.instances or bool(o.rle) or o.rois
-    if o.ome_zarr and not want_labels:
+    if o.ome_zarr and not job.want_labels:
         raise UnetlabError("--ome-zarr writes the instance labels as OME-Zarr: add --instances")
+    job.diameter = _resolve_diameter(o.diameter, run, job.want_labels, run_dir)
+    return job
+
+
+def _torch_threads() -> int:
+    """The number of threads PyTorch computes with on the CPU."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _resolve_diameter(value: Any, run: Run, want_labels: bool, run_dir: Path) -> float | str | None:
+    """The ``--diameter`` a prediction uses: 'auto' only for instance models that know their objects' size
+    (with labels, or size-normalised), a number only for models that know it; None: the images' own size."""
     train_diameter = run.info.get("diameter")
-    diameter = parse_diameter(o.diameter)
+    diameter = parse_diameter(value)
     rescales = want_labels or run.config.data.size_normalize  # a size-normalised model's masks need it too
-    if diameter == "auto" and not (rescales and train_diameter and kind in INSTANCE_KINDS):
+    if diameter == "auto" and not (rescales and train_diameter and run.info.get("target", "binary") in INSTANCE_KINDS):
         diameter = None  # auto: instance models (boundary, distance, flow targets) that know their objects' size
     elif diameter is not None and not train_diameter:
         raise UnetlabError("--diameter needs a model that knows its training objects' size (model.json "
@@ -176,132 +265,168 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
         log.warning("this model was trained size-normalised (objects of %s px): images are predicted at their own "
                     "size, which suits it only if their objects have that size; --diameter auto (the default) or "
                     "--diameter PX rescales them", train_diameter)
-    scales: dict[str, dict] = {}
-    sizes = {}
-    total_tiles = 0
-    for _n, f in mine:
-        try:
-            import tifffile
+    return diameter
 
-            if is_zarr_path(f):
-                from ..data.ome import open_zarr_image
 
-                view = open_zarr_image(f)
-                sizes[f] = (view.height, view.width)
-            elif f.suffix.lower() in (".tif", ".tiff"):
-                with tifffile.TiffFile(f) as t:
-                    shp = t.series[0].shape
-                sizes[f] = tuple(shp[-2:]) if len(shp) == 2 or shp[-1] > 4 else tuple(shp[:2])
-            else:
-                from PIL import Image
+def _plan_outputs(job: _Job, name: str, f: Path) -> tuple[dict[str, Path], bool, list[Path]]:
+    """Where image ``name``'s outputs go, whether it is streamed, and the files that must exist for it to be done."""
+    o, paths = job.o, output_paths(job.out, name, job.multiclass)
+    stream = should_stream(f, o.stream_threshold)
+    if stream:  # PNG cannot be written band by band
+        paths["mask"] = paths["mask"].with_suffix(".tif")
+    paths["rois"] = job.out / "rois" / f"{name}.zip"
+    wanted = {"mask": True, "prob": o.probabilities, "labels": job.want_labels,
+              "labels_zarr": job.want_labels and o.ome_zarr, "overlay": o.overlays or o.instances, "rois": o.rois}
+    return paths, stream, [paths[k] for k, w in wanted.items() if w]
 
-                with Image.open(f) as im:
-                    sizes[f] = (im.height, im.width)
-            total_tiles += predictor.n_tiles(sizes[f])
-        except Exception as exc:  # the image itself is read (and its problem reported) when its turn comes
-            log.warning("%s: size not readable from the header (%s: %s); the progress bar counts it as one tile",
-                        f, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            total_tiles += 1
-    disable = True if (o.progress is False or not dist.is_main) else (False if o.progress else None)
-    bar = tqdm(total=total_tiles, desc="predict", unit="tile", disable=disable, dynamic_ncols=True)
-    for name, f in mine:
-        paths = output_paths(out, name, multiclass)
-        stream = should_stream(f, o.stream_threshold)
-        if stream:  # PNG cannot be written band by band
-            paths["mask"] = paths["mask"].with_suffix(".tif")
-        needed = [paths["mask"]] + ([paths["prob"]] if o.probabilities else []) + (
-            [paths["labels"]] if want_labels else []) + ([paths["labels_zarr"]] if want_labels and o.ome_zarr else []) + ([paths["overlay"]] if o.overlays or o.instances else []) + (
-            [out / "rois" / f"{name}.zip"] if o.rois else [])
-        if o.resume and all(p.exists() for p in needed) and _resume_done(name, f, paths, want_labels, bool(o.rle),
-                                                                         measurements, rle_items, scales):
-            skipped.append(name)
-            bar.update(predictor.n_tiles(sizes[f]) if f in sizes else 1)
-            continue
-        try:
-            if stream:
-                _predict_streaming(predictor, f, paths, o.probabilities, want_labels or o.overlays, protect,
-                                   lambda p: _foreground(p, run.info, pp.threshold), bar.update, o.stream_threshold)
-                done.append(name)
-                continue
-            raw = read_image(f)
-            labels = None
-            if diameter is None:
-                prob = _predict_with_fallback(predictor, raw, f, bar.update)
-            else:
-                prob, labels, choice = _on_oom_smaller_batches(predictor, f, partial(
-                    _predict_at_training_size, raw=raw, source=f, train_diameter=train_diameter,
-                    diameter=diameter, kind=kind, pp=pp, info=run.info))
-                bar.update(predictor.n_tiles(prob.shape[-2:]))
-                scales[name] = {"Scale": round(choice.scale, 4), "Diameter": choice.diameter,
-                                "DiameterFrom": choice.how}
-                log.info("%s: predicted at scale %.3f (object diameter %s px, %s)", name, choice.scale,
-                         f"{choice.diameter:.1f}" if choice.diameter else "?", choice.how)
-        except UnetlabError as exc:
-            if not o.skip_bad:
-                bar.close()
+
+def _predict_one(job: _Job, name: str, f: Path, res: _Results, progress: Callable[[int], Any],
+                 size: tuple[int, int] | None) -> None:
+    """Predict image ``name`` and write its outputs, or collect them when ``--resume`` finds them done; a bad
+    image is an error naming ``--skip-bad``, or with it a line in ``res.bad``."""
+    o, predictor = job.o, job.predictor
+    paths, stream, needed = _plan_outputs(job, name, f)
+    if o.resume and all(p.exists() for p in needed) and _resume_done(name, f, paths, job.want_labels, bool(o.rle),
+                                                                          res):
+        res.skipped.append(name)
+        progress(predictor.n_tiles(size) if size else 1)
+        return
+    try:
+        if stream:
+            predict_streaming(predictor, f, paths, o.probabilities, job.want_labels or o.overlays, job.protect,
+                               lambda p: _foreground(p, job.run.info, job.pp.threshold), progress,
+                               o.stream_threshold)
+            res.done.append(name)
+            return
+        raw = read_image(f)
+        _note_channels(job, raw, f)
+        prob, labels = _predict_probabilities(job, name, raw, f, res, progress)
+    except UnetlabError as exc:
+        if not o.skip_bad:
+            hinted = with_skip_bad_hint(exc, f)
+            if hinted is exc:
                 raise
-            bad.append(f"{exc}")
-            log.warning("skipped: %s", exc)
-            continue
-        fg = _foreground(prob, run.info, pp.threshold)
-        writers.write_mask(paths["mask"], fg, protect) if not multiclass else write_image(paths["mask"], fg)
-        if o.probabilities:
-            writers.write_probabilities(paths["prob"], prob, protect)
-        if want_labels:
-            from .postprocess import probabilities_to_labels
+            raise hinted from exc
+        res.bad.append(f"{exc}")
+        log.debug("skipped: %s", exc)
+        return
+    _write_one(job, name, f, raw, prob, labels, paths, res)
+    res.done.append(name)
 
-            if labels is None:
-                labels = probabilities_to_labels(prob, kind if kind in TARGET_KINDS else "binary", pp)
-            writers.write_labels(paths["labels"], labels, protect, note=scales.get(name))
-            if o.ome_zarr:
-                writers.write_labels_ome_zarr(paths["labels_zarr"], labels, protect, _pixel_size(f),
-                                              note=scales.get(name))
-            measurements[name] = writers.measure_objects(labels, raw)
-            if o.rle:
-                rle_items.append((name, labels))
-            if o.rois:
-                writers.write_imagej_rois(out / "rois" / f"{name}.zip", labels, protect)
-            if o.overlays or o.instances:
-                writers.write_overlay(paths["overlay"], raw, labels, protect)
-        elif o.overlays:
-            from scipy import ndimage as ndi
 
-            writers.write_overlay(paths["overlay"], raw, ndi.label(fg > 0)[0], protect)
-        done.append(name)
-    bar.close()
-    if o.rle:  # several ranks: one part each, joined by rank 0 below
-        part = Path(f"{o.rle}.rank{dist.rank}.part") if dist.enabled else Path(o.rle)
-        writers.write_rle_csv(part, rle_items, style=o.rle_style, protect=protect)
-    if dist.enabled:  # every rank's lists, in input order, as a single process would have them
-        parts = D.gather_objects({"done": done, "skipped": skipped, "bad": bad, "measurements": measurements,
-                                  "scales": scales}, dist)
-        order = {name: i for i, (name, _f) in enumerate(inputs)}
-        done = sorted((n for p in parts for n in p["done"]), key=order.__getitem__)
-        skipped = sorted((n for p in parts for n in p["skipped"]), key=order.__getitem__)
-        bad = [b for p in parts for b in p["bad"]]
-        merged = {n: m for p in parts for n, m in p["measurements"].items()}
-        measurements = {n: merged[n] for n in sorted(merged, key=order.__getitem__)}
-        scales = {n: s for p in parts for n, s in p["scales"].items()}
-        if o.rle and dist.is_main:
-            _merge_rle_parts(Path(o.rle), [Path(f"{o.rle}.rank{r}.part") for r in range(dist.world_size)], order)
-    if dist.is_main:  # which image each output came from, for viewers (the napari reader) and for provenance
-        write_text(out / PREDICTIONS_JSON, json.dumps(
-            {"model": str(model), "run": str(run_dir), "images": {n: str(Path(f).resolve()) for n, f in inputs},
-             "labels": want_labels, "multiclass": multiclass, "postprocess": asdict(pp)}, indent=1) + "\n")
-    summary = {"images": len(inputs), "predicted": len(done), "skipped_done": len(skipped), "bad": bad,
-               "out": str(out), "rank": dist.rank, "world_size": dist.world_size}
-    if measurements:
-        if dist.is_main:  # one objects.csv and counts.csv, whatever the number of ranks
-            writers.write_objects_csv(out / "objects.csv", measurements, protect)
-            writers.write_summary_csv(out / "counts.csv", measurements, protect, per_image=scales)
-        summary["objects"] = {k: len(v) for k, v in measurements.items()}
-    D.barrier(dist)  # every output exists when predict() returns on any rank
-    D.cleanup(dist)
-    if bad and not done and not skipped:
-        raise UnetlabError(f"none of the {len(inputs)} input image(s) could be read; the first: {bad[0]}")
-    if bad and dist.is_main:
-        log.warning("%d bad file(s) skipped:\n  %s", len(bad), "\n  ".join(bad))
-    return summary
+def _note_channels(job: _Job, raw: np.ndarray, f: Path) -> None:
+    """Say once per prediction when the model takes some channels of a multichannel image (e.g. channel 0 of
+    RGB), as its training did or as ``--channels`` asked."""
+    chosen = job.run.config.data.channels
+    if job.channels_said or not chosen or raw.shape[0] <= len(chosen) or job.run.config.data.channel_code:
+        return
+    job.channels_said = True
+    want = int(job.run.info.get("in_channels", len(chosen)))
+    kind = "RGB" if raw.shape[0] == 3 else f"{raw.shape[0]}-channel"
+    source = "as --channels asked" if job.o.channels is not None else "as in its training"
+    log.info("model expects %d channel(s); using channel(s) %s of %s image %s (and of any like it, %s); choose "
+             "with --channels", want, ",".join(map(str, chosen)), kind, f.name, source)
+
+
+def _predict_probabilities(job: _Job, name: str, raw: np.ndarray, f: Path, res: _Results,
+                           progress: Callable[[int], Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image's probabilities (and labels, when it was rescaled to the training size; its scale goes to
+    ``res.scales``)."""
+    if job.diameter is None:
+        return predict_with_fallback(job.predictor, raw, f, progress), None
+    prob, labels, choice = on_oom_smaller_batches(job.predictor, f, partial(
+        predict_at_training_size, raw=raw, source=f, train_diameter=job.run.info.get("diameter"),
+        diameter=job.diameter, kind=job.kind, pp=job.pp, info=job.run.info))
+    progress(job.predictor.n_tiles(prob.shape[-2:]))
+    res.scales[name] = {"Scale": round(choice.scale, 4), "Diameter": choice.diameter, "DiameterFrom": choice.how}
+    log.debug("%s: predicted at scale %.3f (object diameter %s px, %s)", name, choice.scale,
+              f"{choice.diameter:.1f}" if choice.diameter else "?", choice.how)
+    return prob, labels
+
+
+def _write_one(job: _Job, name: str, f: Path, raw: np.ndarray, prob: np.ndarray, labels: np.ndarray | None,
+               paths: dict[str, Path], res: _Results) -> None:
+    """Write one image's outputs: mask, probabilities, labels (TIFF, OME-Zarr), ROIs, overlay; keep its
+    measurements and run-length rows for the tables."""
+    from . import writers
+
+    o, protect, note = job.o, job.protect, res.scales.get(name)
+    fg = _foreground(prob, job.run.info, job.pp.threshold)
+    writers.write_mask(paths["mask"], fg, protect) if not job.multiclass else write_image(paths["mask"], fg)
+    if o.probabilities:
+        writers.write_probabilities(paths["prob"], prob, protect)
+    if job.want_labels:
+        from .postprocess import probabilities_to_labels
+
+        if labels is None:
+            labels = probabilities_to_labels(prob, job.kind if job.kind in TARGET_KINDS else "binary", job.pp)
+        writers.write_labels(paths["labels"], labels, protect, note=note)
+        if o.ome_zarr:
+            writers.write_labels_ome_zarr(paths["labels_zarr"], labels, protect, pixel_size(f), note=note)
+        res.measurements[name] = writers.measure_objects(labels, raw)
+        if o.rle:
+            res.rle_items.append((name, labels))
+        if o.rois:
+            writers.write_imagej_rois(paths["rois"], labels, protect)
+        if o.overlays or o.instances:
+            writers.write_overlay(paths["overlay"], raw, labels, protect)
+    elif o.overlays:
+        from scipy import ndimage as ndi
+
+        writers.write_overlay(paths["overlay"], raw, ndi.label(fg > 0)[0], protect)
+
+
+def _merge_ranks(job: _Job, res: _Results, inputs: list[tuple[str, Path]], dist) -> _Results:
+    """Write the run-length CSV (one part per rank, joined by rank 0) and return every rank's results, in
+    input order, as a single process would have them."""
+    from .. import distributed as D
+    from .writers import write_rle_csv
+
+    rle = Path(job.o.rle) if job.o.rle else None
+    if rle is not None:
+        part = Path(f"{rle}.rank{dist.rank}.part") if dist.enabled else rle
+        write_rle_csv(part, res.rle_items, style=job.o.rle_style, protect=job.protect)
+    if not dist.enabled:
+        return res
+    parts = D.gather_objects({"done": res.done, "skipped": res.skipped, "bad": res.bad,
+                              "measurements": res.measurements, "scales": res.scales}, dist)
+    order = {name: i for i, (name, _f) in enumerate(inputs)}
+    merged = {n: m for p in parts for n, m in p["measurements"].items()}
+    out = _Results(
+        done=sorted((n for p in parts for n in p["done"]), key=order.__getitem__),
+        skipped=sorted((n for p in parts for n in p["skipped"]), key=order.__getitem__),
+        bad=[b for p in parts for b in p["bad"]],
+        measurements={n: merged[n] for n in sorted(merged, key=order.__getitem__)},
+        scales={n: s for p in parts for n, s in p["scales"].items()})
+    if rle is not None and dist.is_main:
+        merge_rle_parts(rle, [Path(f"{rle}.rank{r}.part") for r in range(dist.world_size)], order)
+    return out
+
+
+def _write_tables(job: _Job, res: _Results, model: str | Path, run_dir: Path, inputs: list[tuple[str, Path]]
+                  ) -> None:
+    """predictions.json (which image each output came from, the settings used), objects.csv and counts.csv."""
+    from . import writers
+
+    write_text(job.out / PREDICTIONS_JSON, json.dumps(
+        {"model": str(model), "run": str(run_dir), "images": {n: str(Path(f).resolve()) for n, f in inputs},
+         "labels": job.want_labels, "multiclass": job.multiclass, "postprocess": asdict(job.pp),
+         "precision": job.predictor.precision, "backend": job.o.backend}, indent=1) + "\n")
+    if res.measurements:  # one objects.csv and counts.csv, whatever the number of ranks
+        writers.write_objects_csv(job.out / "objects.csv", res.measurements, job.protect)
+        writers.write_summary_csv(job.out / "counts.csv", res.measurements, job.protect, per_image=res.scales)
+
+
+def _log_scales(scales: dict[str, dict], in_counts: bool) -> None:
+    """One line for the scales images were predicted at (each image's is in counts.csv when written, and in
+    a --debug line)."""
+    if not scales:
+        return
+    values = sorted(s["Scale"] for s in scales.values())
+    rescaled = sum(1 for v in values if v != 1.0)
+    log.info("predicted %d image(s) at the training object size: %d rescaled, scale min %.3f, median %.3f, "
+             "max %.3f (per image: %s)", len(values), rescaled, values[0], float(np.median(values)), values[-1],
+             "counts.csv" if in_counts else "--debug")
 
 
 def format_predict_summary(summary: dict) -> str:
@@ -318,31 +443,8 @@ def format_predict_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _merge_rle_parts(rle: Path, parts: list[Path], order: dict[str, int]) -> None:
-    """Join the ranks' run-length CSV parts into ``rle``: the rows of each image together, in input order."""
-    import csv
-
-    header: list[str] | None = None
-    groups: dict[str, list[list[str]]] = {}
-    for part in parts:
-        with part.open(newline="") as f:
-            rows = list(csv.reader(f))
-        header = header or rows[0]
-        for row in rows[1:]:
-            groups.setdefault(row[0], []).append(row)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header or [])
-    for name in sorted(groups, key=lambda n: order.get(n, len(order))):
-        w.writerows(groups[name])
-    text = buf.getvalue()
-    write_text(rle, text)
-    for part in parts:
-        part.unlink(missing_ok=True)
-
-
-def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bool, rle: bool,
-                 measurements: dict[str, list[dict]], rle_items: list, scales: dict[str, dict]) -> bool:
+def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bool, rle: bool, res: _Results
+                 ) -> bool:
     """For ``--resume``: collect what the tables need from an image's finished outputs (its labels and the scale
     noted in them); False when they cannot be read, and the image is predicted again."""
     if not want_labels:
@@ -352,83 +454,15 @@ def _resume_done(name: str, image: Path, paths: dict[str, Path], want_labels: bo
 
     try:
         labels = read_label(paths["labels"])
-        measurements[name] = writers.measure_objects(labels, read_image(image))
+        measurements = writers.measure_objects(labels, read_image(image))
     except UnetlabError:
         return False
+    res.measurements[name] = measurements
     note = writers.read_labels_note(paths["labels"])
     if note:
-        scales[name] = note
+        res.scales[name] = note
     if rle:
-        rle_items.append((name, labels))
+        res.rle_items.append((name, labels))
     return True
 
 
-def _pixel_size(image: Path) -> tuple[float, float] | None:
-    """The physical pixel size (y, x) in µm that an OME-TIFF or OME-Zarr input declares (None otherwise)."""
-    from ..data.ome import is_ome_tiff, read_metadata
-
-    if not (is_ome_tiff(image) or is_zarr_path(image)):
-        return None
-    try:
-        return read_metadata(image).pixel_size_um
-    except UnetlabError as exc:
-        log.warning("%s", exc)
-        return None
-
-
-def _predict_streaming(predictor: Predictor, f: Path, paths: dict[str, Path], probabilities: bool,
-                       whole_image_outputs: bool, protect: list[Path], foreground, progress, threshold: int) -> None:
-    """Predict a huge TIFF band by band into its mask (and probabilities) TIFF."""
-    from . import writers
-    from .streaming import stream_predict_file
-
-    if whole_image_outputs:
-        raise UnetlabError(
-            f"image is over {threshold / 1e6:g} Mpx and is predicted tile by tile with bounded memory: instance "
-            "labels, overlays, RLE and ROIs need the whole image in memory", f,
-            "predict masks (and probabilities) only, or split the image into smaller ones")
-    mask = writers.check_output(paths["mask"], protect)
-    prob = writers.check_output(paths["prob"], protect) if probabilities else None
-    stream_predict_file(predictor, f, mask, prob, foreground, progress)
-
-
-def _predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Path, train_diameter: float,
-                              diameter: float | str, kind: str, pp, info: dict):
-    """Probabilities and labels of one image predicted with its objects rescaled to the training size
-    (:func:`~unetlab.inference.rescale.predict_rescaled`), and the scale chosen."""
-    from .postprocess import probabilities_to_labels
-    from .rescale import predict_rescaled
-
-    prepared = predictor.prepare(raw, source)
-    target = kind if kind in TARGET_KINDS else "binary"
-    return predict_rescaled(predictor.predict_prepared, prepared, float(train_diameter), diameter,
-                            to_labels=lambda p: probabilities_to_labels(p, target, pp),
-                            foreground=lambda p: _foreground(p, info, pp.threshold))
-
-
-def _predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:
-    """Predict one image at its own size, with :func:`_on_oom_smaller_batches`."""
-    return _on_oom_smaller_batches(predictor, source, lambda p: p.predict_image(raw, source, progress))
-
-
-def _on_oom_smaller_batches(predictor: Predictor, source: Path, work):
-    """``work(predictor)``, halving the tile batch on out-of-memory errors instead of failing; the smaller batch
-    is kept for the images that follow. Out of memory with single tiles is a one-line error saying what to
-    change."""
-    p = predictor
-    while True:
-        try:
-            return work(p)
-        except (RuntimeError, MemoryError) as exc:
-            oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-            if not oom:
-                raise
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if p.batch_size <= 1:
-                raise UnetlabError(f"out of memory even with one {p.tile}-pixel tile per batch", source,
-                                   "use a smaller --tile, or --device cpu") from exc
-            p.batch_size = max(1, p.batch_size // 2)  # kept: the next images start at the size that fits
-            log.warning("out of memory on %s: retrying with %d tiles per batch", source.name, p.batch_size)

@@ -108,14 +108,13 @@ def make_predict_fn(
     if compile:
         net = torch.compile(net, dynamic=False)
     dtype = resolve_precision(precision, device)
-    transforms = list(range(8)) if tta is True else (list(tta) if tta else [0])
+    transforms = tta_transforms(tta)
     pin = device.type == "cuda"
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             y = net(x)
-        y = y.float()
-        return torch.sigmoid(y) if activation == "sigmoid" else torch.softmax(y, dim=1)
+        return activate(y, activation)
 
     def predict(batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch)
@@ -125,22 +124,82 @@ def make_predict_fn(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            if transforms == [0]:
-                return run(x)
-            square = x.shape[-1] == x.shape[-2]
-            ks = [k for k in transforms if square or k % 2 == 0]
-            acc = None
-            for k in ks:
-                if vectors is not None and k:
-                    raw, a, b = run(_dihedral(x, k)), vectors[0], vectors[1] + 1
-                    y = _dihedral(raw, k, inverse=True)
-                    y[:, a:b] = (dihedral_vectors(raw[:, a:b] * 2 - 1, k, inverse=True) + 1) / 2
-                else:
-                    y = _dihedral(run(_dihedral(x, k)), k, inverse=True)
-                acc = y if acc is None else acc + y
-            return acc / len(ks)
+            return tta_average(run, x, transforms, vectors)
 
     return predict
+
+
+def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """Probabilities (float32) from a network's logits: sigmoid, or softmax over the channels."""
+    y = logits.float()
+    return torch.sigmoid(y) if activation == "sigmoid" else torch.softmax(y, dim=1)
+
+
+def tta_transforms(tta: bool | list[int]) -> list[int]:
+    """The dihedral transforms ``--tta`` asks for: all 8, the listed ones, or only the identity ([0])."""
+    return list(range(8)) if tta is True else (list(tta) if tta else [0])
+
+
+def tta_average(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, transforms: list[int],
+                vectors: tuple[int, int] | None = None) -> torch.Tensor:
+    """The one test-time augmentation rule: the mean of ``run`` (a batch -> probabilities) over the transformed
+    inputs, each output turned back; a non-square batch uses only the transforms that keep its shape.
+    ``vectors``: the output channels (dy, dx) of a vector field encoded as ``(v + 1) / 2``, turned too."""
+    if transforms == [0]:
+        return run(x)
+    square = x.shape[-1] == x.shape[-2]
+    ks = [k for k in transforms if square or k % 2 == 0]
+    acc = None
+    for k in ks:
+        if vectors is not None and k:
+            raw, a, b = run(_dihedral(x, k)), vectors[0], vectors[1] + 1
+            y = _dihedral(raw, k, inverse=True)
+            y[:, a:b] = (dihedral_vectors(raw[:, a:b] * 2 - 1, k, inverse=True) + 1) / 2
+        else:
+            y = _dihedral(run(_dihedral(x, k)), k, inverse=True)
+        acc = y if acc is None else acc + y
+    return acc / len(ks)
+
+
+def _onnx_predict_fn(run: Run, path: Path, device: torch.device, precision: str, tta: bool | list[int],
+                     compile: bool) -> tuple[PredictFn, str]:
+    """The predict function of an exported ONNX file through onnxruntime (CUDA provider on a CUDA device),
+    with the same TTA rule as PyTorch; returns it and the precision it runs at. What onnxruntime cannot do
+    (autocast to bf16/fp16, torch.compile) is a one-line error naming the fix."""
+    from .export import load_onnx
+
+    if precision not in ("auto", "fp32"):
+        raise UnetlabError(f"--precision {precision} with --backend onnx: onnxruntime runs the exported model in "
+                           "fp32", path, "use --precision fp32 (or auto), or --backend torch for bf16/fp16")
+    if compile:
+        raise UnetlabError("--compile compiles the PyTorch network; it does nothing with --backend onnx", path,
+                           "leave out --compile, or use --backend torch")
+    fn = load_onnx(path, str(device))
+    act, transforms = run.activation, tta_transforms(tta)
+    vectors = (1, 2) if run.info.get("target") == "flow" else None
+
+    def predict(batch: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return tta_average(lambda x: activate(fn(x), act), torch.from_numpy(batch), transforms, vectors)
+
+    return predict, "fp32"
+
+
+def onnx_device(device: str | torch.device) -> torch.device:
+    """The device onnxruntime runs on: 'auto' is CUDA when both PyTorch and onnxruntime have it, else the CPU."""
+    if str(device) != "auto":
+        return device if isinstance(device, torch.device) else torch.device(str(device))
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return torch.device("cpu")
+    cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+    return torch.device("cuda") if cuda else torch.device("cpu")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'fp32', 'bf16' or 'fp16' for an autocast dtype from :func:`resolve_precision` (None = fp32)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[arg-type]
 
 
 @dataclass
@@ -154,6 +213,7 @@ class Predictor:
     batch_size: int = 4
     margin: int = 0
     predict_fn: PredictFn | None = None
+    precision: str = "fp32"  # the precision predict_fn runs at: fp32, bf16 or fp16
 
     @classmethod
     def from_run(
@@ -173,26 +233,19 @@ class Predictor:
         """Build the predict function for ``run`` (torch, or an exported ONNX model through onnxruntime)."""
         from .._runtime import resolve_device
 
-        dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
         if backend == "onnx":
-            from .export import load_onnx
-
             path = Path(onnx_path) if onnx_path else (run.path / "model.onnx")
-            fn = load_onnx(path)
-            act = run.activation
-
-            def predict(batch: np.ndarray) -> torch.Tensor:
-                y = torch.as_tensor(np.asarray(fn(torch.from_numpy(batch)))).float()
-                return torch.sigmoid(y) if act == "sigmoid" else torch.softmax(y, dim=1)
-
-            dev = torch.device("cpu")
+            predict, used = _onnx_predict_fn(run, path, onnx_device(device), precision, tta, compile)
+            dev = torch.device("cpu")  # onnxruntime takes and gives host arrays, whichever provider runs it
         elif backend == "torch":
+            dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
             vectors = (1, 2) if run.info.get("target") == "flow" else None
             predict = make_predict_fn(run.model, run.activation, dev, precision, tta=tta, compile=compile,
                                       vectors=vectors)
+            used = precision_name(resolve_precision(precision, dev))
         else:
             raise UnetlabError(f"unknown backend '{backend}' (choose torch or onnx)")
-        return cls(run, dev, tile, overlap, batch_size, margin, predict)
+        return cls(run, dev, tile, overlap, batch_size, margin, predict, used)
 
     def _geometry(self) -> dict:
         m = self.run.model
@@ -215,7 +268,8 @@ class Predictor:
         if img.shape[0] != want:
             raise UnetlabError(
                 f"image has {image.shape[0]} channel(s) but the model expects {self.run.info.get('image_channels', want)}",
-                source, "convert the image, or predict it with a model trained on such images",
+                source, "choose the channels with --channels, convert the image, or predict it with a model trained on "
+                "such images",
             )
         return img
 

@@ -139,7 +139,7 @@ def tiff_pixels(path: str | Path) -> int | None:
             page = t.series[0].pages[0]
             return int(page.imagelength) * int(page.imagewidth)
     except Exception as exc:  # the image is read (and its problem reported) by the normal reader instead
-        log.warning("%s: header not readable (%s: %s); not streaming it", path, type(exc).__name__, exc)
+        log.debug("%s: header not readable (%s: %s); not streaming it", path, type(exc).__name__, exc)
         return None
 
 

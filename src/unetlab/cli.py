@@ -12,15 +12,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .config import (
-    RunConfig,
-    add_config_flags,
-    add_dataclass_flags,
-    apply_overrides,
-    config_overrides,
-    dataclass_from_args,
-)
+from .config import RunConfig, apply_overrides
 from .errors import UnetlabError
+from .flags import add_config_flags, add_dataclass_flags, config_overrides, dataclass_from_args
 
 log = logging.getLogger("unetlab")
 
@@ -120,8 +114,8 @@ def _run_predict(args):
 def _add_demo(p):
     p.add_argument("--out", default="unetlab_demo", help="folder for the synthetic data, run and predictions")
     p.add_argument("--minutes", type=float, default=2.0, help="training time budget in minutes (default 2)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the training (default 0)")
 
 
 @command("demo", "Generate synthetic cells, train a small U-Net, predict and score held-out images",
@@ -158,7 +152,7 @@ def _add_augment_preview(p):
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--n", type=int, default=8, help="number of random draws")
     p.add_argument("--out", default="augment_preview.png", help="PNG to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--index", type=int, default=0, help="which sample of the dataset to show")
     add_config_flags(p, only="data.augment")  # the very flags `train` has for config 'data.augment'
 
@@ -233,7 +227,7 @@ def _add_patchify(p):
     p.add_argument("--size", type=int, required=True, help="patch size in pixels")
     p.add_argument("--stride", type=int, default=None, help="step between patches (default: size)")
     p.add_argument("--out", required=True, help="output folder (images/ + masks/)")
-    p.add_argument("--layout", default=None)
+    p.add_argument("--layout", default=None, help="force a dataset layout (default: detected)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
 
 
@@ -252,7 +246,7 @@ def _add_subimages(p):
     p.add_argument("data", help="dataset folder")
     p.add_argument("--margin", type=int, default=16, help="pixels kept around each object")
     p.add_argument("--out", required=True, help="output folder (images/ + masks/)")
-    p.add_argument("--layout", default=None)
+    p.add_argument("--layout", default=None, help="force a dataset layout (default: detected)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
 
 
@@ -414,6 +408,20 @@ def _run_compare(args):
                    overwrite=args.overwrite, progress=not args.no_progress and None)
     print(format_table(rows, COMPARE_COLUMNS))
     print(f"table {args.out}/compare.csv, chart {args.out}/compare.png")
+    return 0
+
+
+def _add_flags(p):
+    p.add_argument("--out", metavar="MD", help="write the page to this file (e.g. docs/flags.md) instead of printing it")
+
+
+@command("flags", "Every command's flags and their help as one Markdown page (docs/flags.md)", _add_flags)
+def _run_flags(args):
+    from .files import write_text
+    from .flags import parser_markdown
+
+    text = parser_markdown(build_parser())
+    write_text(args.out, text) if args.out else print(text, end="")
     return 0
 
 

@@ -3,7 +3,7 @@
 Each field carries its command-line help in its metadata (``help``, and where the flag differs from the
 field: ``flag``, ``choices``, ``metavar``, ``cli_type``, ``cli_default``, ``from_cli``); ``flag=None`` marks a
 setting of the Python API only. The CLI builds its predict flags from these fields with
-:func:`unetlab.config.add_dataclass_flags`, so the flags and the options cannot drift apart.
+:func:`unetlab.flags.add_dataclass_flags`, so the flags and the options cannot drift apart.
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ class PredictOptions:
     precision: str = _opt("auto", "autocast precision (default auto: bf16 or fp16 on a GPU, bf16 on CPUs "
                           "with native bf16, else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     probabilities: bool = _opt(False, "also write float32 probability TIFFs")
-    instances: bool = _opt(False, "write instance labels, counts and measurements")
+    instances: bool = _opt(False, "also write instance labels (labels/NAME.tif), one row per object with its "
+                           "measurements (objects.csv), counts per image (counts.csv) and outline overlays "
+                           "(overlays/NAME.png)")
     ome_zarr: bool = _opt(False, "also write the instance labels as OME-Zarr (labels/NAME.ome.zarr, NGFF 0.4 with "
                           "the input's pixel size), beside the TIFF")
-    overlays: bool = _opt(False, "write outline overlay PNGs")
+    overlays: bool = _opt(False, "write outline overlay PNGs (overlays/NAME.png; --instances writes them too)")
     tta: bool = _opt(False, "average the 8 flips/rotations")
     rle: str | Path | None = _opt(None, "write a Kaggle run-length submission CSV", metavar="CSV")
     rle_style: str = _opt("dsb", "run-length CSV style: dsb (ImageId,EncodedPixels) or sartorius "

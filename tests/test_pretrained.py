@@ -142,10 +142,12 @@ def test_unknown_model_name_is_one_line_naming_the_pretrained(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_an_existing_folder_wins_over_a_pretrained_name(tmp_path, monkeypatch):
+def test_an_existing_run_folder_wins_over_a_pretrained_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert is_pretrained("nuclei") and resolve_run_dir("nuclei") == PRETRAINED_DIR / "nuclei"
-    (tmp_path / "nuclei").mkdir()
+    (tmp_path / "nuclei").mkdir()  # a data folder of that name does not hide the model
+    assert is_pretrained("nuclei") and resolve_run_dir("nuclei") == PRETRAINED_DIR / "nuclei"
+    (tmp_path / "nuclei" / "config.yaml").write_text("{}\n")  # a run folder does
     assert not is_pretrained("nuclei") and resolve_run_dir("nuclei") == Path("nuclei")
 
 

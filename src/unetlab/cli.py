@@ -60,12 +60,11 @@ def _add_train(p):
 
 @command("train", "Train a U-Net on a folder of images and masks", _add_train)
 def _run_train(args):
-    from pathlib import Path
-
+    from .runfolder import load_run_config
     from .training import train
 
     if args.resume:
-        base = RunConfig.load(Path(args.resume) / "config.yaml")
+        base = load_run_config(args.resume)
         cfg = config_from_args(args, base)
         result = train(cfg, args.resume, resume=True, progress=not args.no_progress and None,
                        skip_bad=args.skip_bad)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import re
 from dataclasses import dataclass, field, replace
@@ -214,21 +215,42 @@ def format_pretrained_table(cards: list[dict]) -> str:
 
 
 def is_pretrained(model: str | Path) -> bool:
-    """True when ``model`` names a shipped pretrained model rather than an existing folder."""
-    return not Path(model).exists() and str(model) in pretrained_names()
+    """True when ``model`` names a shipped pretrained model rather than a run folder (a folder of that name
+    that is no run, such as a data folder ``nuclei/``, does not hide the model)."""
+    return not (Path(model) / "config.yaml").is_file() and str(model) in pretrained_names()
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The run folder that holds ``path`` (``RUN/checkpoints/best.pt``, ``RUN/checkpoints``), if any."""
+    for parent in list(path.absolute().parents)[:3]:
+        if (parent / "config.yaml").is_file() and (parent / "model.json").is_file():
+            return parent if path.is_absolute() else Path(os.path.relpath(parent))
+    return None
 
 
 def resolve_run_dir(model: str | Path) -> Path:
-    """The run folder ``model`` stands for: an existing folder, or a pretrained model's name (``nuclei``)."""
+    """The run folder ``model`` stands for: a folder with ``config.yaml``, or a pretrained model's name
+    (``nuclei``); anything else is one line, suggesting the run folder of a file inside one."""
     path = Path(model)
-    if path.is_dir():
+    if (path / "config.yaml").is_file():
         return path
     if is_pretrained(model):
         return PRETRAINED_DIR / str(model)
+    if path.exists():
+        run = _enclosing_run(path)
+        why = f"{path} is not a run folder (no config.yaml)"
+        raise UnetlabError(f"{why}; did you mean {run}?" if run else why,
+                           hint=None if run else "give a folder written by `unetlab train`")
     names = pretrained_names()
     hint = f"give a run folder written by `unetlab train` or a pretrained model: {', '.join(names)}" if names \
         else "give a run folder written by `unetlab train`"
     raise UnetlabError("run folder not found", path, hint=hint)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The ``config.yaml`` of a run folder (or pretrained model); not a run folder is one line (see
+    :func:`resolve_run_dir`)."""
+    return RunConfig.load(resolve_run_dir(run_dir) / "config.yaml")
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from .config import RunConfig, apply_overrides
 from .errors import UnetlabError
-from .flags import add_config_flags, add_dataclass_flags, config_overrides, dataclass_from_args
+from .flags import LazyParser, add_config_flags, add_dataclass_flags, config_overrides, dataclass_from_args
 
 log = logging.getLogger("unetlab")
 
@@ -430,20 +430,21 @@ def _run_flags(args):
 _COMMAND_ORDER = ("demo", "train", "predict", "evaluate", "inspect")  # the main journey first in --help
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per registered command."""
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per registered command (``lazy``: each declares its flags only
+    when it is the command given, so ``unetlab models`` does not import what ``predict``'s flags need)."""
     parser = argparse.ArgumentParser(prog="unetlab", description="Train and run U-Nets on microscopy images.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for PyTorch (default: $UNETLAB_THREADS, else PyTorch's choice); "
                              "1 is often fastest on a machine shared with other jobs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LazyParser)
     first = [n for n in _COMMAND_ORDER if n in COMMANDS]
     for name in first + [n for n in COMMANDS if n not in first]:
         help_text, add, _run = COMMANDS[name]
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+        p = sub.add_parser(name, help=help_text, description=help_text, declare=add)
+        p if lazy else p.declared()
     return parser
 
 
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._runtime import set_threads, tune_allocator
 
     tune_allocator()
-    parser = build_parser()
+    parser = build_parser(lazy=True)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -113,6 +114,29 @@ def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
     return cls(**values)
 
 
+class LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser whose flags ``declare(parser)`` adds when it is first used, so one command does not
+    pay for the imports that declaring another's flags needs (``predict``'s options import torch)."""
+
+    def __init__(self, *args: Any, declare: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._declare = declare
+
+    def declared(self) -> LazyParser:
+        """This parser with its flags added (once)."""
+        declare, self._declare = self._declare, None
+        if declare is not None:
+            declare(self)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        return super(LazyParser, self.declared()).parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        return super(LazyParser, self.declared()).format_help()
+
+
 # --- the reference page ----------------------------------------------------------------------------------------
 
 
@@ -159,5 +183,5 @@ def parser_markdown(parser: argparse.ArgumentParser, prog: str = "unetlab") -> s
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-__all__ = ["CONFIG_SECTIONS", "add_config_flags", "add_dataclass_flags", "config_overrides",
+__all__ = ["CONFIG_SECTIONS", "LazyParser", "add_config_flags", "add_dataclass_flags", "config_overrides",
            "dataclass_from_args", "help_text", "parser_markdown"]

@@ -22,16 +22,16 @@ import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .config import ModelConfig, RunConfig
 from .errors import UnetlabError
 from .files import write_bytes, write_text
-from .models import build_model
+
+if TYPE_CHECKING:  # torch is imported where checkpoints are read or written: `unetlab models` reads cards only
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def checkpoint_path(run_dir: Path, which: str = "last") -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (tensors, numbers, strings, lists and dicts only) atomically and flushed to disk."""
+    import torch
+
     state = {"format": CHECKPOINT_FORMAT, "unetlab_version": __version__, **state}
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -57,6 +59,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     A missing, damaged or foreign file is a one-line error naming it; a file that would need arbitrary Python
     objects to load (a pickle that could run code) is refused, never executed.
     """
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise UnetlabError("checkpoint not found", path)
@@ -88,6 +92,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: Path) -> None:
     """Load ``weights`` into ``model`` strictly; a checkpoint of another architecture is one line saying how."""
+    import torch
+
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UnetlabError("not a unetlab checkpoint (its model entry is not a set of weights)", path)
     mine = model.state_dict()
@@ -256,6 +262,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
     """Load a run folder or a pretrained model by name (weights from ``checkpoints/best.pt``, falling back to
     ``last.pt``), model in eval mode."""
+    from .models import build_model
+
     run_dir = resolve_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.yaml")
     info = read_model_info(run_dir / "model.json")

@@ -35,7 +35,7 @@ from ..data.split import hold_out_test, save_split, split_samples
 from ..data.targets import INSTANCE_KINDS, target_channels
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries
-from ..runfolder import Run, checkpoint_path
+from ..runfolder import Run, checkpoint_path, load_run
 from .losses import build_loss, distance_loss, flow_loss
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,6 @@ def take_from_init(cfg: RunConfig) -> Run:
     """Load the run or pretrained model ``train.init`` and take its channels, target, classes and normalisation
     into ``cfg.data`` wherever the user did not set them; a target or classes set otherwise is a one-line error
     naming the fix."""
-    from ..runfolder import load_run
-
     start, name = load_run(cfg.train.init), cfg.train.init
     theirs = start.config.data
     for key in INIT_OUTPUT_KEYS:
@@ -215,8 +213,6 @@ def take_from_init(cfg: RunConfig) -> Run:
 def initial_weights(cfg: RunConfig, info: dict, start: Run | None = None) -> dict:
     """Weights of the run or pretrained model ``train.init`` (``start`` when already loaded) for fine-tuning;
     its network replaces ``cfg.model`` (so the weights fit), and its channels and target must match this run's."""
-    from ..runfolder import load_run
-
     start = start if start is not None else load_run(cfg.train.init)
     name, want = cfg.train.init, start.info.get("in_channels")
     if want != info["in_channels"]:

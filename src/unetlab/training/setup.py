@@ -220,7 +220,7 @@ def initial_weights(cfg: RunConfig, info: dict, start: Run | None = None) -> dic
                f"or choose {want}" if cfg.data.channels or cfg.data.channel_code else f"choose {want} with --channels")
         raise UnetlabError(f"--init {name} was trained on {_channels_text(want, start.config.data)}; this run "
                            f"gives it {_channels_text(info['in_channels'], cfg.data)}: {fix}, e.g. --channels "
-                           f"{','.join(map(str, range(want)))}")
+                           f"{','.join(map(str, start.config.data.channels or range(want)))}")
     for key in ("out_channels", "target"):
         if start.info.get(key) != info[key]:
             raise UnetlabError(f"--init {name} has {key} {start.info.get(key)!r} but this run needs {info[key]!r}",

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from .config import RunConfig, apply_overrides
 from .errors import UnetlabError
-from .flags import LazyParser, add_config_flags, add_dataclass_flags, config_overrides, dataclass_from_args
+from .flags import add_config_flags, add_dataclass_flags, config_overrides, dataclass_from_args
 
 log = logging.getLogger("unetlab")
 
@@ -410,17 +410,13 @@ def _run_compare(args):
     return 0
 
 
-def _add_flags(p):
-    p.add_argument("--out", metavar="MD", help="write the page to this file (e.g. docs/flags.md) instead of printing it")
-
-
-@command("flags", "Every command's flags and their help as one Markdown page (docs/flags.md)", _add_flags)
+@command("flags", "Every command's flags and their help as one Markdown page (docs/flags.md)",
+         lambda p: p.add_argument("--out", metavar="MD", help="write the page to this file instead of printing it"))
 def _run_flags(args):
     from .files import write_text
     from .flags import parser_markdown
 
-    text = parser_markdown(build_parser())
-    write_text(args.out, text) if args.out else print(text, end="")
+    write_text(args.out, parser_markdown(build_parser())) if args.out else print(parser_markdown(build_parser()), end="")
     return 0
 
 
@@ -430,21 +426,22 @@ def _run_flags(args):
 _COMMAND_ORDER = ("demo", "train", "predict", "evaluate", "inspect")  # the main journey first in --help
 
 
-def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per registered command (``lazy``: each declares its flags only
-    when it is the command given, so ``unetlab models`` does not import what ``predict``'s flags need)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per registered command; with ``only``, only that command's flags
+    are declared (so ``unetlab models`` does not import what ``predict``'s flags need)."""
     parser = argparse.ArgumentParser(prog="unetlab", description="Train and run U-Nets on microscopy images.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for PyTorch (default: $UNETLAB_THREADS, else PyTorch's choice); "
                              "1 is often fastest on a machine shared with other jobs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LazyParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     first = [n for n in _COMMAND_ORDER if n in COMMANDS]
     for name in first + [n for n in COMMANDS if n not in first]:
         help_text, add, _run = COMMANDS[name]
-        p = sub.add_parser(name, help=help_text, description=help_text, declare=add)
-        p if lazy else p.declared()
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            add(p)
     return parser
 
 
@@ -458,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     from ._runtime import set_threads, tune_allocator
 
     tune_allocator()
-    parser = build_parser(lazy=True)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # the first command name given (the options before it take no names as values): only its flags are built
+    parser = build_parser(only=next((a for a in argv if a in COMMANDS), ""))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),

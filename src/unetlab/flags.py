@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -47,7 +46,10 @@ def _metavar(typ: Any) -> str:
 
 
 def help_text(field_help: str, default: Any) -> str:
-    """A flag's help: the field's help line, then its default unless the line already says it (``none: ...``)."""
+    """A flag's help: the field's help line, then its default unless the line already says it (``none: ...``);
+    a field without one still gets its flag (tests/test_cli_flags.py then asks for the line)."""
+    if not field_help:
+        return f"(default {_shown(default)})".replace("%", "%%")
     if "default" in field_help or default is MISSING or (default is None and "none:" in field_help):
         text = field_help
     else:
@@ -68,7 +70,7 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), onl
             g = groups[section] = p.add_argument_group(f"{title} options (config '{section}')")
         meta = next(f.metadata for f in fields(_section_class(section)) if f.name == field_name)
         kw: dict[str, Any] = {"dest": f"cfg__{name}", "default": argparse.SUPPRESS,
-                              "metavar": meta.get("metavar") or _metavar(typ), "help": help_text(meta["help"], default)}
+                              "metavar": meta.get("metavar") or _metavar(typ), "help": help_text(meta.get("help", ""), default)}
         if typ is bool:
             kw.update(nargs="?", const="true")
         g.add_argument("--" + name.replace("_", "-"), **kw)
@@ -112,29 +114,6 @@ def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
             convert = f.metadata.get("from_cli")
             values[f.name] = convert(getattr(args, f.name)) if convert else getattr(args, f.name)
     return cls(**values)
-
-
-class LazyParser(argparse.ArgumentParser):
-    """A subcommand's parser whose flags ``declare(parser)`` adds when it is first used, so one command does not
-    pay for the imports that declaring another's flags needs (``predict``'s options import torch)."""
-
-    def __init__(self, *args: Any, declare: Callable[[argparse.ArgumentParser], None] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._declare = declare
-
-    def declared(self) -> LazyParser:
-        """This parser with its flags added (once)."""
-        declare, self._declare = self._declare, None
-        if declare is not None:
-            declare(self)
-        return self
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        return super(LazyParser, self.declared()).parse_known_args(args, namespace)
-
-    def format_help(self) -> str:
-        return super(LazyParser, self.declared()).format_help()
 
 
 # --- the reference page ----------------------------------------------------------------------------------------
@@ -183,5 +162,5 @@ def parser_markdown(parser: argparse.ArgumentParser, prog: str = "unetlab") -> s
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-__all__ = ["CONFIG_SECTIONS", "LazyParser", "add_config_flags", "add_dataclass_flags", "config_overrides",
+__all__ = ["CONFIG_SECTIONS", "add_config_flags", "add_dataclass_flags", "config_overrides",
            "dataclass_from_args", "help_text", "parser_markdown"]

@@ -32,11 +32,12 @@ def _error(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("inside", ["checkpoints/best.pt", "checkpoints", "metrics.csv"])
+@pytest.mark.parametrize("inside", ["checkpoints/best.pt", "checkpoints", "metrics.csv", "checkpoints/bset.pt"])
 def test_a_path_inside_a_run_suggests_the_run(run, images, tmp_path, capsys, inside):
     line = _error(capsys, ["predict", "--model", str(run / inside), "--input", str(images),
                            "--out", str(tmp_path / "o")])
-    assert f"{run / inside} is not a run folder (no config.yaml); did you mean {run}?" in line
+    why = "is not a run folder (no config.yaml)" if (run / inside).exists() else "not found"
+    assert f"{run / inside} {why}; did you mean {run}?" in line
     assert not (tmp_path / "o").exists()
 
 

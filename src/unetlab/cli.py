@@ -416,7 +416,8 @@ def _run_flags(args):
     from .files import write_text
     from .flags import parser_markdown
 
-    write_text(args.out, parser_markdown(build_parser())) if args.out else print(parser_markdown(build_parser()), end="")
+    text = parser_markdown(build_parser())
+    write_text(args.out, text) if args.out else print(text, end="")
     return 0
 
 

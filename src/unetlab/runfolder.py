@@ -242,9 +242,9 @@ def resolve_run_dir(model: str | Path) -> Path:
         return path
     if is_pretrained(model):
         return PRETRAINED_DIR / str(model)
-    if path.exists():
-        run = _enclosing_run(path)
-        why = f"{path} is not a run folder (no config.yaml)"
+    run = _enclosing_run(path)
+    if path.exists() or run is not None:
+        why = f"{path} is not a run folder (no config.yaml)" if path.exists() else f"{path} not found"
         raise UnetlabError(f"{why}; did you mean {run}?" if run else why,
                            hint=None if run else "give a folder written by `unetlab train`")
     names = pretrained_names()

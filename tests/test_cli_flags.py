@@ -81,3 +81,12 @@ def test_flags_command_writes_the_page(tmp_path, capsys):
     assert "## `unetlab predict`" in text and "- `--tile TILE`: tile size in pixels (default 512)" in text
     # the config flags that lr-find shares with train are named once, not repeated
     assert text.count("`--aug-elastic X`") == 1
+
+
+def test_only_the_given_commands_flags_are_built_after_global_options(capsys):
+    """main builds the flags of the command it is given, wherever the global options put it."""
+    with pytest.raises(SystemExit):
+        main(["-q", "--threads", "1", "train", "--help"])
+    assert "--aug-zoom-range" in capsys.readouterr().out
+    assert main(["--threads", "1", "-q", "train", "--out", "x", "--channels", "0,2"]) == 2  # no --data
+    assert "--data DIR is required" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below, never one above):
 
-    core        errors, files, labels, config, _runtime, distributed, _version (used by every stage)
+    core        errors, files, labels, config, flags, _runtime, distributed, _version (used by every stage)
     data        files on disk -> arrays and Samples
     models      nn.Modules, knowing nothing of files
     runfolder   the contract between training and inference: checkpoints, model.json, load_run
@@ -23,7 +23,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "unetlab"
 LAYERS = [
-    {"errors", "files", "labels", "config", "_runtime", "distributed", "_version"},
+    {"errors", "files", "labels", "config", "flags", "_runtime", "distributed", "_version"},
     {"data"},
     {"models"},
     {"runfolder"},

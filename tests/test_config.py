@@ -81,7 +81,7 @@ def test_predict_flags_are_exactly_the_predict_options():
 
 
 def test_predict_flags_parse_into_the_options_with_the_api_defaults():
-    from unetlab.config import dataclass_from_args
+    from unetlab.flags import dataclass_from_args
     from unetlab.inference.options import PredictOptions
 
     parser = _subparser("predict")

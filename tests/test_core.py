@@ -89,9 +89,9 @@ def test_multichannel_16bit_training_and_channel_selection(tmp_path):
     for i in range(4):
         im, lab = make_synthetic_cells((96, 96), seed=rng)
         stack = np.stack([im, rng.integers(0, 4000, im.shape).astype(np.uint16), im // 2])  # (3, H, W) 16-bit
-        tifffile.imwrite(tmp_path / "d" / "images" / f"s{i}.tif", stack) if (tmp_path / "d" / "images").exists() \
-            else ((tmp_path / "d" / "images").mkdir(parents=True), (tmp_path / "d" / "masks").mkdir(),
-                  tifffile.imwrite(tmp_path / "d" / "images" / f"s{i}.tif", stack))
+        (tmp_path / "d" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / "masks").mkdir(exist_ok=True)
+        tifffile.imwrite(tmp_path / "d" / "images" / f"s{i}.tif", stack, photometric="minisblack")  # 3 channels
         tifffile.imwrite(tmp_path / "d" / "masks" / f"s{i}.tif", lab.astype(np.uint16))
     cfg = apply_overrides(RunConfig(), {"root": str(tmp_path / "d"), "preset": "unet", "depth": 2, "base_width": 4,
                                         "patch_size": 48, "batch_size": 4, "samples_per_epoch": 8, "epochs": 1,

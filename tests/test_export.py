@@ -146,6 +146,7 @@ def test_cli_export_of_a_run_folder(tmp_path, monkeypatch):
 
     model = tiny_unet().eval()
     monkeypatch.setattr(runfolder, "load_run", lambda run_dir: types.SimpleNamespace(model=model, config=RunConfig()))
+    RunConfig().save(tmp_path / "config.yaml")  # a run folder to the CLI's eyes
     out = tmp_path / "model.pt"
     assert main(["export", str(tmp_path), "--format", "torchscript", "--out", str(out)]) == 0
     _assert_round_trip(model, "torchscript", out, [(1, (33, 47))])

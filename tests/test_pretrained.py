@@ -142,10 +142,12 @@ def test_unknown_model_name_is_one_line_naming_the_pretrained(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_an_existing_folder_wins_over_a_pretrained_name(tmp_path, monkeypatch):
+def test_an_existing_run_folder_wins_over_a_pretrained_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert is_pretrained("nuclei") and resolve_run_dir("nuclei") == PRETRAINED_DIR / "nuclei"
-    (tmp_path / "nuclei").mkdir()
+    (tmp_path / "nuclei").mkdir()  # a data folder of that name does not hide the model
+    assert is_pretrained("nuclei") and resolve_run_dir("nuclei") == PRETRAINED_DIR / "nuclei"
+    (tmp_path / "nuclei" / "config.yaml").write_text("{}\n")  # a run folder does
     assert not is_pretrained("nuclei") and resolve_run_dir("nuclei") == Path("nuclei")
 
 
@@ -153,7 +155,12 @@ def test_models_command_lists_pretrained_with_test_scores(capsys):
     rc, out, _ = cli(capsys, "models")
     assert rc == 0
     head, presets = out.split("Presets")
-    assert "nuclei" in head and "test split" in head and "AP@0.5" in head or "ap50" in head
+    card = pretrained_models()[0]
+    # each check on its own: the name, the test split with the card's scores, and the other data set's AP@0.5
+    assert card["name"] == "nuclei" and "nuclei" in head
+    assert "test split" in head
+    assert f"ap50 {card['test']['ap50']:.3f}" in head
+    assert f"AP@0.5 {card['other'][0]['ap50']:.3f}" in head
     assert "unet-slim" in presets
     rc, out, _ = cli(capsys, "models", "--json")
     data = json.loads(out)

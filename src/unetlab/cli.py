@@ -12,15 +12,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .config import (
-    RunConfig,
-    add_config_flags,
-    add_dataclass_flags,
-    apply_overrides,
-    config_overrides,
-    dataclass_from_args,
-)
+from .config import RunConfig, apply_overrides
 from .errors import UnetlabError
+from .flags import add_config_flags, add_dataclass_flags, config_overrides, dataclass_from_args
 
 log = logging.getLogger("unetlab")
 
@@ -66,12 +60,11 @@ def _add_train(p):
 
 @command("train", "Train a U-Net on a folder of images and masks", _add_train)
 def _run_train(args):
-    from pathlib import Path
-
+    from .runfolder import load_run_config
     from .training import train
 
     if args.resume:
-        base = RunConfig.load(Path(args.resume) / "config.yaml")
+        base = load_run_config(args.resume)
         cfg = config_from_args(args, base)
         result = train(cfg, args.resume, resume=True, progress=not args.no_progress and None,
                        skip_bad=args.skip_bad)
@@ -120,8 +113,8 @@ def _run_predict(args):
 def _add_demo(p):
     p.add_argument("--out", default="unetlab_demo", help="folder for the synthetic data, run and predictions")
     p.add_argument("--minutes", type=float, default=2.0, help="training time budget in minutes (default 2)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the training (default 0)")
 
 
 @command("demo", "Generate synthetic cells, train a small U-Net, predict and score held-out images",
@@ -158,7 +151,7 @@ def _add_augment_preview(p):
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--n", type=int, default=8, help="number of random draws")
     p.add_argument("--out", default="augment_preview.png", help="PNG to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--index", type=int, default=0, help="which sample of the dataset to show")
     add_config_flags(p, only="data.augment")  # the very flags `train` has for config 'data.augment'
 
@@ -233,7 +226,7 @@ def _add_patchify(p):
     p.add_argument("--size", type=int, required=True, help="patch size in pixels")
     p.add_argument("--stride", type=int, default=None, help="step between patches (default: size)")
     p.add_argument("--out", required=True, help="output folder (images/ + masks/)")
-    p.add_argument("--layout", default=None)
+    p.add_argument("--layout", default=None, help="force a dataset layout (default: detected)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
 
 
@@ -252,7 +245,7 @@ def _add_subimages(p):
     p.add_argument("data", help="dataset folder")
     p.add_argument("--margin", type=int, default=16, help="pixels kept around each object")
     p.add_argument("--out", required=True, help="output folder (images/ + masks/)")
-    p.add_argument("--layout", default=None)
+    p.add_argument("--layout", default=None, help="force a dataset layout (default: detected)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
 
 
@@ -417,14 +410,26 @@ def _run_compare(args):
     return 0
 
 
+@command("flags", "Every command's flags and their help as one Markdown page (docs/flags.md)",
+         lambda p: p.add_argument("--out", metavar="MD", help="write the page to this file instead of printing it"))
+def _run_flags(args):
+    from .files import write_text
+    from .flags import parser_markdown
+
+    text = parser_markdown(build_parser())
+    write_text(args.out, text) if args.out else print(text, end="")
+    return 0
+
+
 # --- end of commands -----------------------------------------------------------------------------------------
 
 
 _COMMAND_ORDER = ("demo", "train", "predict", "evaluate", "inspect")  # the main journey first in --help
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per registered command."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per registered command; with ``only``, only that command's flags
+    are declared (so ``unetlab models`` does not import what ``predict``'s flags need)."""
     parser = argparse.ArgumentParser(prog="unetlab", description="Train and run U-Nets on microscopy images.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -436,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in first + [n for n in COMMANDS if n not in first]:
         help_text, add, _run = COMMANDS[name]
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+        if only is None or name == only:
+            add(p)
     return parser
 
 
@@ -450,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     from ._runtime import set_threads, tune_allocator
 
     tune_allocator()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # the first command name given (the options before it take no names as values): only its flags are built
+    parser = build_parser(only=next((a for a in argv if a in COMMANDS), ""))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),

@@ -6,11 +6,9 @@ Every leaf key is also a command-line flag: ``train.lr`` is ``--lr``, ``data.pat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
-import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -24,69 +22,88 @@ from .errors import UnetlabError
 log = logging.getLogger(__name__)
 
 
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A config field with ``default`` and its help line (the command-line flag's and docs/flags.md's)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable config defaults need a default_factory")
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class AugmentConfig:
     """Joint image/mask augmentations; each has its own probability (0 disables it)."""
 
-    flip: float = 0.5  # horizontal and vertical flips, each with this probability
-    rotate90: float = 0.5
-    affine: float = 0.0
-    affine_degrees: float = 15.0
-    affine_scale: tuple[float, float] = (0.9, 1.1)
-    affine_shift: float = 0.05  # fraction of size
-    elastic: float = 0.0
-    elastic_grid: int = 3  # the paper's coarse grid
-    elastic_sigma: float = 10.0  # displacement std in pixels
-    brightness: float = 0.0
-    brightness_range: float = 0.1  # additive, in normalised units
-    contrast: float = 0.0
-    contrast_range: tuple[float, float] = (0.8, 1.2)
-    gamma: float = 0.0
-    gamma_range: tuple[float, float] = (0.8, 1.25)
-    noise: float = 0.0
-    noise_std: float = 0.03
-    blur: float = 0.0
-    blur_sigma: tuple[float, float] = (0.5, 1.5)
-    # random zoom of whole patches (objects drawn 0.5x-2x their size); None: 0.5 for instance targets
-    # (boundary, distance), where object size matters most, else 0
-    zoom: float | None = None
-    zoom_range: tuple[float, float] = (0.5, 2.0)
+    flip: float = _f(0.5, "probability of a horizontal flip, and again of a vertical one")
+    rotate90: float = _f(0.5, "probability of a random quarter turn")
+    affine: float = _f(0.0, "probability of a random rotation, scaling and shift (the --aug-affine-* ranges)")
+    affine_degrees: float = _f(15.0, "largest affine rotation in degrees, either way")
+    affine_scale: tuple[float, float] = _f((0.9, 1.1), "range of the affine scale factor, e.g. 0.9,1.1")
+    affine_shift: float = _f(0.05, "largest affine shift, as a fraction of the patch size")
+    elastic: float = _f(0.0, "probability of an elastic deformation (the U-Net paper's augmentation)")
+    elastic_grid: int = _f(3, "control points per side of the elastic deformation's grid (the paper's: 3)")
+    elastic_sigma: float = _f(10.0, "standard deviation of the elastic displacements, in pixels")
+    brightness: float = _f(0.0, "probability of a random brightness shift")
+    brightness_range: float = _f(0.1, "largest brightness shift, added in normalised intensity units")
+    contrast: float = _f(0.0, "probability of a random contrast change")
+    contrast_range: tuple[float, float] = _f((0.8, 1.2), "range of the contrast factor, e.g. 0.8,1.2")
+    gamma: float = _f(0.0, "probability of a random gamma change")
+    gamma_range: tuple[float, float] = _f((0.8, 1.25), "range of the gamma exponent, e.g. 0.8,1.25")
+    noise: float = _f(0.0, "probability of added Gaussian noise")
+    noise_std: float = _f(0.03, "standard deviation of the noise, in normalised intensity units")
+    blur: float = _f(0.0, "probability of a Gaussian blur")
+    blur_sigma: tuple[float, float] = _f((0.5, 1.5), "range of the blur's sigma in pixels, e.g. 0.5,1.5")
+    zoom: float | None = _f(None, "probability of a random zoom of the whole patch (objects drawn at "
+                            "--aug-zoom-range times their size); none: 0.5 for instance targets (boundary, "
+                            "distance, flow), where object size matters most, else 0")
+    zoom_range: tuple[float, float] = _f((0.5, 2.0), "range of the zoom factor, e.g. 0.5,2")
 
 
 @dataclass
 class DataConfig:
     """Where the data is, how it is read, split and cut into patches."""
 
-    root: str = ""
-    layout: str | None = None  # auto-detected when None
-    include: str | None = None  # only these samples: a text file of names (one per line), a glob or 're:<regex>'
-    invert_mask: bool = False
-    mask_dir: str | None = None  # paired layout: a mask folder with another name
-    classes: list[str] | None = None  # multiclass: the subset of classes to train
-    channels: list[int] | None = None  # channel selection, e.g. [0, 2]
-    channel_code: str | None = None  # loading code, see unetlab.data.channels
-    normalization: str = "percentile"  # percentile | minmax | dtype | none
-    norm_low: float = 1.0
-    norm_high: float = 99.8
-    target: str = "binary"  # binary | boundary | distance | flow
-    val_fraction: float = 0.2
-    val: str | None = None  # glob or 're:<regex>' on sample names
-    val_groups: list[str] | None = None
-    fold: str | None = None  # "K/N" k-fold by group
-    split_file: str | None = None  # reuse a split.json
-    # a test split, held out before train/validation: never trained on, never chooses a checkpoint or tunes
+    root: str = _f("", "dataset folder (any layout `unetlab inspect` recognises)")
+    layout: str | None = _f(None, "force a dataset layout (paired, kaggle_dsb, timelapse, multiclass, ...); "
+                            "none: detected", metavar="NAME")
+    include: str | None = _f(None, "only these samples: a text file of names (one per line), a glob or "
+                             "'re:<regex>'", metavar="PATTERN")
+    invert_mask: bool = _f(False, "the masks mark the background, not the objects")
+    mask_dir: str | None = _f(None, "paired layout: the mask folder's name when it is not masks/")
+    classes: list[str] | None = _f(None, "multiclass: the classes to train, in this order, e.g. "
+                                   "membranes,mitochondrion; none: all")
+    channels: list[int] | None = _f(None, "keep these image channels, in this order, e.g. 0 or 0,2; none: all")
+    channel_code: str | None = _f(None, "build the input channels from the image's, e.g. 'mean(0,1),2?0.2' "
+                                  "(see unetlab.data.channels)", metavar="CODE")
+    normalization: str = _f("percentile", "per-image intensity normalisation: percentile, minmax, dtype or none")
+    norm_low: float = _f(1.0, "percentile normalisation: the low percentile, mapped to 0")
+    norm_high: float = _f(99.8, "percentile normalisation: the high percentile, mapped to 1")
+    target: str = _f("binary", "what the network learns: binary (masks), boundary (interior/boundary/background), "
+                     "distance or flow (instance targets for touching objects)")
+    val_fraction: float = _f(0.2, "share of the groups (or images) held out for validation")
+    val: str | None = _f(None, "validation samples by name: a glob or 're:<regex>' (their groups go too)",
+                         metavar="PATTERN")
+    val_groups: list[str] | None = _f(None, "validation groups (positions, experiments) by name or glob, e.g. "
+                                      "Pos008,Pos009")
+    fold: str | None = _f(None, "k-fold cross-validation by group: 'K/N' validates on fold K of N, e.g. 1/5",
+                          metavar="K/N")
+    split_file: str | None = _f(None, "reuse the train/validation/test split of this split.json",
+                                  metavar="JSON")
+    # the test split is held out before train/validation: never trained on, never chooses a checkpoint or tunes
     # post-processing; scored once at the end (summary.json "test")
-    test: str | None = None  # glob or 're:<regex>' on sample names (their groups are held out)
-    test_groups: list[str] | None = None
-    test_fraction: float = 0.0  # a seeded random share of the groups
-    patch_size: int = 256
-    foreground_fraction: float = 0.5  # share of patches centred on a foreground pixel
+    test: str | None = _f(None, "test samples by name, a glob or 're:<regex>' (their groups are held out): "
+                          "scored once at the end, never trained or tuned on", metavar="PATTERN")
+    test_groups: list[str] | None = _f(None, "test groups by name or glob, e.g. Pos010,Pos011")
+    test_fraction: float = _f(0.0, "a seeded random share of the groups held out as the test split")
+    patch_size: int = _f(256, "training patch size in pixels")
+    foreground_fraction: float = _f(0.5, "share of patches centred on a foreground pixel")
     # instance targets only; random zoom varies around the normalised size, validation rescales by the true
     # sizes, and `predict --diameter auto` brings new images to it
-    size_normalize: bool = False  # zoom each image so its median object has the training median size (Cellpose)
-    samples_per_epoch: int | None = None  # default: enough patches to cover the training images once
-    num_workers: int | None = None  # None: automatic (0 on CPU, up to 4 beside a GPU)
-    cache: bool = True  # keep decoded images in memory
+    size_normalize: bool = _f(False, "zoom each image so its median object has the training median size "
+                              "(Cellpose's rule; instance targets only)")
+    samples_per_epoch: int | None = _f(None, "patches per epoch; none: enough to cover the training images once")
+    num_workers: int | None = _f(None, "data loader worker processes; none: automatic (0 on CPU, up to 4 beside "
+                                 "a GPU)")
+    cache: bool = _f(True, "keep decoded images in memory")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -94,76 +111,84 @@ class DataConfig:
 class ModelConfig:
     """Which network to build; ``preset`` names an entry of :mod:`unetlab.models.presets`."""
 
-    preset: str = "unet"
-    in_channels: int | None = None  # from the data when None
-    out_channels: int | None = None  # from the task when None
-    depth: int = 4
-    base_width: int = 32
-    widths: list[int] | None = None
-    norm: str = "batch"  # batch | group | instance | layer | none
-    padding: str = "same"  # same | valid
-    dropout: float = 0.0
-    upsample: str = "bilinear"  # bilinear | transpose | pixelshuffle
+    preset: str = _f("unet", "network preset (`unetlab models` lists them): unet, unet-slim, unet-paper, ...")
+    in_channels: int | None = _f(None, "input channels; none: from the data")
+    out_channels: int | None = _f(None, "output channels; none: from the target and classes")
+    depth: int = _f(4, "down-sampling steps of the U-Net")
+    base_width: int = _f(32, "channels of the first level (doubled at each level down)")
+    widths: list[int] | None = _f(None, "channels of every level instead of --base-width, e.g. 16,32,64,128,256")
+    norm: str = _f("batch", "normalisation layers: batch, group, instance, layer or none")
+    padding: str = _f("same", "convolution padding: same (output size = input size) or valid (the paper's)")
+    dropout: float = _f(0.0, "dropout probability at the bottom of the U-Net (end of the contracting path)")
+    upsample: str = _f("bilinear", "up-sampling in the decoder: bilinear, transpose or pixelshuffle")
 
 
 @dataclass
 class TrainConfig:
     """How to optimise: loss, optimiser, schedule, precision, checkpoints and safety nets."""
 
-    epochs: int = 40
-    batch_size: int = 8
-    lr: float | str = 1e-3  # a number or "auto" (lr-find)
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # adamw | adam | sgd | adamw8bit
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: str = "warmup_cosine"  # warmup_cosine | onecycle | step | plateau | constant
-    warmup_epochs: float = 1.0
-    step_size: int = 30
-    step_gamma: float = 0.1
-    loss: str = "bce_dice"  # bce | bce_dice | ce | ce_dice | dice | focal
-    class_weights: list[float] | None = None
-    border_weight: bool = False  # the U-Net border weight map (w0, sigma) on the loss
-    w0: float = 10.0
-    sigma: float = 5.0
-    contact_weight: float = 0.0  # w0 of a weight map on object pixels and gaps where two objects meet (0 off)
-    grad_clip: float | None = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool | None = None  # None: on CUDA only (measured slower for CPU training)
-    val_every: int = 1
-    save_every: int = 1
-    monitor: str = "val_dice"
-    early_stopping: int | None = None  # patience in evaluations
-    max_minutes: float | None = field(default=None, metadata={"help": (
-        "stop training when another epoch would pass this many minutes (checked after each epoch); "
-        "none: no limit")})
-    collapse_patience: int = 3
-    max_recoveries: int = 3
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    tensorboard: bool = True
-    teacher: str | None = None
-    init: str | None = None  # start from this run's (or pretrained model's) weights and network: fine-tuning
-    distill_weight: float = 0.5
-    distill_temperature: float = 1.0
-    grad_accumulation: int = 1
-    sync_batchnorm: bool = False
-    tune_postprocess: bool = True  # tune threshold/min size on validation images after training
+    epochs: int = _f(40, "training epochs")
+    batch_size: int = _f(8, "patches per optimiser step (per process)")
+    lr: float | str = _f(1e-3, "learning rate: a number, or auto (an lr-find sweep first)",
+                         metavar="X|auto")
+    weight_decay: float = _f(1e-4, "weight decay of the optimiser")
+    optimizer: str = _f("adamw", "adamw, adam, sgd or adamw8bit")
+    momentum: float = _f(0.9, "sgd momentum")
+    nesterov: bool = _f(False, "sgd: Nesterov momentum")
+    schedule: str = _f("warmup_cosine", "learning-rate schedule: warmup_cosine, onecycle, step, plateau or "
+                       "constant")
+    warmup_epochs: float = _f(1.0, "warmup_cosine: epochs of linear warm-up")
+    step_size: int = _f(30, "step schedule: epochs between learning-rate drops")
+    step_gamma: float = _f(0.1, "step schedule: factor of each drop")
+    loss: str = _f("bce_dice", "bce, bce_dice, ce, ce_dice, dice or focal (distance and flow targets have their "
+                   "own)")
+    class_weights: list[float] | None = _f(None, "loss weight per class, e.g. 1,2 (binary: background,cell; 1,2 "
+                                           "gives fatter masks)")
+    border_weight: bool = _f(False, "weigh the loss with the U-Net paper's border weight map (--w0, --sigma)")
+    w0: float = _f(10.0, "border weight map: weight of the gaps between objects (the paper's: 10)")
+    sigma: float = _f(5.0, "border and contact weight maps: width of the gaps in pixels (the paper's: 5)")
+    contact_weight: float = _f(0.0, "w0 of a weight map on object pixels and gaps where two objects meet; 0: off")
+    grad_clip: float | None = _f(1.0, "clip the gradient norm to this; none: no clipping")
+    precision: str = _f("auto", "autocast precision: auto, fp32, bf16 or fp16")
+    channels_last: bool | None = _f(None, "channels-last memory format; none: on CUDA only (slower for CPU "
+                                    "training)")
+    val_every: int = _f(1, "validate every this many epochs")
+    save_every: int = _f(1, "write checkpoints/last.pt every this many epochs")
+    monitor: str = _f("val_dice", "the metrics.csv column that chooses checkpoints/best.pt")
+    early_stopping: int | None = _f(None, "stop after this many validations without improvement; none: never")
+    max_minutes: float | None = _f(None, "stop training when another epoch would pass this many minutes (checked "
+                                   "after each epoch); none: no limit")
+    collapse_patience: int = _f(3, "validations at Dice 0 before the run counts as collapsed and is restored")
+    max_recoveries: int = _f(3, "most restores after a collapse or a non-finite loss")
+    seed: int = _f(0, "random seed of the split, patches and weights")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    deterministic: bool = _f(False, "deterministic algorithms (slower; same results run to run)")
+    tensorboard: bool = _f(True, "write TensorBoard events to RUN_DIR/tensorboard")
+    teacher: str | None = _f(None, "a run folder whose predictions the model also learns from (distillation)",
+                               metavar="RUN")
+    init: str | None = _f(None, "fine-tune: start from this run's or pretrained model's network and weights "
+                          "(its channels, target and classes too)", metavar="RUN|NAME")
+    distill_weight: float = _f(0.5, "distillation: share of the loss that follows the teacher")
+    distill_temperature: float = _f(1.0, "distillation: softmax temperature of teacher and student")
+    grad_accumulation: int = _f(1, "batches summed per optimiser step")
+    sync_batchnorm: bool = _f(False, "several GPUs: synchronise batch-norm statistics across them")
+    tune_postprocess: bool = _f(True, "tune threshold, minimum size and prominence on the validation images "
+                                "after training (instance targets; unetlab tune RUN tunes a binary run)")
 
 
 @dataclass
 class PostprocessConfig:
     """Turning probabilities into masks and instance labels."""
 
-    threshold: float = 0.5
-    min_size: int = 10
-    fill_holes: bool = True
-    markers: str = "auto"  # auto | interior | distance | flow | none
-    # how far a distance peak must rise above the saddle to a higher neighbour to seed an object of its own:
+    threshold: float = _f(0.5, "foreground probability threshold")
+    min_size: int = _f(10, "drop objects smaller than this many pixels")
+    fill_holes: bool = _f(True, "fill holes inside objects")
+    markers: str = _f("auto", "watershed seeds that split touching objects: auto, interior, distance, flow or none")
     # in units of the predicted normalised distance (distance target) or in pixels (Euclidean distance of the
-    # interior or mask: boundary and binary targets); None: 0.05 for the distance target, 1.0 otherwise
-    prominence: float | None = None
+    # interior or mask: boundary and binary targets)
+    prominence: float | None = _f(None, "how far a distance peak must rise above the saddle to a higher one to "
+                                  "seed an object of its own; larger splits less; none: 0.05 for the distance "
+                                  "target, 1.0 otherwise")
 
 
 @dataclass
@@ -174,6 +199,20 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    def __post_init__(self) -> None:
+        # the dotted keys a YAML file or a flag set (not saved): what a fine-tune may not take from its --init
+        self.given: set[str] = set()
+
+    def set_by_user(self, key: str) -> bool:
+        """True when the dotted ``key`` (``data.channels``) was given in a YAML file or a flag, or differs from
+        its default (a value set in Python)."""
+        *path, name = key.split(".")
+        obj: Any = self
+        ref: Any = RunConfig()
+        for part in path:
+            obj, ref = getattr(obj, part), getattr(ref, part)
+        return key in self.given or getattr(obj, name) != getattr(ref, name)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) for YAML/JSON."""
@@ -189,7 +228,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RunConfig:
         """Build from a nested dict; unknown keys are an error naming the key."""
-        return _from_dict(cls, d or {}, "")
+        cfg = _from_dict(cls, d or {}, "")
+        cfg.given = set(_leaf_paths(d or {}))
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -206,6 +247,14 @@ class RunConfig:
         return cls.from_dict(d)
 
 
+def _leaf_paths(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted leaf keys of a nested config dict (``data.augment.flip``)."""
+    out = []
+    for k, v in d.items():
+        out += _leaf_paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
@@ -215,7 +264,8 @@ def _plain(x: Any) -> Any:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of the dataclass ``cls`` (cached)."""
     return typing.get_type_hints(cls)
 
 
@@ -224,7 +274,7 @@ RETIRED_KEYS = {"postprocess.min_distance": "watershed markers now use postproce
 
 
 def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    hints = _hints(cls)
+    hints = type_hints(cls)
     names = {f.name for f in fields(cls)}
     retired = [k for k in d if f"{prefix}{k}" in RETIRED_KEYS]
     for k in retired:
@@ -319,11 +369,11 @@ def leaf_keys() -> dict[str, tuple[str, str, Any, Any]]:
     for sec in fields(RunConfig):
         sec_obj = getattr(root, sec.name)
         for f in fields(sec_obj):
-            t = _hints(type(sec_obj))[f.name]
+            t = type_hints(type(sec_obj))[f.name]
             if is_dataclass(t):
                 sub = getattr(sec_obj, f.name)
                 for g in fields(sub):
-                    out[f"aug_{g.name}"] = (f"{sec.name}.{f.name}", g.name, _hints(type(sub))[g.name],
+                    out[f"aug_{g.name}"] = (f"{sec.name}.{f.name}", g.name, type_hints(type(sub))[g.name],
                                             getattr(sub, g.name))
                 continue
             if f.name in out:
@@ -334,7 +384,9 @@ def leaf_keys() -> dict[str, tuple[str, str, Any, Any]]:
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Return a copy of ``cfg`` with leaf keys (``lr``, ``train.lr`` or ``data.augment.flip``) replaced."""
+    given = set(cfg.given)
     cfg = RunConfig.from_dict(cfg.to_dict())
+    cfg.given = given
     leaves = leaf_keys()
     for key, value in overrides.items():
         if "." in key:
@@ -350,93 +402,6 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             obj = getattr(obj, p)
         if not dataclasses.is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
             raise UnetlabError(f"unknown config key '{key}'")
-        setattr(obj, name, coerce(value, _hints(type(obj))[name], key))
+        setattr(obj, name, coerce(value, type_hints(type(obj))[name], key))
+        given.add(".".join([*path, name]))
     return cfg
-
-
-# --- command-line flags built from the dataclasses (one builder for train, augment-preview, predict) ---
-
-CONFIG_SECTIONS = {"data": "data", "model": "model", "train": "training", "postprocess": "post-processing"}
-
-
-@functools.cache
-def field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field of the dataclass ``cls`` (its command-line help)."""
-    import inspect
-
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
-    return {m.group(1): m.group(2) for m in map(pattern.match, source.splitlines()) if m}
-
-
-def _section_class(section: str) -> type:
-    obj: Any = RunConfig
-    for part in section.split("."):
-        obj = _hints(obj)[part]
-    return obj
-
-
-def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: str | None = None) -> None:
-    """One flag per config leaf (``--lr``, ``--patch-size``, ``--aug-elastic`` ...) of section ``only``
-    (default: all), except ``skip``; only given flags override (see :func:`config_overrides`)."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, (section, _field, typ, default) in leaf_keys().items():
-        if name in skip or (only is not None and section != only):
-            continue
-        sec = section.split(".")[0]
-        g = groups.get(section)
-        if g is None:
-            title = "augmentation" if section.endswith("augment") else CONFIG_SECTIONS.get(sec, sec)
-            g = groups[section] = p.add_argument_group(f"{title} options (config '{section}')")
-        flag = "--" + name.replace("_", "-")
-        shown = default if not isinstance(default, (list, tuple)) else ",".join(map(str, default))
-        note = field_comments(_section_class(section)).get(_field, "")
-        text = f"{note} (default {shown})" if note else f"(default {shown})"
-        text = text.replace("%", "%%")
-        if typ is bool:
-            g.add_argument(flag, dest=f"cfg__{name}", nargs="?", const="true", default=argparse.SUPPRESS,
-                           metavar="BOOL", help=text)
-        else:
-            g.add_argument(flag, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="V", help=text)
-
-
-def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The leaf overrides given on the command line through :func:`add_config_flags` (``{"lr": "1e-3"}``)."""
-    return {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__")}
-
-
-def add_dataclass_flags(p: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of the dataclass ``cls``, with the type, default, choices and help of the field and
-    its metadata (``help``, and optionally ``flag`` (None: no flag), ``choices``, ``metavar``, ``cli_type``,
-    ``cli_default``); a field whose command-line default is False becomes a switch."""
-    hints = _hints(cls)
-    for f in fields(cls):
-        meta = f.metadata
-        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        if flag is None:
-            continue
-        default = meta.get("cli_default", f.default)
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"]}
-        if default is False:
-            kw["action"] = "store_true"
-        else:
-            typ = meta.get("cli_type") or next(a for a in (*typing.get_args(hints[f.name]), hints[f.name])
-                                               if a is not type(None))
-            if typ in (int, float):
-                kw["type"] = typ
-            kw.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
-        p.add_argument(flag, **kw)
-
-
-def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
-    """An instance of ``cls`` from the flags :func:`add_dataclass_flags` declared, each value passed through
-    its field's ``from_cli`` converter when it has one."""
-    values = {}
-    for f in fields(cls):
-        if f.name in vars(args) and f.metadata.get("flag", "") is not None:
-            convert = f.metadata.get("from_cli")
-            values[f.name] = convert(getattr(args, f.name)) if convert else getattr(args, f.name)
-    return cls(**values)

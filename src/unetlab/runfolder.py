@@ -17,20 +17,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .config import ModelConfig, RunConfig
 from .errors import UnetlabError
 from .files import write_bytes, write_text
-from .models import build_model
+
+if TYPE_CHECKING:  # torch is imported where checkpoints are read or written: `unetlab models` reads cards only
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def checkpoint_path(run_dir: Path, which: str = "last") -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (tensors, numbers, strings, lists and dicts only) atomically and flushed to disk."""
+    import torch
+
     state = {"format": CHECKPOINT_FORMAT, "unetlab_version": __version__, **state}
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -56,6 +59,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     A missing, damaged or foreign file is a one-line error naming it; a file that would need arbitrary Python
     objects to load (a pickle that could run code) is refused, never executed.
     """
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise UnetlabError("checkpoint not found", path)
@@ -87,6 +92,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: Path) -> None:
     """Load ``weights`` into ``model`` strictly; a checkpoint of another architecture is one line saying how."""
+    import torch
+
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UnetlabError("not a unetlab checkpoint (its model entry is not a set of weights)", path)
     mine = model.state_dict()
@@ -214,26 +221,49 @@ def format_pretrained_table(cards: list[dict]) -> str:
 
 
 def is_pretrained(model: str | Path) -> bool:
-    """True when ``model`` names a shipped pretrained model rather than an existing folder."""
-    return not Path(model).exists() and str(model) in pretrained_names()
+    """True when ``model`` names a shipped pretrained model rather than a run folder (a folder of that name
+    that is no run, such as a data folder ``nuclei/``, does not hide the model)."""
+    return not (Path(model) / "config.yaml").is_file() and str(model) in pretrained_names()
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The run folder that holds ``path`` (``RUN/checkpoints/best.pt``, ``RUN/checkpoints``), if any."""
+    for parent in list(path.absolute().parents)[:3]:
+        if (parent / "config.yaml").is_file() and (parent / "model.json").is_file():
+            return parent if path.is_absolute() else Path(os.path.relpath(parent))
+    return None
 
 
 def resolve_run_dir(model: str | Path) -> Path:
-    """The run folder ``model`` stands for: an existing folder, or a pretrained model's name (``nuclei``)."""
+    """The run folder ``model`` stands for: a folder with ``config.yaml``, or a pretrained model's name
+    (``nuclei``); anything else is one line, suggesting the run folder of a file inside one."""
     path = Path(model)
-    if path.is_dir():
+    if (path / "config.yaml").is_file():
         return path
     if is_pretrained(model):
         return PRETRAINED_DIR / str(model)
+    run = _enclosing_run(path)
+    if path.exists() or run is not None:
+        why = f"{path} is not a run folder (no config.yaml)" if path.exists() else f"{path} not found"
+        raise UnetlabError(f"{why}; did you mean {run}?" if run else why,
+                           hint=None if run else "give a folder written by `unetlab train`")
     names = pretrained_names()
     hint = f"give a run folder written by `unetlab train` or a pretrained model: {', '.join(names)}" if names \
         else "give a run folder written by `unetlab train`"
     raise UnetlabError("run folder not found", path, hint=hint)
 
 
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The ``config.yaml`` of a run folder (or pretrained model); not a run folder is one line (see
+    :func:`resolve_run_dir`)."""
+    return RunConfig.load(resolve_run_dir(run_dir) / "config.yaml")
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> Run:
     """Load a run folder or a pretrained model by name (weights from ``checkpoints/best.pt``, falling back to
     ``last.pt``), model in eval mode."""
+    from .models import build_model
+
     run_dir = resolve_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.yaml")
     info = read_model_info(run_dir / "model.json")

@@ -205,7 +205,8 @@ def write_image(path: str | Path, array: np.ndarray, compress: bool = True, desc
             import tifffile
 
             extra = {} if description is None else {"description": description, "metadata": None}
-            tifffile.imwrite(tmp, arr, compression="zlib" if compress else None, **extra)
+            # channels (classes, probabilities) are not colours: one grey plane each, never RGB
+            tifffile.imwrite(tmp, arr, photometric="minisblack", compression="zlib" if compress else None, **extra)
         else:
             from PIL import Image
 

@@ -3,7 +3,7 @@
 Each field carries its command-line help in its metadata (``help``, and where the flag differs from the
 field: ``flag``, ``choices``, ``metavar``, ``cli_type``, ``cli_default``, ``from_cli``); ``flag=None`` marks a
 setting of the Python API only. The CLI builds its predict flags from these fields with
-:func:`unetlab.config.add_dataclass_flags`, so the flags and the options cannot drift apart.
+:func:`unetlab.flags.add_dataclass_flags`, so the flags and the options cannot drift apart.
 """
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ class PredictOptions:
         "on, e.g. channel 0 of an RGB image for the nuclei model)", metavar="C[,C...]", cli_type=str,
         from_cli=_channel_list)
     probabilities: bool = _opt(False, "also write float32 probability TIFFs")
-    instances: bool = _opt(False, "write instance labels, counts and measurements")
+    instances: bool = _opt(False, "also write instance labels (labels/NAME.tif), one row per object with its "
+                           "measurements (objects.csv), counts per image (counts.csv) and outline overlays "
+                           "(overlays/NAME.png)")
     ome_zarr: bool = _opt(False, "also write the instance labels as OME-Zarr (labels/NAME.ome.zarr, NGFF 0.4 with "
                           "the input's pixel size), beside the TIFF")
-    overlays: bool = _opt(False, "write outline overlay PNGs")
+    overlays: bool = _opt(False, "write outline overlay PNGs (overlays/NAME.png; --instances writes them too)")
     tta: bool = _opt(False, "average the 8 flips/rotations (either backend)")
     rle: str | Path | None = _opt(None, "write a Kaggle run-length submission CSV", metavar="CSV")
     rle_style: str = _opt("dsb", "run-length CSV style: dsb (ImageId,EncodedPixels) or sartorius "

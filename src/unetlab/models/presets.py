@@ -201,24 +201,29 @@ def _preset_receptive_field(name: str, model: nn.Module) -> int:
     return _RF_CACHE[name]
 
 
+# (parameters, receptive field in px) of each preset at its canonical channels, as count_parameters and
+# receptive_field measure them (tests/test_cli_models.py checks that they still do): `unetlab models` then builds
+# and probes no network (seconds each); a preset missing here is measured
+PRESET_FACTS = {"unet": (7_851_969, 236), "unet-paper": (31_030_658, 204), "unet-paper-same": (31_030_658, 204),
+                "unet-slim": (4_418_449, 236), "resnet34-unet": (24_351_921, 1027)}
+
+
+def measure_preset(name: str) -> tuple[int, int]:
+    """(parameters, receptive field) of preset ``name`` at its canonical channels, measured."""
+    cin, cout = CANONICAL_CHANNELS.get(name, (1, 1))
+    with torch.device("meta"):  # count without allocating or initialising the weights
+        model = PRESETS[name].builder(ModelConfig(preset=name, in_channels=cin, out_channels=cout))
+    return count_parameters(model), _preset_receptive_field(name, model)
+
+
 def list_presets() -> list[dict]:
     """One dict per preset: name, in/out channels counted, parameter count, receptive field, description."""
     out = []
     for name, preset in PRESETS.items():
         cin, cout = CANONICAL_CHANNELS.get(name, (1, 1))
-        cfg = ModelConfig(preset=name, in_channels=cin, out_channels=cout)
-        with torch.device("meta"):  # count without allocating or initialising the weights
-            model = preset.builder(cfg)
-        out.append(
-            {
-                "name": name,
-                "in_channels": cin,
-                "out_channels": cout,
-                "parameters": count_parameters(model),
-                "receptive_field": _preset_receptive_field(name, model),
-                "description": preset.description,
-            }
-        )
+        parameters, field = PRESET_FACTS.get(name) or measure_preset(name)
+        out.append({"name": name, "in_channels": cin, "out_channels": cout, "parameters": parameters,
+                    "receptive_field": field, "description": preset.description})
     return out
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .. import distributed as D
 from .._version import __version__
-from ..config import RunConfig
+from ..config import DataConfig, RunConfig
 from ..data.channels import channels_out
 from ..data.dataset import (
     EpochSampler,
@@ -35,7 +35,7 @@ from ..data.split import hold_out_test, save_split, split_samples
 from ..data.targets import INSTANCE_KINDS, target_channels
 from ..errors import UnetlabError
 from ..files import remove_stale_temporaries
-from ..runfolder import checkpoint_path
+from ..runfolder import Run, checkpoint_path, load_run
 from .losses import build_loss, distance_loss, flow_loss
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
         raise UnetlabError(f"--size-normalize needs an instance target ({', '.join(INSTANCE_KINDS)}), not "
                            f"--target {cfg.data.target}", hint="only these targets' objects can be measured "
                            "again at prediction, where --diameter auto rescales each image")
+    start = take_from_init(cfg) if cfg.train.init and not resume else None
     data = load_from_config(cfg.data)
     bad: list[str] = []
     if data.problems:
@@ -157,7 +158,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
         "layout": data.layout,
         "unetlab_version": __version__,
     }
-    init = initial_weights(cfg, info) if cfg.train.init and not resume else None
+    init = initial_weights(cfg, info, start) if start is not None else None
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch))
     if init is not None:
         model.load_state_dict(init)
@@ -165,18 +166,67 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     return Setup(cfg, info, train_s, val_s, model, patch_in, bad, test_s)
 
 
-def initial_weights(cfg: RunConfig, info: dict) -> dict:
-    """Weights of the run or pretrained model ``train.init`` for fine-tuning; its network replaces
-    ``cfg.model`` (so the weights fit), and its channels and target must match this run's."""
-    from ..runfolder import load_run
+# what a fine-tune takes from the model it starts from unless the user set it: the channels it was trained on
+# (both keys, or neither), the target and classes it predicts, and the normalisation of its inputs
+INIT_INPUT_KEYS = ("channels", "channel_code")
+INIT_OUTPUT_KEYS = ("target", "classes")
+INIT_ADOPTED_KEYS = ("normalization", "norm_low", "norm_high")
 
-    start = load_run(cfg.train.init)
-    for key in ("in_channels", "out_channels", "target"):
+
+def _flag(key: str, value: object) -> str:
+    """``--channels 0,2`` as the command line writes the setting ``key`` = ``value``."""
+    shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    return f"--{key.replace('_', '-')} {shown}"
+
+
+def _channels_text(n: int, data: DataConfig) -> str:
+    """``1 channel (channel 0)``: what ``n`` input channels made by ``data``'s selection are."""
+    how = (f"channel code {data.channel_code}" if data.channel_code else
+           f"channel{'s' * (len(data.channels) > 1)} {','.join(map(str, data.channels))}" if data.channels
+           else "all of the image's channels")
+    return f"{n} channel{'s' * (n != 1)} ({how})"
+
+
+def take_from_init(cfg: RunConfig) -> Run:
+    """Load the run or pretrained model ``train.init`` and take its channels, target, classes and normalisation
+    into ``cfg.data`` wherever the user did not set them; a target or classes set otherwise is a one-line error
+    naming the fix."""
+    start, name = load_run(cfg.train.init), cfg.train.init
+    theirs = start.config.data
+    for key in INIT_OUTPUT_KEYS:
+        mine = getattr(cfg.data, key)
+        if cfg.set_by_user(f"data.{key}") and mine != getattr(theirs, key):
+            raise UnetlabError(
+                f"--init {name} was trained with {_flag(key, getattr(theirs, key))}; drop {_flag(key, mine)} (a "
+                f"fine-tune predicts what its model predicts) or train without --init")
+    keys = INIT_OUTPUT_KEYS + INIT_ADOPTED_KEYS
+    if not any(cfg.set_by_user(f"data.{k}") for k in INIT_INPUT_KEYS):
+        keys += INIT_INPUT_KEYS
+    taken = [k for k in keys if not cfg.set_by_user(f"data.{k}") and getattr(theirs, k) != getattr(cfg.data, k)]
+    for key in taken:
+        setattr(cfg.data, key, getattr(theirs, key))
+    if taken:
+        log.info("--init %s: taking %s from it", name, " ".join(_flag(k, getattr(theirs, k)) for k in taken))
+    return start
+
+
+def initial_weights(cfg: RunConfig, info: dict, start: Run | None = None) -> dict:
+    """Weights of the run or pretrained model ``train.init`` (``start`` when already loaded) for fine-tuning;
+    its network replaces ``cfg.model`` (so the weights fit), and its channels and target must match this run's."""
+    start = start if start is not None else load_run(cfg.train.init)
+    name, want = cfg.train.init, start.info.get("in_channels")
+    if want != info["in_channels"]:
+        fix = (f"drop {' '.join(_flag(k, getattr(cfg.data, k)) for k in INIT_INPUT_KEYS if getattr(cfg.data, k))} "
+               f"or choose {want}" if cfg.data.channels or cfg.data.channel_code else f"choose {want} with --channels")
+        raise UnetlabError(f"--init {name} was trained on {_channels_text(want, start.config.data)}; this run "
+                           f"gives it {_channels_text(info['in_channels'], cfg.data)}: {fix}, e.g. --channels "
+                           f"{','.join(map(str, start.config.data.channels or range(want)))}")
+    for key in ("out_channels", "target"):
         if start.info.get(key) != info[key]:
-            raise UnetlabError(f"--init model has {key} {start.info.get(key)!r} but this run needs {info[key]!r}",
-                               start.path, hint="fine-tune a model trained for the same channels and target")
+            raise UnetlabError(f"--init {name} has {key} {start.info.get(key)!r} but this run needs {info[key]!r}",
+                               start.path, hint="fine-tune a model trained for the same target and classes")
     if start.config.model != cfg.model:
-        log.info("--init %s: training its network (%s) from its weights", cfg.train.init, start.config.model.preset)
+        log.info("--init %s: training its network (%s) from its weights", name, start.config.model.preset)
     cfg.model = replace(start.config.model)
     return start.model.state_dict()
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
+from ..models.geometry import model_geometry
 
 PredictFn = Callable[[np.ndarray], torch.Tensor]  # (B, C, Ti, Ti) float32 -> (B, K, To, To) probabilities
 
@@ -77,6 +80,14 @@ def plan_axis(
     step = min(step, max(align, core // align * align))
     count = 1 if core >= n else math.ceil((n - core) / step) + 1
     return AxisPlan(ti, to, (ti - to) // 2, margin, step, count)
+
+
+def model_tiling(model: nn.Module, tile: int, overlap: float, margin: int = 0) -> dict:
+    """Keyword arguments of :func:`iter_tile_rows`, :func:`tile_predict` and :func:`count_tiles` for ``model``:
+    tiles aligned to its size multiple and sized by its own size rules (:func:`unetlab.models.model_geometry`)."""
+    g = model_geometry(model)
+    return dict(tile=tile, overlap=overlap, align=g.size_multiple, margin=margin, output_size=g.output_size,
+                valid_input_size=g.valid_input_size)
 
 
 def gaussian_weights(h: int, w: int, sigma_scale: float = 0.125, floor: float = 1e-3) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UnetlabError
+from ...errors import ErrorKind, Problem, UnetlabError
 from ..io import is_image_file
 from ..rle import read_rle_table, rle_convention, rles_to_labels
 from ..sample import DatasetInfo, Sample
@@ -92,7 +92,7 @@ def rle_labels(rles: tuple[str, ...], shape: tuple[int, int] | None, image: Path
     try:
         return rles_to_labels(list(rles), shape, order, skip_empty=True)
     except UnetlabError as exc:
-        raise UnetlabError(f"bad run-length mask for {image.stem}: {exc}", image) from None
+        raise UnetlabError(f"bad run-length mask for {image.stem}: {exc}", image, kind=ErrorKind.UNREADABLE) from None
 
 
 def load(root: Path, csv_file: str | None = None, image_dir: str | None = None, rle_order: str | None = None,
@@ -112,7 +112,8 @@ def load(root: Path, csv_file: str | None = None, image_dir: str | None = None, 
     for key in sorted(rles):
         image = images.get(key)
         if image is None:
-            problems.append(f"{path}: image id {key} has masks but no image file (looked beside the CSV)")
+            problems.append(Problem(f"{path}: image id {key} has masks but no image file (looked beside the CSV)",
+                                    ErrorKind.UNPAIRED))
             continue
         samples.append(
             Sample(

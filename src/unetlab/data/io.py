@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +220,3 @@ def write_image(path: str | Path, array: np.ndarray, compress: bool = True, desc
             Image.fromarray(a).save(tmp, format=fmt)
 
     return write_atomic(path, _write)
-
-
-def find_by_stem(files: Iterable[Path]) -> dict[str, Path]:
-    """Map file stem -> path (first wins)."""
-    out: dict[str, Path] = {}
-    for f in files:
-        out.setdefault(f.stem, f)
-    return out

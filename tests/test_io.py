@@ -154,3 +154,19 @@ def test_palette_png_check_by_pil_agrees_with_the_old_header_parser(tmp_path):
         with pytest.raises(UnetlabError) as e:
             read_mask_raw(tmp_path / name)
         assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ome_xml_is_parsed_as_xml_not_by_pattern():
+    """Namespace prefixes, single-quoted attributes, commas in names, a second image: what an XML parser reads."""
+    from unetlab.data.ome import _ome_xml_pixels
+
+    xml = ("<?xml version='1.0'?><ome:OME xmlns:ome='http://www.openmicroscopy.org/Schemas/OME/2016-06'>"
+           "<ome:Image ID='Image:0'><ome:Pixels ID='Pixels:0' PhysicalSizeX='0.5' PhysicalSizeY='250' "
+           "PhysicalSizeYUnit='nm' SizeX='8' SizeY='8' SizeC='2'>"
+           "<ome:Channel ID='Channel:0:0' Name='DAPI, nuclei'/><ome:Channel ID='Channel:0:1' Name='GFP'/>"
+           "</ome:Pixels></ome:Image><ome:Image ID='Image:1'><ome:Pixels ID='Pixels:1' PhysicalSizeX='9' "
+           "PhysicalSizeY='9'><ome:Channel ID='Channel:1:0' Name='other image'/></ome:Pixels></ome:Image>"
+           "</ome:OME>")
+    size, names = _ome_xml_pixels(xml)
+    assert names == ["DAPI, nuclei", "GFP"]
+    assert size == pytest.approx((0.25, 0.5))

@@ -76,3 +76,20 @@ def test_valid_padding_overlap_tile_gives_full_size_mask():
     padded = read_window(img, -shrink, ti, -shrink, tj)
     ref = fn(padded[None])[0][:, :150, :97]
     np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=1e-4)
+
+
+def test_a_valid_padding_tile_narrower_than_a_step_grows_instead_of_leaving_gaps():
+    """A depth-4 valid U-Net returns 4 px for its smallest input: with a small --tile the old plan stepped 16 px
+    past a 4 px core (gaps between tiles) and prediction failed; now the tile grows until its core covers a step."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(preset="unet", in_channels=1, out_channels=1, depth=4, base_width=2,
+                                  padding="valid")).eval()
+    geometry = dict(output_size=net.output_size, valid_input_size=net.valid_input_size)
+    p = plan_axis(100, tile=64, overlap=0.25, align=16, **geometry)
+    assert p.count > 1 and p.step % 16 == 0 and p.step <= p.core
+    fn = make_predict_fn(net, "sigmoid", torch.device("cpu"), "fp32")
+    img = np.random.default_rng(2).random((1, 100, 90)).astype(np.float32)
+    small = tile_predict(fn, img, 1, tile=64, overlap=0.25, align=16, **geometry)
+    one = tile_predict(fn, img, 1, tile=512, overlap=0.25, align=16, **geometry)  # one tile: the reference
+    assert small.shape == one.shape == (1, 100, 90)
+    np.testing.assert_allclose(small.numpy(), one.numpy(), atol=1e-5)

@@ -43,11 +43,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    """True when torchrun (or a compatible launcher) set WORLD_SIZE/RANK for this process."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def _env_int(name: str, default: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None:

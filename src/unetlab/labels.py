@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import UnetlabError
+from .errors import ErrorKind, UnetlabError
 
 
 def is_binary(mask: np.ndarray) -> bool:
@@ -89,5 +89,6 @@ def mask_to_labels(arr: np.ndarray, path: str | Path | None = None) -> np.ndarra
         why = suspicious_mask_values(values, counts)
         if why:
             raise UnetlabError(f"mask values fit no mask mode: {why}", path,
-                               "save masks as PNG or TIFF, or threshold them: value > half the maximum = object")
+                               "save masks as PNG or TIFF, or threshold them: value > half the maximum = object",
+                               ErrorKind.MASK_VALUES)
     return np.asarray(arr).astype(np.int32)

@@ -139,3 +139,58 @@ def test_cli_exit_codes_and_json(tmp_path):
     first = out.getvalue().splitlines()[0]
     assert "unpaired" in first and "Fix:" in first
     assert main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_empty_image_and_mask_folders_are_one_problem_and_exit_2(tmp_path, capsys):
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    d = inspect_dataset(root, progress=False)
+    assert _kinds(d) == ["no_pairs"] and d["n_pairs"] == 0
+    text = format_report(d)
+    assert "no_pairs" in text.splitlines()[0] and "Fix:" in text.splitlines()[0]
+    assert "no image with a mask found" in text and "problems     1" in text
+    assert "sizes" not in text and "dtypes" not in text  # nothing read: no empty fields
+    assert main(["inspect", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no image with a mask found" in err[0]
+
+
+def test_only_unpaired_images_also_say_nothing_pairs(tmp_path):
+    root = tmp_path / "ds"
+    _png(root / "images" / "a.png", np.zeros((H, W)))
+    (root / "masks").mkdir()
+    d = inspect_dataset(root, progress=False)
+    assert sorted(_kinds(d)) == ["no_pairs", "unpaired"] and d["n_images"] == 1
+
+
+def test_problem_kinds_come_from_the_error_not_its_wording():
+    """Errors are classified by the kind set where they are raised: rewording a message changes nothing."""
+    from unetlab.data.inspect import _kind
+    from unetlab.errors import ErrorKind, UnetlabError
+
+    assert _kind(UnetlabError("sizes disagree (reworded)", "m.png", kind=ErrorKind.SHAPE)) == "shape"
+    assert _kind(UnetlabError("odd numbers in the mask", "m.png", kind=ErrorKind.MASK_VALUES)) == "mask_values"
+    # the words the old classifier looked for do not make a kind
+    assert _kind(UnetlabError("mask is 3x3, others are fractional", "m.png")) == "unreadable"
+
+
+def test_a_fractional_tiff_mask_is_a_mask_values_problem(tmp_path):
+    import tifffile
+
+    root = _good(tmp_path / "ds", n=2)
+    (root / "masks" / "im1.png").unlink()
+    m = np.zeros((H, W), np.float32)
+    m[2:6, 2:6] = 1.5
+    tifffile.imwrite(root / "masks" / "im1.tif", m)
+    assert _kinds(inspect_dataset(root, progress=False)) == ["mask_values"]
+
+
+def test_problem_lines_keep_their_kind_through_pickling():
+    import pickle
+
+    from unetlab.data.layouts.common import image_without_mask
+    from unetlab.errors import ErrorKind
+
+    p = pickle.loads(pickle.dumps(image_without_mask(Path("a.png"), "masks")))
+    assert p.kind is ErrorKind.UNPAIRED and p.image == Path("a.png") and p.startswith("a.png: image without")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unetlab.data.rle import labels_to_rles, rle_decode, rle_encode, rles_to_labels
-from unetlab.errors import UnetlabError
+from unetlab.errors import ErrorKind, UnetlabError
 
 
 @pytest.mark.parametrize("order", ["F", "C"])
@@ -56,5 +56,36 @@ def test_one_table_of_conventions_for_writing_and_reading(tmp_path):
     for style, (id_col, rle_col, order) in RLE_STYLES.items():
         path = writers.write_rle_csv(tmp_path / f"{style}.csv", [("img", lab)], style=style)
         assert path.read_text().splitlines()[0] == f"{id_col},{rle_col}"
-        rles, _sizes, got_order = read_rle_table(path)
+        rles, _sizes, got_order, _ = read_rle_table(path)
         assert got_order == order and np.array_equal(rles_to_labels(rles["img"], lab.shape, order) > 0, lab > 0)
+
+
+def test_the_layout_evaluation_and_writers_decode_a_csv_alike(tmp_path):
+    """One decoding of run-length CSVs: the rle_csv layout, `evaluate` and the writers' reader give the same
+    labels, and the same one-line error (CSV and image id named) for a run outside the image."""
+    from PIL import Image
+
+    from unetlab.data.layouts import load_dataset
+    from unetlab.evaluation.evaluate import _csv_source
+    from unetlab.inference.writers import rle_csv_labels
+
+    lab = np.zeros((6, 5), np.int32)
+    lab[0:2, 0:2], lab[3:5, 2:5] = 1, 2
+    rows = [f"a,{r},6,5" for r in labels_to_rles(lab)]
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("ImageId,EncodedPixels,Height,Width\n" + "\n".join(rows) + "\n")
+    (tmp_path / "images").mkdir()
+    for key in ("a", "b"):
+        Image.fromarray(np.zeros((6, 5), np.uint8)).save(tmp_path / "images" / f"{key}.png")
+    via = {"layout": load_dataset(tmp_path, "rle_csv").samples[0].load_mask(),
+           "evaluate": _csv_source(csv_path).loaders["a"](), "writers": rle_csv_labels(csv_path)["a"]}
+    for got in via.values():
+        np.testing.assert_array_equal(got, lab)
+    with open(csv_path, "a") as fh:
+        fh.write("b,1 2,6,5\nb,29 9,6,5\n")  # the second run ends past the 30 pixels
+    samples = {s.name: s for s in load_dataset(tmp_path, "rle_csv").samples}
+    loaders = _csv_source(csv_path).loaders
+    for decode in (samples["b"].load_mask, loaders["b"], lambda: rle_csv_labels(csv_path)):
+        with pytest.raises(UnetlabError, match=r"train.csv: bad run-length mask for image id b: .*outside") as err:
+            decode()
+        assert err.value.kind is ErrorKind.UNREADABLE

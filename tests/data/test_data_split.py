@@ -144,3 +144,25 @@ def test_test_split_by_pattern_and_groups_and_through_a_saved_split(tmp_path):
     assert [s.name for s in test2] == [s.name for s in test]
     assert not ({s.name for s in train2} & {s.name for s in test2})
     assert [s.name for s in val2] == [s.name for s in val]
+
+
+@pytest.mark.parametrize("key,flag", [("val", "--val"), ("test", "--test")])
+def test_a_bad_regex_names_its_flag_and_pattern(key, flag):
+    from unetlab.data.split import hold_out_test
+
+    cfg = DataConfig(**{key: "re:("})
+    with pytest.raises(UnetlabError) as err:
+        split_samples(_info(), cfg) if key == "val" else hold_out_test(_info().samples, cfg)
+    text = str(err.value)
+    assert text.startswith(f"{flag} 're:(' is not a valid regular expression") and "\n" not in text
+    assert "val pattern" not in text or key == "val"
+
+
+def test_a_bad_include_regex_is_one_line_naming_include(tmp_path, synthetic_cells, capsys):
+    from unetlab.cli import main
+
+    code = main(["train", "--data", str(synthetic_cells), "--out", str(tmp_path / "run"), "--include", "re:("])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--include 're:(' is not a valid regular expression" in err[0] and "internal error" not in err[0]
+    assert not (tmp_path / "run").exists()

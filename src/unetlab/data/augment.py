@@ -272,13 +272,6 @@ def _call_augment(
     return apply_augment(image, targets, rng, cfg)
 
 
-def is_identity(cfg: AugmentConfig) -> bool:
-    """True when every augmentation probability is 0."""
-    probs = (cfg.flip, cfg.rotate90, cfg.affine, cfg.elastic, cfg.brightness, cfg.contrast, cfg.gamma,
-             cfg.noise, cfg.blur)
-    return all(p <= 0 for p in probs)
-
-
 # --- preview ------------------------------------------------------------------------------------------------
 
 

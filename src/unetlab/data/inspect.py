@@ -3,9 +3,9 @@
 :func:`inspect_dataset` reads every image and mask once and returns a plain dict (JSON-ready): the layout,
 counts of images, pairs, groups, classes and objects, image sizes, dtypes and channels, foreground fractions,
 negative controls (empty masks: valid data, only noted) and the hard problems, each with a kind:
-``unpaired``, ``unreadable``, ``shape`` (mask and image sizes differ) and ``mask_values`` (e.g. JPEG artefacts
-in a binary mask). :func:`format_report` turns the dict into text whose first line, when there are problems,
-says how to fix the most common kind.
+``unpaired``, ``unreadable``, ``shape`` (mask and image sizes differ), ``mask_values`` (e.g. JPEG artefacts
+in a binary mask) and ``no_pairs`` (nothing to train on). :func:`format_report` turns the dict into text whose
+first line, when there are problems, says how to fix the most common kind.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UnetlabError
+from ..errors import ErrorKind, UnetlabError, kind_of
 from ..labels import instance_labels, suspicious_mask_values
 from .io import read_image
 from .layouts import load_dataset
@@ -38,25 +38,19 @@ FIXES = {
     "empty": "every mask is empty: masks must mark objects with non-zero values (check the mask folder, or "
     "--invert-mask if they mark the background)",
     "channels": "all images need the same number of channels: convert the odd ones, or move them out",
+    "no_pairs": "put the images in images/ and their masks, with the same file names, in masks/ (or see "
+    "`unetlab inspect --help` for the other layouts)",
     "other": "see the problems listed below",
 }
 
 
-def _kind_of_layout_problem(text: str) -> str:
-    if "without a mask" in text or "without an image" in text or "no image file" in text or "no image named" in text:
-        return "unpaired"
-    if "cannot read" in text or "0 bytes" in text or "not found" in text:
-        return "unreadable"
-    return "other"
-
-
-def _kind_of_error(exc: UnetlabError) -> str:
-    text = str(exc)
-    if "mask value" in text or "fractional" in text or "negative values" in text or "NaN" in text:
-        return "mask_values"
-    if " is " in text and "others are" in text:
-        return "shape"
-    return "unreadable"
+def _kind(problem: str | UnetlabError) -> str:
+    """The report's kind of a layout problem line or a mask's read error: its :class:`ErrorKind`, never its
+    wording; a mask that fails for no known reason counts as unreadable."""
+    kind = kind_of(problem)
+    if kind is ErrorKind.OTHER and isinstance(problem, UnetlabError):
+        return ErrorKind.UNREADABLE.value
+    return kind.value
 
 
 def _histogram(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +73,7 @@ class _Collector:
     def __init__(self, info: DatasetInfo) -> None:
         self.info = info
         self.problems: list[dict[str, str]] = [
-            {"kind": _kind_of_layout_problem(p), "message": p} for p in info.problems
+            {"kind": _kind(p), "message": str(p)} for p in info.problems
         ]
         self.sizes: Counter[str] = Counter()
         self.dtypes: Counter[str] = Counter()
@@ -165,7 +159,7 @@ class _Collector:
         try:
             labels = sample.load_mask()
         except UnetlabError as exc:
-            self.problem(_kind_of_error(exc), str(exc))
+            self.problem(_kind(exc), str(exc))
             return
         if labels.shape != shape:
             where = sample.mask_paths[0] if sample.mask_paths else sample.image
@@ -229,9 +223,11 @@ def inspect_dataset(root: str | Path, layout: str | None = None, progress: bool 
             if c != usual:
                 for f in files:
                     col.problem("channels", f"{f}: image has {c} channel(s), most images have {usual}")
+    if not info.samples:  # nothing to train on is a problem, also when no file is out of place
+        col.problem("no_pairs", f"{info.root}: no image with a mask found ({info.layout} layout)")
     if col.foreground and not any(col.foreground):
         col.problem("empty", f"{info.root}: all {len(col.foreground)} masks are empty (no foreground pixels)")
-    n_unpaired_images = sum(1 for p in info.problems if "image without a mask" in p)
+    n_unpaired_images = sum(1 for p in info.problems if getattr(p, "image", None) is not None)
     counts: Counter[str] = Counter(p["kind"] for p in col.problems)
     fix = None
     if col.problems:
@@ -301,8 +297,9 @@ def format_report(d: dict[str, Any]) -> str:
     if d.get("overlap_pixels"):
         lines.append(f"overlaps     {d['overlap_pixels']} pixels in {d['overlap_images']} images belong to two "
                      "masks (resolved deterministically, see notes)")
-    lines.append(f"sizes        {_fmt_counter(d['image_sizes'])}")
-    lines.append(f"dtypes       {_fmt_counter(d['dtypes'])}; channels {_fmt_counter(d['channels'])}")
+    if d["image_sizes"]:  # nothing to describe when no image was read
+        lines.append(f"sizes        {_fmt_counter(d['image_sizes'])}")
+        lines.append(f"dtypes       {_fmt_counter(d['dtypes'])}; channels {_fmt_counter(d['channels'])}")
     if d.get("foreground"):
         f = d["foreground"]
         lines.append(f"foreground   mean {100 * f['mean']:.1f}%, median {100 * f['median']:.1f}%, "

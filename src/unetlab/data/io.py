@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UnetlabError
+from ..errors import ErrorKind, UnetlabError
 from ..files import write_atomic
 from .ome import is_ome_tiff, is_zarr_path, open_zarr_image, read_ome_tiff
 
@@ -41,11 +40,11 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def _read_raw(path: Path) -> np.ndarray:
     if not path.exists():
-        raise UnetlabError("file not found", path)
+        raise UnetlabError("file not found", path, kind=ErrorKind.UNREADABLE)
     if is_zarr_path(path):
         return open_zarr_image(path).read()
     if path.stat().st_size == 0:
-        raise UnetlabError("file is empty (0 bytes)", path, READ_HINT)
+        raise UnetlabError("file is empty (0 bytes)", path, READ_HINT, ErrorKind.UNREADABLE)
     try:
         if is_ome_tiff(path):
             arr = read_ome_tiff(path)
@@ -66,13 +65,15 @@ def _read_raw(path: Path) -> np.ndarray:
     except UnetlabError:
         raise
     except Exception as exc:  # corrupt, truncated or not an image at all
-        raise UnetlabError(f"cannot read image ({describe_read_error(exc, path)})", path, READ_HINT) from exc
+        raise UnetlabError(f"cannot read image ({describe_read_error(exc, path)})", path, READ_HINT,
+                           ErrorKind.UNREADABLE) from exc
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     if arr.ndim not in (2, 3):
         arr = np.squeeze(arr)
         if arr.ndim not in (2, 3):
-            raise UnetlabError(f"unsupported image shape {arr.shape}; expected 2-D or 2-D with channels", path)
+            raise UnetlabError(f"unsupported image shape {arr.shape}; expected 2-D or 2-D with channels", path,
+                               kind=ErrorKind.UNREADABLE)
     return arr
 
 
@@ -133,12 +134,13 @@ def read_label(path: str | Path) -> np.ndarray:
             arr = (arr != 0).any(axis=0).astype(np.uint8) * 255
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
-            raise UnetlabError("mask contains NaN or Inf values", path)
+            raise UnetlabError("mask contains NaN or Inf values", path, kind=ErrorKind.MASK_VALUES)
         if np.any(arr != np.round(arr)):
-            raise UnetlabError("mask has fractional values; expected integer labels", path)
+            raise UnetlabError("mask has fractional values; expected integer labels", path,
+                               kind=ErrorKind.MASK_VALUES)
         arr = arr.astype(np.int64)
     if arr.min() < 0:
-        raise UnetlabError("mask has negative values", path)
+        raise UnetlabError("mask has negative values", path, kind=ErrorKind.MASK_VALUES)
     return arr.astype(np.int32) if arr.max() < 2**31 else arr.astype(np.int64)
 
 
@@ -219,11 +221,3 @@ def write_image(path: str | Path, array: np.ndarray, compress: bool = True, desc
             Image.fromarray(a).save(tmp, format=fmt)
 
     return write_atomic(path, _write)
-
-
-def find_by_stem(files: Iterable[Path]) -> dict[str, Path]:
-    """Map file stem -> path (first wins)."""
-    out: dict[str, Path] = {}
-    for f in files:
-        out.setdefault(f.stem, f)
-    return out

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,17 +176,26 @@ class ImageMeta:
     pixel_size_um: tuple[float, float] | None = None
 
 
-def _ome_xml_pixels(xml: str) -> tuple[tuple[float, float] | None, list[str]]:
-    def attr(name: str) -> str | None:
-        m = re.search(rf'<(?:\w+:)?Pixels\b[^>]*\b{name}="([^"]+)"', xml)
-        return m.group(1) if m else None
+def _one(value: Any) -> dict:
+    """The first element of an OME-XML node that may be repeated (a list in xml2dict's dict), or {}."""
+    if isinstance(value, list):
+        value = value[0] if value else {}
+    return value if isinstance(value, dict) else {}
 
+
+def _ome_xml_pixels(xml: str) -> tuple[tuple[float, float] | None, list[str]]:
+    """Pixel size in µm (y, x) and channel names of the first image of an OME-XML document."""
+    import tifffile
+
+    pixels = _one(_one(_one(tifffile.xml2dict(xml, sep="").get("OME")).get("Image")).get("Pixels"))
     size = None
-    sx, sy = attr("PhysicalSizeX"), attr("PhysicalSizeY")
-    if sx and sy:
-        unit_x, unit_y = attr("PhysicalSizeXUnit") or "µm", attr("PhysicalSizeYUnit") or "µm"
+    sx, sy = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeY")
+    if sx is not None and sy is not None:
+        unit_x, unit_y = pixels.get("PhysicalSizeXUnit", "µm"), pixels.get("PhysicalSizeYUnit", "µm")
         size = (float(sy) * _UNITS_UM.get(unit_y, 1.0), float(sx) * _UNITS_UM.get(unit_x, 1.0))
-    names = re.findall(r'<(?:\w+:)?Channel\b[^>]*\bName="([^"]*)"', xml)
+    channels = pixels.get("Channel") or []
+    channels = channels if isinstance(channels, list) else [channels]
+    names = [str(c["Name"]) for c in channels if isinstance(c, dict) and "Name" in c]
     return size, names
 
 

@@ -7,11 +7,13 @@ default); the Sartorius competition numbers them row-major (``order="C"``).
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import UnetlabError
+from ..errors import ErrorKind, UnetlabError
 
 
 def rle_encode(mask: np.ndarray, order: str = "F") -> str:
@@ -114,9 +116,37 @@ def _rle_columns(header: list[str], path: Path) -> tuple[int, int, str]:
     )
 
 
-def read_rle_table(path: str | Path) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], str]:
-    """Parse a run-length CSV: ({image id: [rle, ...]}, {image id: (height, width)} where the CSV gives sizes,
-    pixel order "F" for DSB or "C" for Sartorius headers). Images with only empty rows map to []."""
+class RleTable(NamedTuple):
+    """A parsed run-length CSV: image id -> RLE strings, the sizes the CSV gives, the pixel order, the file."""
+
+    rles: dict[str, list[str]]
+    sizes: dict[str, tuple[int, int]]
+    order: str
+    path: Path
+
+    def labels(self, key: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Instance labels of image ``key``, sized by the CSV, else by ``shape`` (see :func:`decode_labels`)."""
+        return decode_labels(self.rles[key], self.sizes.get(key, shape), self.order, key, self.path)
+
+
+def decode_labels(rles: Sequence[str], shape: tuple[int, int] | None, order: str, key: str,
+                  source: str | Path) -> np.ndarray:
+    """The one decoding of an image's rows of a run-length CSV: objects numbered in row order (rows without runs
+    take no number, earlier objects keep shared pixels); a missing size or a broken run is one error line naming
+    the CSV ``source`` and the image id."""
+    if shape is None:
+        raise UnetlabError(f"no image size known for image id {key}", source,
+                           "the CSV has no Height/Width columns and no image gives the size")
+    try:
+        return rles_to_labels(list(rles), shape, order, skip_empty=True)
+    except UnetlabError as exc:
+        raise UnetlabError(f"bad run-length mask for image id {key}: {exc}", source,
+                           kind=ErrorKind.UNREADABLE) from None
+
+
+def read_rle_table(path: str | Path) -> RleTable:
+    """Parse a run-length CSV (DSB or Sartorius header): image id -> RLE strings (images with only empty rows map
+    to []), the sizes where the CSV gives Height/Width, and the pixel order ("F" DSB, "C" Sartorius)."""
     path = Path(path)
     if not path.is_file():
         raise UnetlabError("run-length CSV not found", path)
@@ -143,4 +173,4 @@ def read_rle_table(path: str | Path) -> tuple[dict[str, list[str]], dict[str, tu
             rles.setdefault(key, [])
             if rle:
                 rles[key].append(rle)
-    return rles, sizes, order
+    return RleTable(rles, sizes, order, path)

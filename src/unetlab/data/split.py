@@ -35,14 +35,38 @@ def _by_groups(samples: list[Sample], val_groups: set[str]) -> tuple[list[Sample
     return train, val
 
 
-def _name_matcher(pattern: str):
+def name_matcher(pattern: str, flag: str):
+    """A test ``name -> bool`` for a glob or ``re:<regex>``; a bad regex is one error naming ``flag``."""
     if pattern.startswith("re:"):
         try:
             rx = re.compile(pattern[3:])
         except re.error as exc:
-            raise UnetlabError(f"bad regular expression in val pattern {pattern!r}: {exc}") from None
+            raise UnetlabError(f"{flag} {pattern!r} is not a valid regular expression ({exc})",
+                               hint="after 're:' give a Python regex, e.g. 're:^pos0[1-3]'") from None
         return lambda name: rx.search(name) is not None
     return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def _match_groups(patterns: list[str], groups: list[str], flag: str, root: Path | None = None) -> set[str]:
+    """The groups named by ``patterns`` (names or globs); a pattern that matches none is an error."""
+    out: set[str] = set()
+    for pat in patterns:
+        hits = {g for g in groups if g == pat or fnmatch.fnmatchcase(g, pat)}
+        if not hits:
+            raise UnetlabError(f"{flag} pattern {pat!r} matches no group", root,
+                               f"groups are e.g. {', '.join(groups[:3])}")
+        out |= hits
+    return out
+
+
+def _match_names(pattern: str, samples: list[Sample], flag: str, root: Path | None = None) -> set[str]:
+    """The groups of the samples whose names ``pattern`` matches; none is an error."""
+    match = name_matcher(pattern, flag)
+    out = {s.group for s in samples if match(s.name)}
+    if not out:
+        raise UnetlabError(f"{flag} pattern {pattern!r} matches no sample name", root,
+                           f"names are e.g. {', '.join(s.name for s in samples[:3])}")
+    return out
 
 
 def parse_fold(fold: str) -> tuple[int, int]:
@@ -76,83 +100,65 @@ def split_samples(info: DatasetInfo, cfg: DataConfig, seed: int = 0) -> tuple[li
     samples = list(info.samples)
     if not samples:
         raise UnetlabError("no samples to split", info.root)
-    groups = _groups_of(samples)
-
     if cfg.split_file:
-        saved = load_split(cfg.split_file)
-        val_names = set(saved.get("val", []))
-        train_names = set(saved.get("train", []))
-        known = {s.name for s in samples}
-        missing = sorted((val_names | train_names) - known)
-        if missing:
-            log.warning("%s: %d samples of the saved split are not in the data (e.g. %s)",
-                        cfg.split_file, len(missing), missing[0])
-        test_names = set(saved.get("test", []))
-        val = [s for s in samples if s.name in val_names]
-        train = [s for s in samples if s.name not in val_names and s.name not in test_names]
-        new = [s.name for s in train if s.name not in train_names and s.name not in test_names]
-        if new:
-            log.warning("%s: %d samples not in the saved split go to training (e.g. %s)",
-                        cfg.split_file, len(new), new[0])
-        _check(train, val, f"split_file {cfg.split_file}", allow_empty_val=not val_names)  # a run without val
-        return train, val
-
+        return _split_from_file(samples, cfg.split_file)
+    groups = _groups_of(samples)
     if cfg.fold:
-        k, n = parse_fold(cfg.fold)
-        if len(groups) < n:
-            raise UnetlabError(
-                f"fold {cfg.fold}: only {len(groups)} groups for {n} folds", info.root,
-                "use fewer folds or finer groups",
-            )
-        vg = set(fold_groups(groups, k, n, seed))
-        train, val = _by_groups(samples, vg)
-        _check(train, val, f"fold {cfg.fold}")
-        return train, val
+        vg, how = _fold_val_groups(groups, cfg.fold, seed, info.root), f"fold {cfg.fold}"
+    elif cfg.val_groups:
+        vg, how = _match_groups(cfg.val_groups, groups, "--val-groups", info.root), f"val_groups {cfg.val_groups}"
+    elif cfg.val:
+        vg, how = _match_names(cfg.val, samples, "--val", info.root), f"val {cfg.val!r}"
+    else:
+        frac = float(cfg.val_fraction or 0.0)
+        if not 0.0 <= frac < 1.0:
+            raise UnetlabError(f"val_fraction must be in [0, 1), got {frac}")
+        if frac == 0.0:
+            return samples, []
+        vg, how = _fraction_val_groups(groups, frac, seed, info.root, len(samples)), f"val_fraction {frac}"
+    train, val = _by_groups(samples, vg)
+    _check(train, val, how)
+    return train, val
 
-    if cfg.val_groups:
-        vg: set[str] = set()
-        for pat in cfg.val_groups:
-            hits = {g for g in groups if g == pat or fnmatch.fnmatchcase(g, pat)}
-            if not hits:
-                raise UnetlabError(
-                    f"val_groups pattern {pat!r} matches no group", info.root,
-                    f"groups are e.g. {', '.join(groups[:3])}",
-                )
-            vg |= hits
-        train, val = _by_groups(samples, vg)
-        _check(train, val, f"val_groups {cfg.val_groups}")
-        return train, val
 
-    if cfg.val:
-        match = _name_matcher(cfg.val)
-        vg = {s.group for s in samples if match(s.name)}
-        if not vg:
-            raise UnetlabError(
-                f"val pattern {cfg.val!r} matches no sample name", info.root,
-                f"names are e.g. {', '.join(s.name for s in samples[:3])}",
-            )
-        train, val = _by_groups(samples, vg)
-        _check(train, val, f"val {cfg.val!r}")
-        return train, val
+def _split_from_file(samples: list[Sample], split_file: str | Path) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) as a saved ``split.json`` has them; its test samples are left out, new samples train."""
+    saved = load_split(split_file)
+    val_names = set(saved.get("val", []))
+    train_names = set(saved.get("train", []))
+    known = {s.name for s in samples}
+    missing = sorted((val_names | train_names) - known)
+    if missing:
+        log.warning("%s: %d samples of the saved split are not in the data (e.g. %s)",
+                    split_file, len(missing), missing[0])
+    test_names = set(saved.get("test", []))
+    val = [s for s in samples if s.name in val_names]
+    train = [s for s in samples if s.name not in val_names and s.name not in test_names]
+    new = [s.name for s in train if s.name not in train_names and s.name not in test_names]
+    if new:
+        log.warning("%s: %d samples not in the saved split go to training (e.g. %s)", split_file, len(new), new[0])
+    _check(train, val, f"split_file {split_file}", allow_empty_val=not val_names)  # a run without val
+    return train, val
 
-    frac = float(cfg.val_fraction or 0.0)
-    if not 0.0 <= frac < 1.0:
-        raise UnetlabError(f"val_fraction must be in [0, 1), got {frac}")
-    if frac == 0.0:
-        return samples, []
+
+def _fold_val_groups(groups: list[str], fold: str, seed: int, root: Path) -> set[str]:
+    """The validation groups of k-fold ``fold`` ("K/N")."""
+    k, n = parse_fold(fold)
+    if len(groups) < n:
+        raise UnetlabError(f"fold {fold}: only {len(groups)} groups for {n} folds", root,
+                           "use fewer folds or finer groups")
+    return set(fold_groups(groups, k, n, seed))
+
+
+def _fraction_val_groups(groups: list[str], frac: float, seed: int, root: Path, n_samples: int) -> set[str]:
+    """A seeded random ``frac`` of the groups (at least one, never all)."""
     if len(groups) < 2:
-        raise UnetlabError(
-            f"cannot split by group: all {len(samples)} samples are in one group", info.root,
-            "set val_fraction 0, or give a validation folder/pattern",
-        )
+        raise UnetlabError(f"cannot split by group: all {n_samples} samples are in one group", root,
+                           "set val_fraction 0, or give a validation folder/pattern")
     order = sorted(groups)
     perm = np.random.default_rng(seed).permutation(len(order))
-    n_val = int(round(frac * len(order)))
-    n_val = min(max(n_val, 1), len(order) - 1)
-    vg = {order[i] for i in perm[:n_val]}
-    train, val = _by_groups(samples, vg)
-    _check(train, val, f"val_fraction {frac}")
-    return train, val
+    n_val = min(max(int(round(frac * len(order))), 1), len(order) - 1)
+    return {order[i] for i in perm[:n_val]}
 
 
 def hold_out_test(samples: list[Sample], cfg: DataConfig, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
@@ -164,18 +170,9 @@ def hold_out_test(samples: list[Sample], cfg: DataConfig, seed: int = 0) -> tupl
         return [s for s in samples if s.name not in names], [s for s in samples if s.name in names]
     tg: set[str] = set()
     if cfg.test_groups:
-        for pat in cfg.test_groups:
-            hits = {g for g in groups if g == pat or fnmatch.fnmatchcase(g, pat)}
-            if not hits:
-                raise UnetlabError(f"test_groups pattern {pat!r} matches no group",
-                                   hint=f"groups are e.g. {', '.join(groups[:3])}")
-            tg |= hits
+        tg = _match_groups(cfg.test_groups, groups, "--test-groups")
     elif cfg.test:
-        match = _name_matcher(cfg.test)
-        tg = {s.group for s in samples if match(s.name)}
-        if not tg:
-            raise UnetlabError(f"test pattern {cfg.test!r} matches no sample name",
-                               hint=f"names are e.g. {', '.join(s.name for s in samples[:3])}")
+        tg = _match_names(cfg.test, samples, "--test")
     elif cfg.test_fraction:
         frac = float(cfg.test_fraction)
         if not 0.0 < frac < 1.0:

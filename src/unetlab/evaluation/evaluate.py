@@ -75,22 +75,20 @@ def _file_loader(path: Path, invert: bool = False) -> Loader:
 
 
 def _csv_source(path: Path, invert: bool = False) -> _Source:
-    from ..data.rle import read_rle_table, rles_to_labels
+    from ..data.rle import read_rle_table
 
-    rles, sizes, order = read_rle_table(path)
+    table = read_rle_table(path)
 
     def make(key: str) -> Loader:
         def load(shape=None):
-            size = sizes.get(key, shape)
-            if size is None:
-                raise UnetlabError(f"no image size known for image id {key}", path, "the CSV has no Height/Width")
-            lab = rles_to_labels(rles[key], size, order=order)
+            lab = table.labels(key, shape)
             return (lab == 0).astype(np.int32) if invert else lab
 
         return load
 
-    needs = any(k not in sizes for k in rles)
-    return _Source({k: make(k) for k in rles}, {k: f"{path.name}:{k}" for k in rles}, needs_shape=needs)
+    keys = table.rles
+    needs = any(k not in table.sizes for k in keys)
+    return _Source({k: make(k) for k in keys}, {k: f"{path.name}:{k}" for k in keys}, needs_shape=needs)
 
 
 def _prediction_source(pred: Path, instances: bool) -> _Source:

@@ -37,7 +37,7 @@ from ..config import DataConfig
 from ..data.channels import parse_channel_code
 from ..errors import UnetlabError
 from ..files import atomic_output, write_atomic, write_bytes, write_error, write_text
-from ..models import count_parameters
+from ..models import count_parameters, model_geometry
 from ..runfolder import PRETRAINED_DIR, Run, load_run, resolve_run_dir
 from .bioimageio_readme import cover_png, readme_text
 from .export import export_model
@@ -154,17 +154,14 @@ def _default_out(run_dir: Path) -> Path:
 def axis_geometry(model: nn.Module) -> tuple[int, int, int]:
     """``(min, step, offset)`` per spatial axis: the model takes ``min + n * step`` pixels and returns that many
     plus ``offset`` (0 for same padding; negative for valid padding, whose output is already cropped)."""
-    step = int(getattr(model, "size_multiple", 2 ** int(getattr(model, "depth", 0))))
-    if getattr(model, "padding", "same") == "same":
+    g = model_geometry(model)
+    step = g.size_multiple
+    if g.padding == "same":
         return step, step, 0  # the network pads to a multiple of step itself; unetlab's tiles are multiples too
-    fit, size_out = getattr(model, "valid_input_size", None), getattr(model, "output_size", None)
-    if fit is None or size_out is None:
-        raise UnetlabError(f"cannot tell which input sizes {type(model).__name__} accepts",
-                           hint="BioImage.IO export supports unetlab's U-Nets")
-    low = int(fit(1))
-    offset = int(size_out(low)) - low
+    low = g.min_input
+    offset = int(g.output_size(low)) - low
     for n in range(low, low + 4 * step, step):
-        if int(fit(n)) != n or int(size_out(n)) - n != offset:
+        if int(g.valid_input_size(n)) != n or int(g.output_size(n)) - n != offset:
             raise UnetlabError(f"the valid-padding network's sizes are not min + n * {step} with a fixed output "
                                "offset, which BioImage.IO cannot describe", hint="export a same-padding model")
     return low, step, offset

@@ -17,7 +17,7 @@ from ..data.channels import apply_channels
 from ..data.io import normalize
 from ..errors import UnetlabError
 from ..runfolder import Run
-from .tiling import PredictFn, count_tiles, iter_tile_rows
+from .tiling import PredictFn, count_tiles, iter_tile_rows, model_tiling
 
 log = logging.getLogger(__name__)
 
@@ -248,16 +248,7 @@ class Predictor:
         return cls(run, dev, tile, overlap, batch_size, margin, predict, used)
 
     def _geometry(self) -> dict:
-        m = self.run.model
-        align = int(getattr(m, "size_multiple", 2 ** int(getattr(m, "depth", 4))))
-        return dict(
-            tile=self.tile,
-            overlap=self.overlap,
-            align=align,
-            margin=self.margin,
-            output_size=getattr(m, "output_size", lambda s: s),
-            valid_input_size=getattr(m, "valid_input_size", lambda s: s),
-        )
+        return model_tiling(self.run.model, self.tile, self.overlap, self.margin)
 
     def prepare(self, image: np.ndarray, source: str | Path | None = None) -> np.ndarray:
         """Normalise and select channels of a raw (C, H, W) image as training did; checks the channel count."""

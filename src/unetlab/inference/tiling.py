@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
+from ..models.geometry import model_geometry
 
 PredictFn = Callable[[np.ndarray], torch.Tensor]  # (B, C, Ti, Ti) float32 -> (B, K, To, To) probabilities
 
@@ -64,6 +67,9 @@ def plan_axis(
     ti, to = geometry(tile)
     if to - 2 * margin <= 0:
         raise ValueError(f"tile {tile} is too small for a context margin of {margin} px")
+    while to - 2 * margin < align:  # a valid-padding tile whose output is narrower than one step would leave gaps
+        tile += align
+        ti, to = geometry(tile)
     if to - 2 * margin > n:  # a smaller tile covers the whole axis
         t = align
         while True:
@@ -74,9 +80,17 @@ def plan_axis(
             t += align
     core = to - 2 * margin
     step = max(align, int(core * (1.0 - overlap)) // align * align)
-    step = min(step, max(align, core // align * align))
+    step = min(step, max(align, core // align * align))  # <= core: consecutive tiles leave no gap
     count = 1 if core >= n else math.ceil((n - core) / step) + 1
     return AxisPlan(ti, to, (ti - to) // 2, margin, step, count)
+
+
+def model_tiling(model: nn.Module, tile: int, overlap: float, margin: int = 0) -> dict:
+    """Keyword arguments of :func:`iter_tile_rows`, :func:`tile_predict` and :func:`count_tiles` for ``model``:
+    tiles aligned to its size multiple and sized by its own size rules (:func:`unetlab.models.model_geometry`)."""
+    g = model_geometry(model)
+    return dict(tile=tile, overlap=overlap, align=g.size_multiple, margin=margin, output_size=g.output_size,
+                valid_input_size=g.valid_input_size)
 
 
 def gaussian_weights(h: int, w: int, sigma_scale: float = 0.125, floor: float = 1e-3) -> torch.Tensor:
@@ -139,7 +153,6 @@ def iter_tile_rows(
     weight = gaussian_weights(py.core, px.core).to(device)
     off_y, off_x = py.margin + py.shrink, px.margin + px.shrink  # input tile start = core start - offset
     width = px.padded_out
-    carry_rows = py.core - py.step
     acc = torch.zeros((out_channels, py.core, width), device=device)
     norm = torch.zeros((1, py.core, width), device=device)
     for ty in range(py.count):
@@ -167,7 +180,6 @@ def iter_tile_rows(
         if not last:  # shift the overlapping rows up for the next row of tiles
             acc = torch.cat([acc[:, py.step :], acc.new_zeros((out_channels, py.step, width))], 1)
             norm = torch.cat([norm[:, py.step :], norm.new_zeros((1, py.step, width))], 1)
-            assert acc.shape[1] == carry_rows + py.step
 
 
 def tile_predict(predict: PredictFn, image, out_channels: int, **kwargs) -> torch.Tensor:

@@ -329,22 +329,14 @@ def write_rle_csv(
 
 def read_rle_csv(path: str | Path) -> dict[str, list[str]]:
     """Image id -> list of run-length strings from a DSB or Sartorius CSV (empty list for an image without objects)."""
-    return read_rle_table(path)[0]
+    return read_rle_table(path).rles
 
 
 def rle_csv_labels(path: str | Path, shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """Decode a run-length CSV into label images (objects numbered in row order); sizes come from the CSV's
     Height/Width columns or from ``shapes``."""
-    from ..data.rle import rles_to_labels
-
-    rles, sizes, order = read_rle_table(path)
-    sizes = {**(shapes or {}), **sizes}
-    out = {}
-    for key, rr in rles.items():
-        if key not in sizes:
-            raise UnetlabError(f"no image size known for image id {key}", path, "the CSV has no Height/Width columns")
-        out[key] = rles_to_labels(rr, sizes[key], order=order)
-    return out
+    table = read_rle_table(path)
+    return {key: table.labels(key, (shapes or {}).get(key)) for key in table.rles}
 
 
 # --- ImageJ ROIs ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UnetlabError
+from .geometry import model_geometry
 from .unet import UNet
 
 Builder = Callable[[ModelConfig], nn.Module]
@@ -172,7 +173,7 @@ def receptive_field(model: nn.Module, max_size: int = 8192) -> int:
                 m.bias.zero_()
                 m.running_mean.zero_()
                 m.running_var.fill_(1.0)
-    step = 2 ** int(getattr(model, "depth", 0))
+    step = model_geometry(model).size_multiple
     size = 64 * step
     while True:
         height = model.valid_input_size(size)

@@ -74,6 +74,7 @@ class ResNetUNet(nn.Module):
         self.out_channels = int(out_channels)
         self.padding = "same"
         self.depth = 5
+        self.size_multiple = 2**self.depth  # five stride-2 steps: stem, max-pool, stages 2-4
         self.blocks = [int(n) for n in blocks]
         ew = [int(w) for w in encoder_widths]
         dw = [int(w) for w in decoder_widths]
@@ -109,7 +110,7 @@ class ResNetUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[-2]
         w = x.shape[-1]
-        x = pad_to_multiple(x, 32)
+        x = pad_to_multiple(x, self.size_multiple)
         stem = self.stem(x)
         s1 = self.stages[0](self.maxpool(stem))
         s2 = self.stages[1](s1)

@@ -84,7 +84,7 @@ class UNet(nn.Module):
         self.padding = padding
         self.upsample = upsample
         self.dropout_p = float(dropout)
-        self.multiple = 2**self.depth
+        self.size_multiple = 2**self.depth  # sizes handled without internal padding (see models.geometry)
 
         self.encoders = nn.ModuleList()
         cin = self.in_channels
@@ -125,7 +125,7 @@ class UNet(nn.Module):
         h = x.shape[-2]
         w = x.shape[-1]
         if self.padding == "same":
-            x = pad_to_multiple(x, self.multiple)
+            x = pad_to_multiple(x, self.size_multiple)
         elif not torch.jit.is_scripting():
             self._check_input_size(h, w)
         skips: list[torch.Tensor] = []

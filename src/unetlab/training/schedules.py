@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -234,8 +233,3 @@ def scale_lr(schedule: Schedule, factor: float) -> float:
     schedule.scale *= float(factor)
     schedule.apply()
     return schedule.lr
-
-
-def lr_curve(schedule: Schedule, steps: Iterable[int]) -> list[float]:
-    """Learning rates of the first group at the given optimiser steps (no state change), for plots."""
-    return [schedule.base_lrs[0] * schedule.factor(s) for s in steps]

@@ -16,9 +16,10 @@ from ..data.channels import apply_channels
 from ..data.dataset import SampleCache
 from ..data.sizes import median_diameter, size_factor
 from ..evaluation.metrics import batch_dice_counts, dice_from_counts
+from ..inference.options import PredictOptions
 from ..inference.predictor import make_predict_fn
 from ..inference.rescale import resize_image, scaled_shape
-from ..inference.tiling import tile_predict
+from ..inference.tiling import model_tiling, tile_predict
 from ..runfolder import activation_for
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,9 @@ def predict_prepared_val(model: nn.Module, image: np.ndarray, cfg: RunConfig, in
     model.eval()
     if predict is None:
         predict = _val_predict_fn(model, cfg, info, device)
-    align = int(getattr(model, "size_multiple", 2 ** int(getattr(model, "depth", 4))))
-    return tile_predict(predict, image, info["out_channels"], tile=max(cfg.data.patch_size, 256), overlap=0.25,
-                        align=align, batch_size=4, output_size=model.output_size,
-                        valid_input_size=model.valid_input_size, device=device).cpu()
+    o = PredictOptions()  # tiled exactly as `unetlab predict` tiles by default, so a model has one score
+    return tile_predict(predict, image, info["out_channels"], batch_size=o.batch_size, device=device,
+                        **model_tiling(model, o.tile, o.overlap)).cpu()
 
 
 def validate(

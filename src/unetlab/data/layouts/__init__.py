@@ -68,8 +68,7 @@ def load_from_config(cfg: DataConfig) -> DatasetInfo:
 
 def filter_samples(samples: list, include: str) -> list:
     """Keep the samples named in a text file (one name or group per line), or matching a glob / 're:<regex>'."""
-    import fnmatch
-    import re
+    from ..split import name_matcher
 
     path = Path(include)
     if path.suffix in (".txt", ".csv", ".lst") or path.is_file():
@@ -77,11 +76,9 @@ def filter_samples(samples: list, include: str) -> list:
             raise UnetlabError("include list not found", path)
         names = {ln.strip().split(",")[0] for ln in path.read_text().splitlines() if ln.strip()}
         kept = [s for s in samples if s.name in names or s.group in names]
-    elif include.startswith("re:"):
-        rx = re.compile(include[3:])
-        kept = [s for s in samples if rx.search(s.name)]
     else:
-        kept = [s for s in samples if fnmatch.fnmatch(s.name, include)]
+        match = name_matcher(include, "--include")
+        kept = [s for s in samples if match(s.name)]
     if not kept:
         raise UnetlabError(f"--include {include} keeps none of the {len(samples)} samples")
     return kept

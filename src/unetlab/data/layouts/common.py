@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UnetlabError
+from ...errors import ErrorKind, Problem, UnetlabError
 from ..io import READ_HINT, describe_read_error, is_image_file, read_label
 from ..ome import AxesView, is_ome_tiff, is_zarr_path, open_zarr_image
 
@@ -76,12 +76,12 @@ def image_header(path: str | Path) -> tuple[int, int, int, str]:
     """(height, width, channels, dtype) from the file header without decoding pixels; alpha is not counted."""
     path = Path(path)
     if not path.exists():
-        raise UnetlabError("file not found", path)
+        raise UnetlabError("file not found", path, kind=ErrorKind.UNREADABLE)
     if is_zarr_path(path):
         view = open_zarr_image(path)
         return view.height, view.width, view.channels, str(view.dtype)
     if path.stat().st_size == 0:
-        raise UnetlabError("file is empty (0 bytes)", path, READ_HINT)
+        raise UnetlabError("file is empty (0 bytes)", path, READ_HINT, ErrorKind.UNREADABLE)
     try:
         if is_ome_tiff(path):  # by its OME axes; the series is only looked at, not read
             import tifffile
@@ -115,7 +115,8 @@ def image_header(path: str | Path) -> tuple[int, int, int, str]:
     except UnetlabError:
         raise
     except Exception as exc:
-        raise UnetlabError(f"cannot read image ({describe_read_error(exc, path)})", path, READ_HINT) from exc
+        raise UnetlabError(f"cannot read image ({describe_read_error(exc, path)})", path, READ_HINT,
+                           ErrorKind.UNREADABLE) from exc
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -129,11 +130,11 @@ def empty_mask(image: Path) -> np.ndarray:
     return np.zeros(image_size(image), dtype=np.int32)
 
 
-def image_without_mask(image: Path, where: Path | str | None) -> str:
+def image_without_mask(image: Path, where: Path | str | None) -> Problem:
     """The problem line for an image that has no mask."""
-    return f"{image}: image without a mask (looked in {where})"
+    return Problem(f"{image}: image without a mask (looked in {where})", ErrorKind.UNPAIRED, image=image)
 
 
-def mask_without_image(mask: Path, where: Path | str | None) -> str:
+def mask_without_image(mask: Path, where: Path | str | None) -> Problem:
     """The problem line for a mask that has no image."""
-    return f"{mask}: mask without an image (looked in {where})"
+    return Problem(f"{mask}: mask without an image (looked in {where})", ErrorKind.UNPAIRED)

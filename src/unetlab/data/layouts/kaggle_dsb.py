@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UnetlabError
+from ...errors import ErrorKind, Problem, UnetlabError
 from ..io import is_image_file
 from ..sample import DatasetInfo, Sample
 from .common import empty_mask, read_mask_raw
@@ -70,7 +70,8 @@ def merge_object_masks(paths: tuple[Path, ...], image: Path) -> np.ndarray:
         if out is None:
             out = np.zeros(m.shape, dtype=np.int32)
         elif m.shape != out.shape:
-            raise UnetlabError(f"object mask is {m.shape[0]}x{m.shape[1]}, others are {out.shape[0]}x{out.shape[1]}", p)
+            raise UnetlabError(f"object mask is {m.shape[0]}x{m.shape[1]}, others are {out.shape[0]}x{out.shape[1]}", p,
+                               kind=ErrorKind.SHAPE)
         ys, xs = np.nonzero(m)
         free = out[ys, xs] == 0
         overlap += int((~free).sum())
@@ -91,7 +92,8 @@ def load(root: Path, **_: object) -> DatasetInfo:
         image = _id_image(folder)
         if image is None:
             if (folder / "images").is_dir():
-                problems.append(f"{folder / 'images'}: no image named {folder.name}.png (or a single image) in it")
+                problems.append(Problem(f"{folder / 'images'}: no image named {folder.name}.png (or a single image) "
+                                        "in it", ErrorKind.UNPAIRED))
             else:
                 notes.append(f"{folder}: no images/ folder; skipped")
             continue

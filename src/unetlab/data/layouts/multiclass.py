@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UnetlabError
+from ...errors import ErrorKind, UnetlabError
 from ..sample import DatasetInfo, Sample
 from .common import empty_mask, find_dir, image_without_mask, mask_without_image, read_mask_raw, scan_images
 from .paired import IMAGE_DIRS, MASK_DIRS, mask_key
@@ -96,7 +96,7 @@ def load_class_folder_masks(paths: tuple[Path | None, ...], image: Path) -> np.n
             out = np.zeros(m.shape, dtype=np.int32)
         elif m.shape != out.shape:
             raise UnetlabError(f"class mask is {m.shape[0]}x{m.shape[1]}, others are "
-                               f"{out.shape[0]}x{out.shape[1]}", p)
+                               f"{out.shape[0]}x{out.shape[1]}", p, kind=ErrorKind.SHAPE)
         out[m] = i
     return empty_mask(image) if out is None else out
 
@@ -107,7 +107,7 @@ def load_class_index_mask(path: Path, n_classes: int, keep: tuple[int, ...] | No
     top = int(raw.max()) if raw.size else 0
     if top >= n_classes:
         raise UnetlabError(f"mask value {top} but only {n_classes} classes in the codes file", path,
-                           "values must be class indices 0..N-1")
+                           "values must be class indices 0..N-1", ErrorKind.MASK_VALUES)
     if keep is None:
         return raw.astype(np.int32)
     lut = np.zeros(n_classes, dtype=np.int32)

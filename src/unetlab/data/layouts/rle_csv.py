@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UnetlabError
+from ...errors import ErrorKind, Problem, UnetlabError
 from ..io import is_image_file
-from ..rle import read_rle_table, rle_convention, rles_to_labels
+from ..rle import decode_labels, read_rle_table, rle_convention
 from ..sample import DatasetInfo, Sample
 from .common import image_size
 from .registry import Layout, register_layout
@@ -85,14 +85,10 @@ def _image_index(root: Path, image_dir: str | None) -> dict[str, Path]:
     return index
 
 
-def rle_labels(rles: tuple[str, ...], shape: tuple[int, int] | None, image: Path, order: str = "F") -> np.ndarray:
-    """Instance label image of one image from its RLE strings (the first object keeps shared pixels)."""
-    if shape is None:
-        shape = image_size(image)
-    try:
-        return rles_to_labels(list(rles), shape, order, skip_empty=True)
-    except UnetlabError as exc:
-        raise UnetlabError(f"bad run-length mask for {image.stem}: {exc}", image) from None
+def rle_labels(rles: tuple[str, ...], shape: tuple[int, int] | None, image: Path, order: str, key: str,
+               csv_path: Path) -> np.ndarray:
+    """Instance label image of one image id (sized by the CSV, else by its image's header)."""
+    return decode_labels(rles, shape or image_size(image), order, key, csv_path)
 
 
 def load(root: Path, csv_file: str | None = None, image_dir: str | None = None, rle_order: str | None = None,
@@ -103,7 +99,7 @@ def load(root: Path, csv_file: str | None = None, image_dir: str | None = None, 
     if path is None or not path.is_file():
         raise UnetlabError("no CSV of run-length encoded masks found", root,
                            "expected columns ImageId,EncodedPixels or id,annotation")
-    rles, sizes, order = read_rle_table(path)
+    rles, sizes, order, _ = read_rle_table(path)
     order = (rle_order or order).upper()
     if order not in ("F", "C"):
         raise UnetlabError(f"rle_order must be 'F' (column-major) or 'C' (row-major), got {rle_order!r}")
@@ -112,13 +108,14 @@ def load(root: Path, csv_file: str | None = None, image_dir: str | None = None, 
     for key in sorted(rles):
         image = images.get(key)
         if image is None:
-            problems.append(f"{path}: image id {key} has masks but no image file (looked beside the CSV)")
+            problems.append(Problem(f"{path}: image id {key} has masks but no image file (looked beside the CSV)",
+                                    ErrorKind.UNPAIRED))
             continue
         samples.append(
             Sample(
                 name=key,
                 image=image,
-                mask_loader=partial(rle_labels, tuple(rles[key]), sizes.get(key), image, order),
+                mask_loader=partial(rle_labels, tuple(rles[key]), sizes.get(key), image, order, key, path),
                 group=key,
             )
         )

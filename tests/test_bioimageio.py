@@ -29,6 +29,10 @@ from unetlab.inference.export import load_onnx, load_torchscript  # noqa: E402
 from unetlab.models import build_model  # noqa: E402
 from unetlab.runfolder import checkpoint_path, load_run, save_checkpoint, write_json  # noqa: E402
 
+# bioimageio.core loads the package's TorchScript weights (a format BioImage.IO requires) with torch.jit.load,
+# which torch 2.13 deprecates; the warning is theirs, not ours (our own loader, export.load_torchscript, handles it)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
 PACKAGE_FILES = {"rdf.yaml", "README.md", "cover.png", "test_input.npy", "test_output.npy", "sample_input.tif",
                  "sample_output.tif", "weights_torchscript.pt", "weights.onnx"}
 OUTPUT_CHANNELS = {"binary": 1, "distance": 2, "boundary": 3, "flow": 3}

@@ -120,3 +120,10 @@ class ResNetUNet(nn.Module):
             x = block(x, skips[i])
         x = self.final_up(x)
         return self.head(x)[:, :, :h, :w]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The deepest encoder feature map (N, 512, H/32, W/32) of ``x``, as :meth:`forward` computes it."""
+        x = self.maxpool(self.stem(pad_to_multiple(x, 32)))
+        for stage in self.stages:
+            x = stage(x)
+        return x

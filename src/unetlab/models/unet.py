@@ -141,3 +141,14 @@ class UNet(nn.Module):
         if self.padding == "same":
             x = x[:, :, :h, :w]
         return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The deepest feature map (N, widths[-1], h, w) of ``x``: the encoder alone, as :meth:`forward` runs it
+        (same-padding models pad to a multiple of ``2**depth`` first); pooled, it is the image's "style"."""
+        if self.padding == "same":
+            x = pad_to_multiple(x, self.multiple)
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if i < self.depth:
+                x = self.pool(x)
+        return x

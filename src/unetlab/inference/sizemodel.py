@@ -1,6 +1,6 @@
 """Estimating an image's object size from the network's own features (Cellpose's SizeModel idea).
 
-A run folder may hold ``size_model.json``: a ridge regression from the network's pooled deepest features (the
+A run folder may hold ``size_model.json``: a ridge regression from the network's pooled encoder features (the
 "style": :func:`~unetlab.models.features.pooled_features`) of an image to the log of its median object diameter,
 fitted after training on rescaled crops of the training images (``unetlab.training.sizefit``). It is plain numbers
 (weights, bias, feature mean and standard deviation, the training diameter), read as JSON: loading it never runs
@@ -116,6 +116,6 @@ def size_estimator(run, device: torch.device | str = "cpu") -> Callable[[np.ndar
     """A function prepared image -> estimated object diameter (pixels) for a loaded run, or None when its folder
     holds no ``size_model.json`` (or the network has no pooled features)."""
     sm = load_size_model(getattr(run, "path", None))
-    if sm is None or not hasattr(run.model, "encode"):
+    if sm is None or not hasattr(run.model, "encoder_features"):
         return None
     return lambda image: sm.diameter(image_style(run.model, image, device, sm.crop))

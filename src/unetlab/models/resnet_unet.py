@@ -121,9 +121,13 @@ class ResNetUNet(nn.Module):
         x = self.final_up(x)
         return self.head(x)[:, :, :h, :w]
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The deepest encoder feature map (N, 512, H/32, W/32) of ``x``, as :meth:`forward` computes it."""
-        x = self.maxpool(self.stem(pad_to_multiple(x, 32)))
+    def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map of every encoder scale of ``x`` (stem /2, stages /4 to /32), shallowest first, as
+        :meth:`forward` computes them."""
+        x = self.stem(pad_to_multiple(x, 32))
+        levels = [x]
+        x = self.maxpool(x)
         for stage in self.stages:
             x = stage(x)
-        return x
+            levels.append(x)
+        return levels

@@ -1,5 +1,5 @@
 """Fitting a run's size model (``size_model.json``) after training: a ridge regression in numpy from the network's
-pooled deepest features of randomly rescaled crops of the training images to the log of their object diameter.
+pooled encoder features of randomly rescaled crops of the training images to the log of their object diameter.
 
 Each crop shows the objects of one training image at a size drawn log-uniformly between x0.25 and x4 of the
 training diameter; its target is the image's median object diameter (from its instance labels, ``data.sizes``)
@@ -91,8 +91,8 @@ def fit_size_model(run_dir: str | Path, train_samples: list, val_samples: list, 
     if not run.info.get("diameter"):
         raise UnetlabError("the run does not know its training objects' size (model.json 'diameter')",
                            Path(run_dir) / "model.json")
-    if not hasattr(run.model, "encode"):
-        raise UnetlabError(f"{type(run.model).__name__} has no pooled features (encode) to fit a size model on")
+    if not hasattr(run.model, "encoder_features"):
+        raise UnetlabError(f"{type(run.model).__name__} has no pooled features (encoder_features) to fit a size model on")
     torch.manual_seed(seed)
     train = [np.array(v) for v in zip(*size_crops(run, train_samples, crops, seed))]
     if not train or len(train[1]) < 8:

@@ -225,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def sizes_main(args) -> int:
     """``--sizes``: the Size estimate table of benchmarks/README.md."""
@@ -249,3 +246,7 @@ def sizes_main(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

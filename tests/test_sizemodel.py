@@ -113,15 +113,19 @@ def test_diameter_auto_predicts_at_the_size_models_estimate_and_without_it_still
     assert float(row["Diameter"]) == pytest.approx(2 * TRAIN_DIAMETER, rel=1e-3)
 
 
-def test_every_preset_gives_pooled_features():
-    from unetlab.models import list_presets
+@pytest.mark.parametrize("kind", ["unet-same", "unet-valid", "resnet"])
+def test_every_network_gives_pooled_features(kind):
+    """Every preset builds a UNet (same or valid padding) or a ResNetUNet: small ones of each kind here."""
+    from unetlab.models import ResNetUNet, UNet
 
-    for row in list_presets():
-        cfg = apply_overrides(RunConfig(), {"preset": row["name"], "depth": 2, "base_width": 4})
-        cfg.model.in_channels, cfg.model.out_channels = 1, 1
-        model = build_model(cfg.model).eval()
-        style = image_style(model, np.random.default_rng(0).random((1, 200, 300), np.float32), crop=188)
-        assert style.ndim == 1 and np.isfinite(style).all() and style.shape[0] >= 8, row["name"]
+    if kind == "resnet":
+        model = ResNetUNet(1, 1, blocks=(1, 1, 1, 1), encoder_widths=(4, 8, 8, 8), decoder_widths=(8, 8, 8, 8, 8))
+    else:
+        model = UNet(1, 1, (4, 8, 16), padding=kind.split("-")[1], upsample="transpose")
+    model.eval()
+    n = model.valid_input_size(64)  # the smallest image each network takes whole (one crop)
+    style = image_style(model, np.random.default_rng(0).random((1, n, n), np.float32), crop=n)
+    assert style.ndim == 1 and np.isfinite(style).all() and style.shape[0] >= 8
 
 
 # --- end to end: a network that knows one size, and nuclei 4x and 0.25x that size ---------------------------------
@@ -170,3 +174,26 @@ def test_nuclei_4x_and_quarter_the_training_size_get_their_size_and_native_accur
     assert scores["native"] > 0.85, scores
     for name in ("x4", "x0.25"):
         assert scores[name] >= scores["native"] - 0.05, scores
+
+
+def test_an_existing_run_gets_a_size_model_from_its_split_and_never_reads_its_test_images(tmp_path, monkeypatch):
+    from unetlab.data.synthetic import write_synthetic_dataset
+    from unetlab.training import sizefit
+
+    data = write_synthetic_dataset(tmp_path / "data", n_images=6, size=(96, 96), seed=2)
+    run = make_run(tmp_path / "run")
+    with pytest.raises(UnetlabError, match="split.json"):
+        sizefit.fit_size_model_for_run(run, data)
+    names = [f"cells_{i:03d}" for i in range(6)]
+    write_json(run / "split.json", {"train": names[:3], "val": names[3:5], "test": names[5:]})
+    read = []
+    monkeypatch.setattr(sizefit, "read_image", lambda p: read.append(Path(p).stem) or sizefit_read(p))
+    sm = sizefit.fit_size_model_for_run(run, data, crops=12, val_crops=4)
+    assert load_size_model(run) == sm and sm.fit["train_crops"] == 12 and sm.train_diameter == TRAIN_DIAMETER
+    assert set(read) == set(names[:5]), read  # training and validation images only
+
+
+def sizefit_read(path):
+    from unetlab.data.io import read_image
+
+    return read_image(path)

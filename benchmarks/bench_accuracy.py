@@ -14,6 +14,11 @@ test images took no part in training, checkpoint choice or post-processing tunin
   with ``--diameter auto``, against the same images at native size;
 - ``--other``: a folder of images + masks from elsewhere, with no fine-tuning.
 
+``--sizes`` prints the Size estimate table of benchmarks/README.md instead (per collection: the split of
+``--data``, ``--bitdepth``'s fixed test list, ``--other``; each at x1 and, for the first ``--scale-images``, x0.5 /
+x2 / x4): AP@0.5 and DSB score with ``--diameter auto`` (the run's size model), the measuring rule (the same run
+without size_model.json) and each image's true size, the size estimates' |log(estimated / true)| and seconds.
+
 ``--split val`` scores the validation images instead, to choose between settings (of ``--diameter auto``, say)
 without looking at the test images; report the test split.
 """

@@ -402,7 +402,7 @@ def _predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Pat
 
     prepared = predictor.prepare(raw, source)
     target = kind if kind in TARGET_KINDS else "binary"
-    estimate = size_estimator(predictor.run, predictor.device) if diameter == "auto" else None  # size_model.json
+    estimate = size_estimator(predictor.run) if diameter == "auto" else None  # size_model.json
     return predict_rescaled(predictor.predict_prepared, prepared, float(train_diameter), diameter,
                             to_labels=lambda p: probabilities_to_labels(p, target, pp),
                             foreground=lambda p: _foreground(p, info, pp.threshold), estimate=estimate)

@@ -5,6 +5,11 @@ trained on, predict, and map the result back to the image's own pixels.
 twice the training size is predicted at scale 0.5; its probabilities are resized back to the original size,
 and instance labels found at the training size are mapped back by nearest neighbour and trimmed to the
 foreground of the resized-back probabilities.
+
+``--diameter auto`` takes the object size from the run's size model (``size_model.json``,
+:mod:`unetlab.inference.sizemodel`) when its folder has one: one pass at the estimated scale, and at most one
+more when the objects of that pass disagree with the estimate (:func:`_estimate_scale`). Runs without it measure
+the objects the model finds at a few trial scales (:func:`_measure_scale`), which large objects can fool.
 """
 
 from __future__ import annotations

@@ -90,10 +90,10 @@ def crop_origins(n: int, crop: int, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def image_style(model: nn.Module, image: np.ndarray, device: torch.device | str = "cpu",
-                crop: int = STYLE_CROP, max_crops: int = MAX_STYLE_CROPS) -> np.ndarray:
-    """The style (F,) of a prepared (C, H, W) image: pooled deepest features (fp32) averaged over crops of
-    ``crop`` pixels that cover it (at most ``max_crops``, spread evenly)."""
+def image_style(model: nn.Module, image: np.ndarray, crop: int = STYLE_CROP,
+                max_crops: int = MAX_STYLE_CROPS) -> np.ndarray:
+    """The style (F,) of a prepared (C, H, W) image: pooled encoder features (fp32, on the model's device)
+    averaged over crops of ``crop`` pixels that cover it (at most ``max_crops``, spread evenly)."""
     from ..models.features import pooled_features
 
     h, w = image.shape[-2:]
@@ -106,16 +106,17 @@ def image_style(model: nn.Module, image: np.ndarray, device: torch.device | str 
     was_training = model.training
     model.eval()
     try:
+        device = next(model.parameters()).device
         styles = pooled_features(model, torch.from_numpy(batch).to(device)).cpu().numpy()
     finally:
         model.train(was_training)
     return styles.mean(0)
 
 
-def size_estimator(run, device: torch.device | str = "cpu") -> Callable[[np.ndarray], float] | None:
+def size_estimator(run) -> Callable[[np.ndarray], float] | None:
     """A function prepared image -> estimated object diameter (pixels) for a loaded run, or None when its folder
     holds no ``size_model.json`` (or the network has no pooled features)."""
     sm = load_size_model(getattr(run, "path", None))
     if sm is None or not hasattr(run.model, "encoder_features"):
         return None
-    return lambda image: sm.diameter(image_style(run.model, image, device, sm.crop))
+    return lambda image: sm.diameter(image_style(run.model, image, sm.crop))

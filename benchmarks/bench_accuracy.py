@@ -81,21 +81,25 @@ BITDEPTH_TEST = ("bone_20x_2", "bone_40x_oil_1", "heart_40x_air_1", "heart_40x_o
 SIZE_FACTORS = (1.0, 0.5, 2.0, 4.0)
 
 
-def _true_size_score(run: Path, folder: Path, out: Path, precision: str) -> tuple[dict, dict[str, float]]:
-    """Each image predicted at its own true median object diameter (from its labels); scores and diameters."""
+def _truth_diameters(folder: Path) -> dict[str, float]:
+    """Each image's true median object diameter (from its labels)."""
     from unetlab.data.sizes import median_diameter
 
-    truth: dict[str, float] = {}
+    return {f.stem: median_diameter([read_image(folder / "masks" / f.name)[0].astype(np.int64)])
+            for f in sorted((folder / "images").iterdir())}
+
+
+def _true_size_score(run: Path, folder: Path, out: Path, precision: str, truth: dict[str, float]) -> dict:
+    """Each image predicted at its own true median object diameter (from its labels): scores."""
     for f in sorted((folder / "images").iterdir()):
-        d = median_diameter([read_image(folder / "masks" / f.name)[0].astype(np.int64)])
-        truth[f.stem] = d
+        d = truth[f.stem]
         predict(run, f, out / "one" / f.stem, instances=True, diameter=str(d) if d else "none", progress=False,
                 overwrite=True, precision=precision)
         (out / "labels").mkdir(parents=True, exist_ok=True)
         for lab in (out / "one" / f.stem / "labels").iterdir():
             lab.rename(out / "labels" / lab.name)
     rep = evaluate(out / "labels", folder / "masks", instances=True)
-    return {"ap50": float(rep["objects"]["ap"][0]), "dsb_score": float(rep["objects"]["dsb_score"])}, truth
+    return {"ap50": float(rep["objects"]["ap"][0]), "dsb_score": float(rep["objects"]["dsb_score"])}
 
 
 def _size_errors(pred: Path, truth: dict[str, float]) -> dict:
@@ -113,7 +117,8 @@ def _size_errors(pred: Path, truth: dict[str, float]) -> dict:
 
 
 def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int, precision: str,
-              refine_both: bool) -> list[dict]:
+              refine_both: bool, modes: tuple[str, ...] = ("true", "none", "auto", "old"),
+              zooms: tuple[float, ...] = SIZE_FACTORS) -> list[dict]:
     """Per collection and zoom: AP@0.5 / DSB score with --diameter none, auto (size model; with ``refine_both``
     with and without the refinement pass), auto with the measuring rule (the run without size_model.json) and
     each image's true size; the size estimates' errors; seconds of none and auto."""
@@ -125,16 +130,20 @@ def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int,
     shutil.copytree(run, old_run, ignore=shutil.ignore_patterns("size_model.json"))
     rows = []
     for cname, samples in collections.items():
-        for factor in SIZE_FACTORS:
+        for factor in zooms:
             part = samples if factor == 1.0 else samples[:n_scaled]
             folder = write_rescaled(part, factor, tmp / f"{cname}_x{factor:g}")
             row: dict = {"collection": cname, "zoom": factor, "n_images": len(part)}
-            true_scores, truth = _true_size_score(run, folder, tmp / f"p_{cname}_{factor}_true", precision)
-            row.update({f"true_{k}": v for k, v in true_scores.items()})
-            modes = {"none": (run, None), "auto": (run, rescale.REFINE), "old": (old_run, None)}
+            truth = _truth_diameters(folder)
+            if "true" in modes:
+                true_scores = _true_size_score(run, folder, tmp / f"p_{cname}_{factor}_true", precision, truth)
+                row.update({f"true_{k}": v for k, v in true_scores.items()})
+            runs = {"none": (run, None), "auto": (run, rescale.REFINE), "old": (old_run, None)}
             if refine_both:
-                modes["auto_1pass"] = (run, not rescale.REFINE)
-            for mode, (r, refine) in modes.items():
+                runs["auto_1pass"] = (run, not rescale.REFINE)
+            for mode, (r, refine) in runs.items():
+                if mode not in modes and not mode.startswith("auto_"):
+                    continue
                 out = tmp / f"p_{cname}_{factor}_{mode}"
                 before = rescale.REFINE
                 rescale.REFINE = before if refine is None else refine
@@ -189,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bitdepth", type=Path, help="the bitdepth_nucseg folder (its fixed test list is scored)")
     p.add_argument("--size-precision", default="fp32", help="--precision of the Size estimate rows")
     p.add_argument("--refine-both", action="store_true", help="Size estimate: also auto without/with refinement")
+    p.add_argument("--modes", default="true,none,auto,old", help="Size estimate: the modes to run (comma list)")
+    p.add_argument("--zooms", default="1,0.5,2,4", help="Size estimate: the zooms of the copies (comma list)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.sizes:
@@ -245,8 +256,10 @@ def sizes_main(args) -> int:
     for other in args.other:
         collections[other.name] = load_dataset(other).samples
     with tempfile.TemporaryDirectory(prefix="bench_sizes_") as tmp:
-        rows = size_rows(run, collections, Path(tmp), args.scale_images, args.size_precision, args.refine_both)
-    print(size_table(rows, args.refine_both))
+        rows = size_rows(run, collections, Path(tmp), args.scale_images, args.size_precision, args.refine_both,
+                         tuple(args.modes.split(",")), tuple(float(z) for z in args.zooms.split(",")))
+    if {"true", "none", "auto", "old"} <= set(args.modes.split(",")):
+        print(size_table(rows, args.refine_both))
     out = args.out.with_name("bench_sizes.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))

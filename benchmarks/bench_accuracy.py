@@ -14,6 +14,11 @@ test images took no part in training, checkpoint choice or post-processing tunin
   with ``--diameter auto``, against the same images at native size;
 - ``--other``: a folder of images + masks from elsewhere, with no fine-tuning.
 
+``--sizes`` prints the Size estimate table of benchmarks/README.md instead (per collection: the split of
+``--data``, ``--bitdepth``'s fixed test list, ``--other``; each at x1 and, for the first ``--scale-images``, x0.5 /
+x2 / x4): AP@0.5 and DSB score with ``--diameter auto`` (the run's size model), the measuring rule (the same run
+without size_model.json) and each image's true size, the size estimates' |log(estimated / true)| and seconds.
+
 ``--split val`` scores the validation images instead, to choose between settings (of ``--diameter auto``, say)
 without looking at the test images; report the test split.
 """
@@ -69,6 +74,117 @@ def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, split:
             "dsb_score": float(obj.get("dsb_score", float("nan"))), "seconds": round(seconds, 1)}
 
 
+# --- Size estimate (issue 28): --diameter auto (size model / measuring rule) against each image's true size ------
+
+# bitdepth_nucseg images that no model may train or tune on: whole images, two per tissue, every magnification
+# (3 of 9 at 20x, 3 of 19 at 40x air, 4 of 20 at 40x oil); the same list is in bitdepth_nucseg_test.txt
+BITDEPTH_TEST = ("bone_20x_2", "bone_40x_oil_1", "heart_40x_air_1", "heart_40x_oil_2", "kidney_20x_1",
+                 "kidney_40x_air_2", "liver_40x_air_3", "liver_40x_oil_3", "muscle_20x_2", "muscle_40x_oil_4")
+SIZE_FACTORS = (1.0, 0.5, 2.0, 4.0)
+
+
+def _truth_diameters(folder: Path) -> dict[str, float]:
+    """Each image's true median object diameter (from its labels)."""
+    from unetlab.data.sizes import median_diameter
+
+    return {f.stem: median_diameter([read_image(folder / "masks" / f.name)[0].astype(np.int64)])
+            for f in sorted((folder / "images").iterdir())}
+
+
+def _true_size_score(run: Path, folder: Path, out: Path, precision: str, truth: dict[str, float]) -> dict:
+    """Each image predicted at its own true median object diameter (from its labels): scores."""
+    for f in sorted((folder / "images").iterdir()):
+        d = truth[f.stem]
+        predict(run, f, out / "one" / f.stem, instances=True, diameter=str(d) if d else "none", progress=False,
+                overwrite=True, precision=precision)
+        (out / "labels").mkdir(parents=True, exist_ok=True)
+        for lab in (out / "one" / f.stem / "labels").iterdir():
+            lab.rename(out / "labels" / lab.name)
+    rep = evaluate(out / "labels", folder / "masks", instances=True)
+    return {"ap50": float(rep["objects"]["ap"][0]), "dsb_score": float(rep["objects"]["dsb_score"])}
+
+
+def _size_errors(pred: Path, truth: dict[str, float]) -> dict:
+    """Median / 90th percentile of |log(estimated / true diameter)| and the share within 25%, from counts.csv."""
+    import csv
+
+    errs = [abs(float(np.log(float(r["Diameter"]) / truth[r["ImageName"]])))
+            for r in csv.DictReader((pred / "counts.csv").open())
+            if truth.get(r["ImageName"]) and r.get("Diameter") not in (None, "", "None")]
+    if not errs:
+        return {"err_median": float("nan"), "err_p90": float("nan"), "within25": float("nan")}
+    e = np.array(errs)
+    return {"err_median": float(np.median(e)), "err_p90": float(np.quantile(e, 0.9)),
+            "within25": float((e < np.log(1.25)).mean())}
+
+
+def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int, precision: str,
+              refine_both: bool, modes: tuple[str, ...] = ("true", "none", "auto", "old"),
+              zooms: tuple[float, ...] = SIZE_FACTORS) -> list[dict]:
+    """Per collection and zoom: AP@0.5 / DSB score with --diameter none, auto (size model; with ``refine_both``
+    with and without the refinement pass), auto with the measuring rule (the run without size_model.json) and
+    each image's true size; the size estimates' errors; seconds of none and auto."""
+    import shutil
+
+    from unetlab.inference import rescale
+
+    old_run = tmp / "run_without_size_model"
+    shutil.copytree(run, old_run, ignore=shutil.ignore_patterns("size_model.json"))
+    rows = []
+    for cname, samples in collections.items():
+        for factor in zooms:
+            part = samples if factor == 1.0 else samples[:n_scaled]
+            folder = write_rescaled(part, factor, tmp / f"{cname}_x{factor:g}")
+            row: dict = {"collection": cname, "zoom": factor, "n_images": len(part)}
+            truth = _truth_diameters(folder)
+            if "true" in modes:
+                true_scores = _true_size_score(run, folder, tmp / f"p_{cname}_{factor}_true", precision, truth)
+                row.update({f"true_{k}": v for k, v in true_scores.items()})
+            runs = {"none": (run, None), "auto": (run, rescale.REFINE), "old": (old_run, None)}
+            if refine_both:
+                runs["auto_1pass"] = (run, not rescale.REFINE)
+            for mode, (r, refine) in runs.items():
+                if mode not in modes and not mode.startswith("auto_"):
+                    continue
+                out = tmp / f"p_{cname}_{factor}_{mode}"
+                before = rescale.REFINE
+                rescale.REFINE = before if refine is None else refine
+                try:
+                    t0 = time.time()
+                    predict(r, folder / "images", out, instances=True, diameter="none" if mode == "none" else "auto",
+                            progress=False, overwrite=True, precision=precision)
+                    row[f"{mode}_seconds"] = round(time.time() - t0, 1)
+                finally:
+                    rescale.REFINE = before
+                rep = evaluate(out / "labels", folder / "masks", instances=True)
+                row[f"{mode}_ap50"] = float(rep["objects"]["ap"][0])
+                row[f"{mode}_dsb_score"] = float(rep["objects"]["dsb_score"])
+                if mode != "none":
+                    row.update({f"{mode}_{k}": v for k, v in _size_errors(out, truth).items()})
+            rows.append(row)
+            log.info("%s", row)
+    return rows
+
+
+def size_table(rows: list[dict], refine_both: bool) -> str:
+    """The Size estimate table (markdown)."""
+    extra = " | AP auto 1 pass | err 1 pass med / p90" if refine_both else ""
+    lines = ["| images | zoom | n | AP@0.5 auto | DSB auto | AP@0.5 true size | DSB true size | AP@0.5 old rule | "
+             f"size err med / p90 (within 25%) | old rule err med / p90 | s none / auto / old{extra} |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+             + (" ---: | ---: |" if refine_both else "")]
+    for r in rows:
+        tail = (f" | {r['auto_1pass_ap50']:.3f} | {r['auto_1pass_err_median']:.2f} / {r['auto_1pass_err_p90']:.2f}"
+                if refine_both else "")
+        lines.append(
+            f"| {r['collection']} | x{r['zoom']:g} | {r['n_images']} | {r['auto_ap50']:.3f} | {r['auto_dsb_score']:.3f} | "
+            f"{r['true_ap50']:.3f} | {r['true_dsb_score']:.3f} | {r['old_ap50']:.3f} | "
+            f"{r['auto_err_median']:.2f} / {r['auto_err_p90']:.2f} ({r['auto_within25']:.0%}) | "
+            f"{r['old_err_median']:.2f} / {r['old_err_p90']:.2f} | "
+            f"{r['none_seconds']:.0f} / {r['auto_seconds']:.0f} / {r['old_seconds']:.0f}{tail} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="run folder, or a pretrained model's name (nuclei)")
@@ -80,8 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="predict's --precision for every row (default auto)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_accuracy.json")
+    p.add_argument("--sizes", action="store_true",
+                   help="the Size estimate table only: the split of --data, --bitdepth's test list and --other, "
+                        "each at x1 / x0.5 / x2 / x4, with --diameter auto, the measuring rule and the true size")
+    p.add_argument("--bitdepth", type=Path, help="the bitdepth_nucseg folder (its fixed test list is scored)")
+    p.add_argument("--size-precision", default="fp32", help="--precision of the Size estimate rows")
+    p.add_argument("--refine-both", action="store_true", help="Size estimate: also auto without/with refinement")
+    p.add_argument("--modes", default="true,none,auto,old", help="Size estimate: the modes to run (comma list)")
+    p.add_argument("--zooms", default="1,0.5,2,4", help="Size estimate: the zooms of the copies (comma list)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.sizes:
+        return sizes_main(args)
     logging.getLogger("unetlab").setLevel(logging.WARNING)
 
     args.run = resolve_run_dir(args.run)
@@ -120,6 +246,31 @@ def main(argv: list[str] | None = None) -> int:
                                     "machine": C.machine_info(__import__("torch").device("cpu")),
                                     "rows": [{"name": n, **r} for n, r in rows]}, indent=1))
     log.info("wrote %s", args.out)
+    return 0
+
+
+
+def sizes_main(args) -> int:
+    """``--sizes``: the Size estimate table of benchmarks/README.md."""
+    logging.getLogger("unetlab").setLevel(logging.WARNING)
+    run = resolve_run_dir(args.run)
+    collections: dict[str, list] = {}
+    if args.data is not None:
+        names = set(load_split(run / "split.json").get(args.split) or [])
+        collections[f"DSB {args.split} split"] = [s for s in load_dataset(args.data).samples if s.name in names]
+    if args.bitdepth is not None:
+        collections["bitdepth_nucseg test list"] = [s for s in load_dataset(args.bitdepth).samples
+                                                    if s.name in BITDEPTH_TEST]
+    for other in args.other:
+        collections[other.name] = load_dataset(other).samples
+    with tempfile.TemporaryDirectory(prefix="bench_sizes_") as tmp:
+        rows = size_rows(run, collections, Path(tmp), args.scale_images, args.size_precision, args.refine_both,
+                         tuple(args.modes.split(",")), tuple(float(z) for z in args.zooms.split(",")))
+    if {"true", "none", "auto", "old"} <= set(args.modes.split(",")):
+        print(size_table(rows, args.refine_both))
+    out = args.out.with_name("bench_sizes.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
     return 0
 
 

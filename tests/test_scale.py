@@ -299,7 +299,8 @@ def _ap50(run, data, out, diameter) -> float:
     from unetlab.evaluation.evaluate import evaluate
     from unetlab.inference.predict import predict
 
-    predict(run, data / "images", out, instances=True, diameter=diameter, progress=False)
+    # fp32: with precision auto a bf16-capable CPU predicts in bf16 and may choose another scale (issue 27.9)
+    predict(run, data / "images", out, instances=True, diameter=diameter, progress=False, precision="fp32")
     return float(evaluate(out / "labels", data / "masks", instances=True)["objects"]["ap"][0])
 
 
@@ -321,7 +322,9 @@ def test_diameter_auto_predicts_twice_and_half_size_objects_as_well_as_native_on
     import csv
 
     rows = list(csv.DictReader((tmp_path / "twice" / "counts.csv").open()))
-    assert all(float(r["Scale"]) == pytest.approx(0.5, abs=0.1) and r["DiameterFrom"] == "measured" for r in rows)
+    # the run's size model (fitted at the end of training) chose the scale, not the measuring rule
+    assert all(float(r["Scale"]) == pytest.approx(0.5, abs=0.1) and r["DiameterFrom"].startswith("estimated")
+               for r in rows), rows
 
 
 @pytest.mark.slow
@@ -394,14 +397,22 @@ def test_a_size_normalized_run_learns_one_size_and_predicts_both_with_diameter_a
     import logging
     import re
 
+    from unetlab.data.io import read_image
     from unetlab.inference.predict import predict
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="unetlab"):  # masks alone are predicted at the training size too
-        predict(run, tmp_path / "twice" / "images", tmp_path / "masks_twice", progress=False)
+        predict(run, tmp_path / "twice" / "images", tmp_path / "masks_twice", progress=False, precision="fp32")
     line = re.findall(r"predicted (\d+) image\(s\) at the training object size: (\d+) rescaled, scale min "
                       r"([0-9.]+), median [0-9.]+, max ([0-9.]+)", caplog.text)  # one summary line
-    assert len(line) == 1 and line[0][:2] == ("2", "2") and 0.35 < float(line[0][2]) <= float(line[0][3]) < 0.7, line
+    assert len(line) == 1 and line[0][:2] == ("2", "2"), line
+    scales = [float(line[0][2]), float(line[0][3])]
+    # the bound from what is measured (issue 27.9): the scale that brings these images' true median diameter to
+    # the training diameter, within --diameter auto's tolerance of 25% (issue 28's size criterion)
+    masks = sorted((tmp_path / "twice" / "masks").iterdir())
+    true_d = median_diameter([read_image(f)[0].astype(np.int64) for f in masks])
+    expected = json.loads((run / "model.json").read_text())["diameter"] / true_d
+    assert all(abs(np.log(x / expected)) < np.log(1.25) for x in scales), (scales, expected)
     _ap50(run, data, tmp_path / "pred_none", "none")  # allowed, but the user is told what it means
     assert "trained size-normalised" in caplog.text
 

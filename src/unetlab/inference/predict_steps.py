@@ -135,12 +135,14 @@ def predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Path
     (:func:`~unetlab.inference.rescale.predict_rescaled`), and the scale chosen."""
     from .postprocess import probabilities_to_labels
     from .rescale import predict_rescaled
+    from .sizemodel import size_estimator
 
     prepared = predictor.prepare(raw, source)
     target = kind if kind in TARGET_KINDS else "binary"
+    estimate = size_estimator(predictor.run.model, predictor.run.path) if diameter == "auto" else None
     return predict_rescaled(predictor.predict_prepared, prepared, float(train_diameter), diameter,
                             to_labels=lambda p: probabilities_to_labels(p, target, pp),
-                            foreground=lambda p: foreground(p, info, pp.threshold))
+                            foreground=lambda p: foreground(p, info, pp.threshold), estimate=estimate)
 
 
 def predict_with_fallback(predictor: Predictor, raw: np.ndarray, source: Path, progress) -> np.ndarray:

@@ -5,6 +5,11 @@ trained on, predict, and map the result back to the image's own pixels.
 twice the training size is predicted at scale 0.5; its probabilities are resized back to the original size,
 and instance labels found at the training size are mapped back by nearest neighbour and trimmed to the
 foreground of the resized-back probabilities.
+
+``--diameter auto`` takes the object size from the run's size model (``size_model.json``,
+:mod:`unetlab.inference.sizemodel`) when its folder has one: one pass at the estimated scale, and at most one
+more when the objects of that pass disagree with the estimate (:func:`_estimate_scale`). Runs without it measure
+the objects the model finds at a few trial scales (:func:`_measure_scale`), which large objects can fool.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ log = logging.getLogger(__name__)
 AUTO_TOLERANCE = 0.2  # --diameter auto predicts again when the measured size is off by more than this
 MIN_SCALE, MAX_SCALE = 0.125, 8.0
 MIN_SIDE = 16  # a rescaled image is never smaller than this (pixels) on either side
+# with a size model, measure the objects of the pass at the estimated scale and predict once more when they
+# disagree with the estimate (at most two passes); chosen on the DSB validation split (benchmarks/README.md)
+REFINE = True
 
 
 @dataclass
@@ -36,7 +44,7 @@ class ScaleChoice:
 
     scale: float
     diameter: float | None  # objects' diameter in the original image (pixels), None when unknown
-    how: str  # "training size", "given", "measured", "measured (no objects)"
+    how: str  # "training size", "given", "estimated", "estimated, refined", "measured", "measured (no objects)"
 
 
 def parse_diameter(value: str | float | None) -> float | str | None:
@@ -91,6 +99,24 @@ def map_labels_back(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     kept = np.isin(near, np.unique(up[up > 0]))  # every object keeps its identity
     return np.where(foreground & kept, near, 0).astype(up.dtype)
 
+
+def _estimate_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]], estimated: float,
+                    train_diameter: float, tolerance: float, refine: bool) -> ScaleChoice:
+    """The scale for ``diameter='auto'`` from a size estimate that does not come from the model's objects
+    (:mod:`unetlab.inference.sizemodel`): one pass at the scale that brings ``estimated`` to ``train_diameter``.
+    With ``refine``, the objects of that pass, seen near the training size, are measured, and when their median
+    diameter differs from the estimate by more than ``tolerance`` a second pass is made at their size (as
+    Cellpose does): at most two passes."""
+    scale = scale_for(train_diameter, estimated)
+    if not refine:
+        return ScaleChoice(scale, estimated, "estimated")
+    d = median_diameter([run(scale)[1]])
+    if d is None or abs(math.log(d / scale / estimated)) <= math.log1p(tolerance):
+        return ScaleChoice(scale, estimated, "estimated")
+    return ScaleChoice(scale_for(train_diameter, d / scale), d / scale, "estimated, refined")
+
+
+# --- the measuring rule of runs without a size model (size_model.json) ------------------------------------------
 
 TRIAL_SCALES = (1.0, 0.5, 0.25)  # first passes of 'auto' while the objects found look smaller than trained
 # and when none of those finds an object: objects far below the training size (under the minimum size, or too small
@@ -172,6 +198,8 @@ def predict_rescaled(
     foreground: Callable[[np.ndarray], np.ndarray] | None = None,
     tolerance: float = AUTO_TOLERANCE,
     max_passes: int = 3,
+    estimate: Callable[[np.ndarray], float] | None = None,
+    refine: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, ScaleChoice]:
     """Probabilities (K, H, W) and, with ``to_labels``, instance labels of a prepared (C, H, W) ``image``,
     predicted with its objects at the training size. Returns them at the image's own size with the choice made.
@@ -179,9 +207,11 @@ def predict_rescaled(
     ``predict`` maps a prepared image to probabilities of the same size; ``to_labels`` turns probabilities
     into labels (the run's tuned post-processing) and ``foreground`` probabilities into the boolean mask that
     the labels' outlines follow at full size (default: the coarse labels' own footprint). ``diameter``: None
-    (as it is), pixels, or 'auto' (see :func:`_measure_scale`).
+    (as it is), pixels, or 'auto': with ``estimate`` (prepared image -> object diameter, the run's size model)
+    see :func:`_estimate_scale`, without it :func:`_measure_scale`.
     """
-    if (diameter == "auto") and to_labels is None:
+    refine = REFINE if refine is None else refine
+    if (diameter == "auto") and to_labels is None and (estimate is None or refine):
         raise ValueError("diameter 'auto' measures objects: it needs to_labels")
     shape = tuple(image.shape[-2:])
     passes: dict[float, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -196,6 +226,8 @@ def predict_rescaled(
         choice = ScaleChoice(1.0, None, "training size")
     elif diameter != "auto":
         choice = ScaleChoice(scale_for(train_diameter, float(diameter)), float(diameter), "given")
+    elif estimate is not None:
+        choice = _estimate_scale(run, float(estimate(image)), float(train_diameter), tolerance, refine)
     else:
         choice = _measure_scale(run, float(train_diameter), tolerance, max_passes)
     prob_s, labels_s = run(choice.scale)

@@ -121,3 +121,14 @@ class ResNetUNet(nn.Module):
             x = block(x, skips[i])
         x = self.final_up(x)
         return self.head(x)[:, :, :h, :w]
+
+    def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map of every encoder scale of ``x`` (stem /2, stages /4 to /32), shallowest first, as
+        :meth:`forward` computes them."""
+        x = self.stem(pad_to_multiple(x, 32))
+        levels = [x]
+        x = self.maxpool(x)
+        for stage in self.stages:
+            x = stage(x)
+            levels.append(x)
+        return levels

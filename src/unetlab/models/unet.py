@@ -141,3 +141,16 @@ class UNet(nn.Module):
         if self.padding == "same":
             x = x[:, :, :h, :w]
         return x
+
+    def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map of every encoder level of ``x``, shallowest first (the last is the bottleneck), as
+        :meth:`forward` computes them (same-padding models pad to a multiple of ``2**depth`` first)."""
+        if self.padding == "same":
+            x = pad_to_multiple(x, self.multiple)
+        levels: list[torch.Tensor] = []
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            levels.append(x)
+            if i < self.depth:
+                x = self.pool(x)
+        return levels

@@ -69,6 +69,7 @@ from .setup import (
     prepare_run_dir,
     remove_unstarted_run,
 )
+from .sizefit import fit_size_model_after_training
 from .teacher import load_teacher, teacher_logits
 from .tuning import score_test_split, tune_on_validation
 from .validation import validate
@@ -385,6 +386,8 @@ class Trainer:
             self._write_metrics()
             if cfg.train.tune_postprocess and self.info["task"] != "multiclass" and len(self.val_cache):
                 tuned = tune_on_validation(self.model, self.out, cfg, self.info, self.val_cache, self.device)
+            # the size model (size_model.json) of --diameter auto, fitted on the best weights after training
+            fit_size_model_after_training(self.out, cfg, self.info, self.train_samples, self.val_samples)
             test = score_test_split(self.model, self.out, cfg, self.info, self.test_samples, self.device)
             write_summary(self.out / "summary.json", best_metric=self.best, monitor=self.monitor,
                           best_epoch=self.best_epoch, epochs_run=self.epoch, stop_reason=stop_reason,

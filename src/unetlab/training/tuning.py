@@ -30,6 +30,7 @@ from ..inference.postprocess import (
     resolve_markers,
 )
 from ..inference.rescale import predict_rescaled, resize_labels
+from ..inference.sizemodel import size_estimator
 from ..labels import instance_labels
 from ..runfolder import checkpoint_path, load_checkpoint
 from .validation import predict_prepared_val, predict_val_image, validation_scale
@@ -138,7 +139,7 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
 
 
 def _test_prediction(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: dict, device: torch.device,
-                     source) -> tuple[np.ndarray, np.ndarray]:
+                     source, estimate=None) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and instance labels of one test image as ``predict --instances`` makes them: at the image's
     own size, or for a size-normalised run with ``--diameter auto`` (the test labels choose nothing)."""
     pp, kind = cfg.postprocess, info["target"]
@@ -154,7 +155,8 @@ def _test_prediction(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: 
         return prob, to_labels(prob)
     x = apply_channels(image, cfg.data, None, source=source)
     prob, labels, _choice = predict_rescaled(predict, x, float(info["diameter"]), "auto", to_labels=to_labels,
-                                             foreground=lambda p: foreground_mask(p, kind, pp.threshold))
+                                             foreground=lambda p: foreground_mask(p, kind, pp.threshold),
+                                             estimate=estimate)
     return prob, labels
 
 
@@ -175,13 +177,14 @@ def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, sa
     matches = []
     multiclass = info["task"] == "multiclass"
     objects = has_object_scores(info, semantic_too)
+    estimate = size_estimator(model, out)  # the run's size_model.json, as predict --diameter auto uses it
     for i in range(len(cache)):
         item = cache[i]
         if multiclass:
             prob = predict_val_image(model, item.image, cfg, info, device, samples[i].image).numpy()
             pred, truth = prob.argmax(0) > 0, item.labels > 0
         else:
-            prob, labels = _test_prediction(model, item.image, cfg, info, device, samples[i].image)
+            prob, labels = _test_prediction(model, item.image, cfg, info, device, samples[i].image, estimate)
             pred, truth = foreground_mask(prob, info["target"], cfg.postprocess.threshold), item.labels > 0
             if objects:
                 matches.append(match_objects(labels, instance_labels(item.labels)))

@@ -125,7 +125,7 @@ class ResNetUNet(nn.Module):
     def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map of every encoder scale of ``x`` (stem /2, stages /4 to /32), shallowest first, as
         :meth:`forward` computes them."""
-        x = self.stem(pad_to_multiple(x, 32))
+        x = self.stem(pad_to_multiple(x, self.size_multiple))
         levels = [x]
         x = self.maxpool(x)
         for stage in self.stages:

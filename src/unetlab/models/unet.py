@@ -146,7 +146,7 @@ class UNet(nn.Module):
         """The feature map of every encoder level of ``x``, shallowest first (the last is the bottleneck), as
         :meth:`forward` computes them (same-padding models pad to a multiple of ``2**depth`` first)."""
         if self.padding == "same":
-            x = pad_to_multiple(x, self.multiple)
+            x = pad_to_multiple(x, self.size_multiple)
         levels: list[torch.Tensor] = []
         for i, encoder in enumerate(self.encoders):
             x = encoder(x)

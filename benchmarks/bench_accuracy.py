@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other", type=Path, action="append", default=[], help="images + masks from elsewhere")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="the run's split to score: test (to report, default) or val (to choose settings)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="predict's --precision for every row (default auto)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32",
+                   help="predict's --precision for every row (default fp32: the same figures on every CPU; auto "
+                        "is bf16 where the CPU has native bf16)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_accuracy.json")
     p.add_argument("--sizes", action="store_true",
                    help="the Size estimate table only: the split of --data, --bitdepth's test list and --other, "

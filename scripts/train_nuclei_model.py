@@ -8,6 +8,9 @@ with the tuned post-processing and the test scores.
 
     python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei
     python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei --package-only
+
+With ``--bitdepth ../shared/data/bitdepth_nucseg`` it trains on DSB + that tissue-section set (a combined view
+beside the run folder, MULTILAB_RECIPE appended); flags it does not know go to ``unetlab train`` (they win).
 """
 
 from __future__ import annotations

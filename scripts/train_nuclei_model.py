@@ -12,6 +12,9 @@ with the tuned post-processing and the test scores.
 
 Packaging also fits the size model of ``--diameter auto`` (``size_model.json``) on the packaged weights (about
 3.5 min on 2 busy cores); ``--size-model-only`` fits it again for the model already in ``--dest``.
+
+With ``--bitdepth ../shared/data/bitdepth_nucseg`` it trains on DSB + that tissue-section set (a combined view
+beside the run folder, MULTILAB_RECIPE appended); flags it does not know go to ``unetlab train`` (they win).
 """
 
 from __future__ import annotations
@@ -41,21 +44,100 @@ RECIPE = [
 ]
 
 
+# DSB 2018 + bitdepth_nucseg (tissue sections of another lab): the same network, fine-tuned from the DSB-only
+# model (the shipped ``nuclei`` of 2026-12-04, i.e. this script without --bitdepth; pass ``--init RUN`` to start
+# from another) for 12 epochs at half the learning rate, with augmentation toward other labs' look (dim nuclei
+# next to bright ones, uneven bright backgrounds, defocus); appended to RECIPE (later flags win). On 2 shared
+# cores an epoch took ~200 s (the 45-minute budget of a session): from scratch it would get ~12 of the 30 epochs
+# the DSB recipe has. The test split comes from the view's split.json (--split-file), not --test-fraction.
+MULTILAB_RECIPE = [
+    "--init", "nuclei", "--lr", "1e-3",
+    "--epochs", "12", "--val-every", "3", "--max-minutes", "45",
+    "--aug-object-intensity", "0.5", "--aug-object-intensity-range", "0.3,1.5",
+    "--aug-background", "0.3", "--aug-background-range", "0.3",
+    "--aug-blur", "0.2", "--aug-blur-sigma", "0.5,1.5",
+]
+# bitdepth_nucseg: whole images held out for testing (benchmarks/bitdepth_nucseg_test.txt) and validation (every
+# tissue, each magnification); the other 30 train, each listed BITDEPTH_COPIES times so that its patches are not
+# drowned by DSB's ~350 training images (patches are drawn from images uniformly)
+BITDEPTH_TEST = ["bone_20x_2", "bone_40x_oil_1", "heart_40x_air_1", "heart_40x_oil_2", "kidney_20x_1",
+                 "kidney_40x_air_2", "liver_40x_air_3", "liver_40x_oil_3", "muscle_20x_2", "muscle_40x_oil_4"]
+BITDEPTH_VAL = ["bone_40x_air_3", "bone_40x_oil_2", "heart_20x_1", "heart_40x_oil_3", "kidney_40x_air_3",
+                "kidney_40x_oil_1", "liver_20x_2", "muscle_40x_air_1"]
+BITDEPTH_COPIES = 3
+
+
 def fluorescence_ids(data: Path) -> list[str]:
     """Image ids the DSB metadata table marks as fluorescence."""
     with open(data / "image_metadata.csv", newline="") as f:
         return [row["ImageId"] for row in csv.DictReader(f) if row["modality_guess"] == "fluorescence"]
 
 
-def train(data: Path, run: Path, extra: list[str]) -> None:
-    """Run ``unetlab train`` with the recipe on the fluorescence images."""
-    ids = fluorescence_ids(data)
+def _link(src: Path, dst: Path) -> None:
+    if not dst.is_symlink():
+        dst.symlink_to(src.resolve())
+
+
+def build_combined_view(data: Path, bitdepth: Path, view: Path, dsb_split: Path) -> Path:
+    """A paired images/ + masks/ folder of DSB (``dsb_`` names: channel 0 of each image, per-nucleus PNGs merged into uint16 label TIFFs)
+    and bitdepth_nucseg (``bd_`` names, symlinks), with its split.json: DSB train/val/test as in ``dsb_split``
+    (the shipped model's), bitdepth test/val as BITDEPTH_TEST / BITDEPTH_VAL. Returns the split.json path."""
+    from unetlab.data.io import read_image, write_image
+    from unetlab.data.layouts import load_dataset
+    from unetlab.data.split import load_split
+
+    saved = load_split(dsb_split)
+    (view / "images").mkdir(parents=True, exist_ok=True)
+    (view / "masks").mkdir(parents=True, exist_ok=True)
+    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for part in split:
+        split[part] += [f"dsb_{n}" for n in saved.get(part, [])]
+    wanted = set(split["train"] + split["val"] + split["test"])
+    samples = [s for s in load_dataset(data / "stage1_train").samples if f"dsb_{s.name}" in wanted]
+    if len(samples) != len(wanted):
+        raise SystemExit(f"{data}: {len(wanted) - len(samples)} images of {dsb_split} are missing")
+    for s in samples:
+        name = f"dsb_{s.name}"
+        image = view / "images" / f"{name}.tif"  # channel 0 only (what --channels 0 reads): one channel count
+        if not image.exists():
+            write_image(image, read_image(s.image)[0])
+        mask = view / "masks" / f"{name}.tif"
+        if not mask.exists():
+            write_image(mask, s.load_mask().astype("uint16"))
+    for img in sorted((bitdepth / "images").glob("*.tif")):
+        stem = img.stem
+        held = stem in BITDEPTH_TEST or stem in BITDEPTH_VAL
+        names = [f"bd_{stem}"] + ([] if held else [f"bd{k}_{stem}" for k in range(2, BITDEPTH_COPIES + 1)])
+        for name in names:
+            _link(img, view / "images" / f"{name}.tif")
+            _link(bitdepth / "masks" / img.name, view / "masks" / f"{name}.tif")
+        split["test" if stem in BITDEPTH_TEST else "val" if stem in BITDEPTH_VAL else "train"] += names
+    missing = sorted(set(BITDEPTH_TEST + BITDEPTH_VAL) - {p.stem for p in (bitdepth / "images").glob("*.tif")})
+    if missing:
+        raise SystemExit(f"{bitdepth}: images missing: {missing}")
+    out = view / "split.json"
+    out.write_text(json.dumps(split, indent=1) + "\n")
+    log.info("combined view %s: %s", view, {k: len(v) for k, v in split.items()})
+    return out
+
+
+def train(data: Path, run: Path, extra: list[str], bitdepth: Path | None = None) -> None:
+    """Run ``unetlab train`` with the recipe on the fluorescence images (and bitdepth_nucseg when given)."""
     run.parent.mkdir(parents=True, exist_ok=True)
-    include = run.parent / f"{run.name}_fluorescence.txt"
-    include.write_text("\n".join(ids) + "\n")
-    cmd = [sys.executable, "-m", "unetlab", "train", "--data", str(data / "stage1_train"),
-           "--include", str(include), "--out", str(run), *RECIPE, *extra]
-    log.info("training on %d fluorescence images: %s", len(ids), " ".join(cmd))
+    if bitdepth is not None:
+        view = run.parent / f"{run.name}_data"
+        split = build_combined_view(data, bitdepth, view, DEST / "split.json")
+        k = RECIPE.index("--test-fraction")
+        recipe = RECIPE[:k] + RECIPE[k + 2:] + MULTILAB_RECIPE
+        source = ["--data", str(view), "--split-file", str(split)]
+    else:
+        ids = fluorescence_ids(data)
+        include = run.parent / f"{run.name}_fluorescence.txt"
+        include.write_text("\n".join(ids) + "\n")
+        recipe = RECIPE
+        source = ["--data", str(data / "stage1_train"), "--include", str(include)]
+    cmd = [sys.executable, "-m", "unetlab", "train", *source, "--out", str(run), *recipe, *extra]
+    log.info("training: %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
 
 
@@ -145,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="the DSB 2018 folder (stage1_train/, image_metadata.csv)")
     p.add_argument("--run", type=Path, required=True, help="run folder to train into")
+    p.add_argument("--bitdepth", type=Path, default=None,
+                   help="bitdepth_nucseg folder (images/ + masks/): train on DSB + it (a combined view beside --run)")
+    p.add_argument("--no-package", action="store_true", help="train only, do not package")
     p.add_argument("--package-only", action="store_true", help="package an existing run, do not train")
     p.add_argument("--resume", action="store_true", help="resume a stopped training run")
     p.add_argument("--size-model-only", action="store_true",
@@ -152,13 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dest", type=Path, default=DEST, help=f"package folder (default {DEST})")
     p.add_argument("--other", type=Path, action="append", default=[],
                    help="images/ + masks/ from elsewhere to score the packaged model on (into its card)")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)  # unknown flags go to `unetlab train` (after the recipe: they win)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.size_model_only:
         fit_size_model(args.dest, args.data)
         return 0
     if not args.package_only:
-        train(args.data, args.run, ["--resume"] if args.resume else [])
+        train(args.data, args.run, (["--resume"] if args.resume else []) + extra, args.bitdepth)
+    if args.no_package:
+        return 0
     package(args.run, args.dest, args.other, args.data)
     return 0
 

@@ -52,6 +52,12 @@ class AugmentConfig:
     noise_std: float = _f(0.03, "standard deviation of the noise, in normalised intensity units")
     blur: float = _f(0.0, "probability of a Gaussian blur")
     blur_sigma: tuple[float, float] = _f((0.5, 1.5), "range of the blur's sigma in pixels, e.g. 0.5,1.5")
+    object_intensity: float = _f(0.0, "probability of scaling each labelled object's brightness by its own "
+                                 "random factor (dim nuclei next to bright ones)")
+    object_intensity_range: tuple[float, float] = _f((0.4, 1.5), "range of the per-object brightness factor, "
+                                                     "e.g. 0.4,1.5")
+    background: float = _f(0.0, "probability of adding a smooth, uneven background (a low-frequency offset)")
+    background_range: float = _f(0.3, "largest background offset, in normalised intensity units")
     zoom: float | None = _f(None, "probability of a random zoom of the whole patch (objects drawn at "
                             "--aug-zoom-range times their size); none: 0.5 for instance targets (boundary, "
                             "distance, flow), where object size matters most, else 0")

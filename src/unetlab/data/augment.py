@@ -131,6 +131,28 @@ def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
+def _scale_objects(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                   bounds: tuple[float, float]) -> np.ndarray:
+    """Each object of ``labels`` brightened/dimmed by its own log-uniform factor above the image's minimum; the
+    factor map is smoothed by a pixel so object edges do not become steps."""
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return image
+    factors = np.ones(int(ids.max()) + 1, dtype=np.float32)
+    factors[ids] = [_log_uniform(rng, bounds) for _ in ids]
+    fmap = ndimage.gaussian_filter(factors[labels.astype(np.intp)], sigma=1.0, mode="nearest")
+    lo = image.min(axis=(1, 2), keepdims=True)
+    return (lo + (image - lo) * fmap[None]).astype(np.float32)
+
+
+def _smooth_background(shape: tuple[int, int], rng: np.random.Generator, largest: float) -> np.ndarray:
+    """A random smooth offset field (h, w) in [0, ``largest``]: a bilinear 4x4 grid of uniform levels."""
+    h, w = shape
+    grid = rng.uniform(0.0, largest, size=(4, 4)).astype(np.float32)
+    return ndimage.zoom(grid, (h / 4, w / 4), order=1, mode="nearest", grid_mode=True)[:h, :w]
+
+
 # --- the pipeline -------------------------------------------------------------------------------------------
 
 
@@ -176,6 +198,12 @@ def apply_augment(
             return np.array(a, dtype=np.float32, copy=True)
         return a
 
+    if cfg.object_intensity > 0 and tgts and rng.random() < cfg.object_intensity:  # targets[0]: the labels
+        img = _scale_objects(np.asarray(img, np.float32), np.asarray(tgts[0]), rng, cfg.object_intensity_range)
+        owned = True
+    if cfg.background > 0 and rng.random() < cfg.background:
+        img = own(img)
+        img += _smooth_background((h, w), rng, cfg.background_range)[None]
     if cfg.brightness > 0 and rng.random() < cfg.brightness:
         img = own(img)
         img += np.float32(rng.uniform(-cfg.brightness_range, cfg.brightness_range))

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import unetlab
+from unetlab.inference.predictor import precision_name
 from unetlab.training.reporting import (
     BASELINE_EVALUATIONS,
     baseline_warning,
     curves_figure,
     epoch_line,
-    precision_name,
     time_budget_reached,
     time_estimate,
 )

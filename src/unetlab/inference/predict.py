@@ -35,6 +35,7 @@ from .predict_steps import (
 )
 from .predictor import Predictor, onnx_device
 from .rescale import parse_diameter
+from .sizemodel import size_estimator
 from .streaming import should_stream
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class _Job:
     protect: list[Path]
     device: Any = None  # where the network runs (onnxruntime's provider device with --backend onnx)
     channels_said: bool = False  # the line on channels taken from a multichannel image: once per prediction
+    estimate: Any = None  # --diameter auto: the run's size model (size_model.json), read once per prediction
 
     @property
     def multiclass(self) -> bool:
@@ -239,6 +241,8 @@ def _plan(o: PredictOptions, out: Path, run_dir: Path, protect: list[Path], dist
     if o.ome_zarr and not job.want_labels:
         raise UnetlabError("--ome-zarr writes the instance labels as OME-Zarr: add --instances")
     job.diameter = _resolve_diameter(o.diameter, run, job.want_labels, run_dir)
+    if job.diameter == "auto":
+        job.estimate = size_estimator(run.model, run.path)
     return job
 
 
@@ -336,7 +340,7 @@ def _predict_probabilities(job: _Job, name: str, raw: np.ndarray, f: Path, res: 
         return predict_with_fallback(job.predictor, raw, f, progress), None
     prob, labels, choice = on_oom_smaller_batches(job.predictor, f, partial(
         predict_at_training_size, raw=raw, source=f, train_diameter=job.run.info.get("diameter"),
-        diameter=job.diameter, kind=job.kind, pp=job.pp, info=job.run.info))
+        diameter=job.diameter, kind=job.kind, pp=job.pp, info=job.run.info, estimate=job.estimate))
     progress(job.predictor.n_tiles(prob.shape[-2:]))
     res.scales[name] = {"Scale": round(choice.scale, 4), "Diameter": choice.diameter, "DiameterFrom": choice.how}
     log.debug("%s: predicted at scale %.3f (object diameter %s px, %s)", name, choice.scale,

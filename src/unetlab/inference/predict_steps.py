@@ -130,16 +130,15 @@ def predict_streaming(predictor: Predictor, f: Path, paths: dict[str, Path], pro
 
 
 def predict_at_training_size(predictor: Predictor, raw: np.ndarray, source: Path, train_diameter: float,
-                              diameter: float | str, kind: str, pp, info: dict):
+                              diameter: float | str, kind: str, pp, info: dict, estimate=None):
     """Probabilities and labels of one image predicted with its objects rescaled to the training size
-    (:func:`~unetlab.inference.rescale.predict_rescaled`), and the scale chosen."""
+    (:func:`~unetlab.inference.rescale.predict_rescaled`; ``estimate``: the run's size model for
+    ``--diameter auto``), and the scale chosen."""
     from .postprocess import probabilities_to_labels
     from .rescale import predict_rescaled
-    from .sizemodel import size_estimator
 
     prepared = predictor.prepare(raw, source)
     target = kind if kind in TARGET_KINDS else "binary"
-    estimate = size_estimator(predictor.run.model, predictor.run.path) if diameter == "auto" else None
     return predict_rescaled(predictor.predict_prepared, prepared, float(train_diameter), diameter,
                             to_labels=lambda p: probabilities_to_labels(p, target, pp),
                             foreground=lambda p: foreground(p, info, pp.threshold), estimate=estimate)

@@ -121,11 +121,6 @@ def baseline_warning(history: list[dict]) -> str | None:
             "objects are dark in the masks)")
 
 
-def precision_name(amp_dtype: Any | None) -> str:
-    """The resolved precision of an autocast dtype (None: fp32) as the config spells it: fp32, bf16 or fp16."""
-    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(amp_dtype), "fp32")
-
-
 def write_metrics(history: list[dict], path: Path) -> Path:
     """Write ``history`` as a CSV table (columns in order of first appearance) atomically to ``path``."""
     keys: list[str] = []
@@ -212,5 +207,5 @@ def draw_curves(history: list[dict], path: Path) -> None:
 
 
 __all__ = ["BASELINE_EVALUATIONS", "BASELINE_MARGIN", "baseline_label", "baseline_warning", "curves_figure",
-           "draw_curves", "epoch_line", "log_epoch", "plot_curves", "precision_name", "tensorboard_writer",
+           "draw_curves", "epoch_line", "log_epoch", "plot_curves", "tensorboard_writer",
            "time_budget_reached", "time_estimate", "write_metrics", "write_summary"]

@@ -22,6 +22,7 @@ from ..inference.predictor import Predictor
 from ..inference.rescale import MAX_SCALE, MIN_SCALE, MIN_SIDE, resize_image
 from ..inference.sizemodel import STYLE_CROP, SizeModel, image_style
 from ..labels import instance_labels
+from .tuning import has_object_scores
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,7 @@ def fit_size_model_for_run(run_dir: str | Path, data: str | Path | None = None, 
 def fit_size_model_after_training(out: Path, cfg, info: dict, train_samples: list, val_samples: list) -> None:
     """The end-of-training step: fit ``size_model.json`` for instance targets whose objects' size is known;
     a failure is a warning (the run keeps predicting with the measuring rule), never a lost run."""
-    from ..data.targets import INSTANCE_KINDS
-
-    if info.get("task") == "multiclass" or info.get("target") not in INSTANCE_KINDS or not info.get("diameter"):
+    if not has_object_scores(info) or not info.get("diameter"):
         return
     try:
         fit_size_model(out, train_samples, val_samples, seed=int(cfg.train.seed))

@@ -33,7 +33,7 @@ from ..config import RunConfig
 from ..data.dataset import SampleCache
 from ..data.split import load_split
 from ..errors import UnetlabError
-from ..inference.predictor import resolve_precision
+from ..inference.predictor import precision_name, resolve_precision
 from ..runfolder import checkpoint_path, load_checkpoint, load_weights, read_json, save_checkpoint, write_json
 from .decisions import (
     best_in_history,
@@ -52,7 +52,6 @@ from .reporting import (
     draw_curves,
     log_epoch,
     plot_curves,
-    precision_name,
     tensorboard_writer,
     time_budget_reached,
     write_metrics,
@@ -384,7 +383,7 @@ class Trainer:
         tuned = None
         if main and self.out is not None:
             self._write_metrics()
-            if cfg.train.tune_postprocess and self.info["task"] != "multiclass" and len(self.val_cache):
+            if cfg.train.tune_postprocess and len(self.val_cache):  # instance targets only (tuning's rule)
                 tuned = tune_on_validation(self.model, self.out, cfg, self.info, self.val_cache, self.device)
             # the size model (size_model.json) of --diameter auto, fitted on the best weights after training
             fit_size_model_after_training(self.out, cfg, self.info, self.train_samples, self.val_samples)

@@ -410,7 +410,7 @@ class Trainer:
             self.schedule.step_epoch(d.metric, self.mode)
         stop = d.stop
         if d.collapse:
-            self._log_epoch(row)
+            self._log_epoch(row)  # the collapsed epoch's line, before the guard's
             if self._recover(d.collapse, self.epoch):
                 self.bad_evals = 0
                 return _RECOVERED
@@ -421,7 +421,8 @@ class Trainer:
             self._save_best(row)
         if d.restore_point:
             self.good_state, self.good_epoch = self._snapshot(), self.epoch
-        self._log_epoch(row)
+        if not d.collapse:  # a collapsed epoch's line is logged above
+            self._log_epoch(row)
         if d.stop:
             log.info("%s", d.stop)
         if self.dist.is_main and self.out is not None and (self.epoch % cfg.train.save_every == 0 or last or d.stop):

@@ -8,7 +8,7 @@ with the tuned post-processing and the test scores.
 
     python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei
     python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei --package-only
-    python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run - --size-model-only
+    python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei --size-model-only
 
 Packaging also fits the size model of ``--diameter auto`` (``size_model.json``) on the packaged weights (about
 3.5 min on 2 busy cores); ``--size-model-only`` fits it again for the model already in ``--dest``.
@@ -52,7 +52,7 @@ RECIPE = [
 # the DSB recipe has. The test split comes from the view's split.json (--split-file), not --test-fraction.
 MULTILAB_RECIPE = [
     "--init", "nuclei", "--lr", "1e-3",
-    "--epochs", "12", "--val-every", "3", "--max-minutes", "45",
+    "--epochs", "40", "--val-every", "4", "--max-minutes", "95",
     "--aug-object-intensity", "0.5", "--aug-object-intensity-range", "0.3,1.5",
     "--aug-background", "0.3", "--aug-background-range", "0.3",
     "--aug-blur", "0.2", "--aug-blur-sigma", "0.5,1.5",
@@ -121,21 +121,22 @@ def build_combined_view(data: Path, bitdepth: Path, view: Path, dsb_split: Path)
     return out
 
 
-def train(data: Path, run: Path, extra: list[str], bitdepth: Path | None = None) -> None:
-    """Run ``unetlab train`` with the recipe on the fluorescence images (and bitdepth_nucseg when given)."""
+def training_source(data: Path, run: Path, bitdepth: Path | None) -> tuple[Path, list[str], list[str]]:
+    """(dataset folder, its `unetlab train` source flags, recipe) of the DSB-only or the two-lab recipe; the
+    two-lab view is built beside ``run`` (idempotent)."""
     run.parent.mkdir(parents=True, exist_ok=True)
     if bitdepth is not None:
         view = run.parent / f"{run.name}_data"
         split = build_combined_view(data, bitdepth, view, DEST / "split.json")
         k = RECIPE.index("--test-fraction")
-        recipe = RECIPE[:k] + RECIPE[k + 2:] + MULTILAB_RECIPE
-        source = ["--data", str(view), "--split-file", str(split)]
-    else:
-        ids = fluorescence_ids(data)
-        include = run.parent / f"{run.name}_fluorescence.txt"
-        include.write_text("\n".join(ids) + "\n")
-        recipe = RECIPE
-        source = ["--data", str(data / "stage1_train"), "--include", str(include)]
+        return view, ["--data", str(view), "--split-file", str(split)], RECIPE[:k] + RECIPE[k + 2:] + MULTILAB_RECIPE
+    include = run.parent / f"{run.name}_fluorescence.txt"
+    include.write_text("\n".join(fluorescence_ids(data)) + "\n")
+    return data / "stage1_train", ["--data", str(data / "stage1_train"), "--include", str(include)], RECIPE
+
+
+def train(source: list[str], recipe: list[str], run: Path, extra: list[str]) -> None:
+    """Run ``unetlab train`` with the recipe on ``source`` (flags from :func:`training_source`)."""
     cmd = [sys.executable, "-m", "unetlab", "train", *source, "--out", str(run), *recipe, *extra]
     log.info("training: %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
@@ -161,17 +162,36 @@ def score_other(model_dir: Path, other: Path) -> dict:
             "ap50": round(float(obj["ap"][0]), 4), "dsb_score": round(float(obj["dsb_score"]), 4)}
 
 
-def fit_size_model(model_dir: Path, data: Path) -> None:
-    """Fit the packaged weights' size model (``size_model.json``, issue 28) on its training images; the ridge
-    penalty is chosen on its validation images; its test images are never read."""
+def fit_size_model(model_dir: Path, root: Path) -> None:
+    """Fit the packaged weights' size model (``size_model.json``, issue 28) on its training images in ``root``
+    (the folder its split.json names); the ridge penalty is chosen on its validation images; its test images are
+    never read."""
     from unetlab.training.sizefit import fit_size_model_for_run
 
-    fit_size_model_for_run(model_dir, data / "stage1_train", crops=1024, val_crops=256, seed=0)
+    fit_size_model_for_run(model_dir, root, crops=1024, val_crops=256, seed=0)
 
 
-def package(run: Path, dest: Path, others: list[Path], data: Path | None = None) -> Path:
+def _trained_on(split: dict, two_lab: bool) -> str:
+    """The card's line on the training images: collections and split sizes (two-lab: per collection)."""
+    if not two_lab:
+        return ("DSB 2018 stage-1 training set, fluorescence images (CC0; "
+                f"{len(split.get('train', []))} training, {len(split.get('val', []))} validation, "
+                f"{len(split.get('test', []))} test images)")
+
+    def count(part: str, prefix: str) -> int:
+        return len({n.split("_", 1)[1] for n in split.get(part, []) if n.split("_", 1)[0].startswith(prefix)})
+
+    parts = ("train", "val", "test")
+    dsb = ", ".join(f"{count(p, 'dsb')} {p}" for p in parts)
+    bd = ", ".join(f"{count(p, 'bd')} {p}" for p in parts)
+    return (f"DSB 2018 stage-1 training set, fluorescence images (CC0; {dsb}) and bitdepth_nucseg DAPI tissue "
+            f"sections of another lab (20x, 40x air, 40x oil; whole images {bd})")
+
+
+def package(run: Path, dest: Path, others: list[Path], root: Path | None = None, two_lab: bool = False) -> Path:
     """Copy the run's best weights (float16), config, model.json and split into ``dest`` with a model card; with
-    ``data`` (the DSB folder) fit the size model of the packaged weights too."""
+    ``root`` (the dataset folder the run's split names) fit the size model of the packaged weights too;
+    ``two_lab``: it was trained by the DSB + bitdepth_nucseg recipe."""
     from unetlab.config import RunConfig
     from unetlab.models import count_parameters
     from unetlab.runfolder import load_checkpoint, load_run, read_json, save_checkpoint
@@ -183,7 +203,8 @@ def package(run: Path, dest: Path, others: list[Path], data: Path | None = None)
         raise SystemExit(f"{run}: summary.json has no test scores; train with --test-fraction")
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     cfg = RunConfig.load(run / "config.yaml")
-    cfg.data.root = "dsb2018_train/stage1_train"  # where it came from, not a path on this machine
+    # where it came from, not a path on this machine
+    cfg.data.root = "dsb2018_train/stage1_train + bitdepth_nucseg" if two_lab else "dsb2018_train/stage1_train"
     cfg.data.include = None
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".staging_") as tmp:
@@ -195,20 +216,20 @@ def package(run: Path, dest: Path, others: list[Path], data: Path | None = None)
         shutil.copy(run / "model.json", stage / "model.json")
         shutil.copy(run / "split.json", stage / "split.json")
         model = load_run(stage).model
-        if data is not None:
-            fit_size_model(stage, data)
+        if root is not None:
+            fit_size_model(stage, root)
         card = {
             "summary": "fluorescence nuclei, instance labels (distance target + watershed), 1 channel",
-            "trained_on": "DSB 2018 stage-1 training set, fluorescence images (CC0; "
-                          f"{len(split.get('train', []))} training, {len(split.get('val', []))} validation, "
-                          f"{len(split.get('test', []))} test images)",
-            "license": "weights MIT; training data CC0 (Broad Bioimage Benchmark Collection BBBC038)",
+            "trained_on": _trained_on(split, two_lab),
+            "license": "weights MIT; training data CC0 (Broad Bioimage Benchmark Collection BBBC038)"
+                       + ("; bitdepth_nucseg as its SOURCE.md states" if two_lab else ""),
             "parameters": count_parameters(model),
             "diameter": read_json(run / "model.json").get("diameter"),
             "epochs": best.get("epoch"),
             "training_seconds": round(float(summary.get("seconds_this_session", 0))),
-            "recipe": "python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei",
-            "recipe_flags": " ".join(RECIPE),
+            "recipe": "python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei"
+                      + (" --bitdepth ../shared/data/bitdepth_nucseg" if two_lab else ""),
+            "recipe_flags": " ".join(RECIPE + (MULTILAB_RECIPE if two_lab else [])),
             "test": {"images": test.get("n_images"), "objects": test.get("n_objects"),
                      **{k: round(float(test[k]), 4) for k in ("ap50", "ap_mean", "dsb_score", "dice") if k in test}},
             "created": datetime.date.today().isoformat(),
@@ -239,14 +260,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="images/ + masks/ from elsewhere to score the packaged model on (into its card)")
     args, extra = p.parse_known_args(argv)  # unknown flags go to `unetlab train` (after the recipe: they win)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root, source, recipe = training_source(args.data, args.run, args.bitdepth)
     if args.size_model_only:
-        fit_size_model(args.dest, args.data)
+        fit_size_model(args.dest, root)
         return 0
     if not args.package_only:
-        train(args.data, args.run, (["--resume"] if args.resume else []) + extra, args.bitdepth)
+        train(source, recipe, args.run, (["--resume"] if args.resume else []) + extra)
     if args.no_package:
         return 0
-    package(args.run, args.dest, args.other, args.data)
+    package(args.run, args.dest, args.other, root, two_lab=args.bitdepth is not None)
     return 0
 
 

@@ -105,89 +105,31 @@ def test_predict_rescaled_brings_objects_to_the_training_size():
     assert given.scale == 0.5 and given.how == "given" and seen == [(128, 128)]
 
 
-def test_auto_diameter_is_not_fooled_by_fragments_of_objects_much_larger_than_trained():
-    """Objects 3x the training size shatter at the training scale into specks that look tiny; enlarging the image
-    further would make it worse. The coarser first passes find them whole and pick the right scale (1/3)."""
+@pytest.mark.parametrize("radius, passes", [(8.0, 1), (24.0, 2), (3.0, 2), (0.0, 1)])
+def test_auto_diameter_without_a_size_model_takes_at_most_two_passes(radius, passes):
+    """Without a size model, --diameter auto measures the objects of a pass at the image's own size and predicts
+    once more only when they are off the training size (16 px) by more than 20%; an image where nothing is found
+    is predicted once, as it is (issue 28: at most two network passes per image)."""
     from scipy import ndimage as ndi
 
-    big = discs((288, 288), radius=24.0, spacing=96)
-    image = (big > 0).astype(np.float32)[None]
-    yy, xx = np.mgrid[:288, :288]
+    image = ((discs((192, 192), radius=radius, spacing=64) > 0) if radius else np.zeros((192, 192)))[None]
+    seen = []
 
     def predict(img):
-        lab, _n = ndi.label(img[0] > 0.5)
-        d = object_diameters(lab, min_pixels=1)
-        too_big = np.isin(lab, 1 + np.flatnonzero(d > 30))
-        h, w = img.shape[-2:]
-        grid = ((yy[:h, :w] % 4) != 3) & ((xx[:h, :w] % 4) != 3)  # 3x3 blocks with 1-pixel gaps
-        fg = (lab > 0) & (~too_big | grid)
-        return fg[None].astype(np.float32)
+        seen.append(tuple(img.shape[-2:]))
+        return (img > 0.5).astype(np.float32)
 
     def to_labels(prob):
         return ndi.label(prob[0] > 0.5)[0]
 
-    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
-    assert choice.scale == pytest.approx(1 / 3, rel=0.08) and choice.how == "measured"
-    assert choice.diameter == pytest.approx(48.0, rel=0.08)
-    assert len(np.unique(labels)) - 1 == 9  # the nine discs, whole
-
-
-def test_auto_diameter_is_not_fooled_by_fragments_that_look_like_the_training_size(monkeypatch):
-    """Objects 5x the training size that shatter into pieces of about the training size (as a network that knows one
-    size does): the pass at the image's own size looks right, but the next coarser one finds objects 5x larger,
-    whole, and the refinement goes on from there to 1/5."""
-    from scipy import ndimage as ndi
-
-    from unetlab.inference import rescale
-
-    big = discs((400, 400), radius=40.0, spacing=130)  # 9 discs 80 px across
-    image = (big > 0).astype(np.float32)[None]
-    yy, xx = np.mgrid[:400, :400]
-
-    def predict(img):
-        lab, _n = ndi.label(img[0] > 0.5)
-        too_big = np.isin(lab, 1 + np.flatnonzero(object_diameters(lab, min_pixels=1) > 40))
-        h, w = img.shape[-2:]
-        grid = ((yy[:h, :w] % 17) != 16) & ((xx[:h, :w] % 17) != 16)  # 16 px blocks: pieces of ~16 px
-        return ((lab > 0) & (~too_big | grid))[None].astype(np.float32)
-
-    def to_labels(prob):
-        return ndi.label(prob[0] > 0.5)[0]
-
-    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
-    assert choice.scale == pytest.approx(0.2, rel=0.08) and choice.diameter == pytest.approx(80.0, rel=0.08)
-    assert len(np.unique(labels)) - 1 == 9  # whole
-    monkeypatch.setattr(rescale, "FRAGMENT_RATIO", float("inf"))  # without the check: the fragments win
-    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
-    assert choice.scale == 1.0 and len(np.unique(labels)) - 1 > 100
-
-
-def test_auto_diameter_enlarges_images_whose_objects_are_too_small_to_be_found(monkeypatch):
-    """Objects far below the training size (here: under the post-processing's minimum size) vanish at the image's
-    own size and in the coarser trial passes; an enlarged pass finds them, and the refinement brings them to the
-    training size. Without that pass the image would be declared empty."""
-    from scipy import ndimage as ndi
-
-    from unetlab.inference import rescale
-
-    tiny = discs((192, 192), radius=3.0, spacing=24)  # 6 px across, 28 px in area
-    image = (tiny > 0).astype(np.float32)[None]
-
-    def predict(img):
-        lab, _n = ndi.label(img[0] > 0.5)
-        area = np.bincount(lab.ravel())
-        return np.where(area[lab] >= 60, img[0], 0.0)[None].astype(np.float32)  # a minimum size of 60 px
-
-    def to_labels(prob):
-        return ndi.label(prob[0] > 0.5)[0]
-
-    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
-    assert choice.how == "measured" and choice.scale == pytest.approx(16 / 6, rel=0.1), choice
-    assert choice.diameter == pytest.approx(6.0, rel=0.1)
-    assert len(np.unique(labels)) - 1 == len(np.unique(tiny)) - 1 == 64
-    monkeypatch.setattr(rescale, "ENLARGE_SCALES", ())
-    _prob, labels, choice = predict_rescaled(predict, image, 16.0, "auto", to_labels)
-    assert choice.how == "measured (no objects)" and not labels.any()
+    _p, labels, choice = predict_rescaled(predict, image.astype(np.float32), 16.0, "auto", to_labels)
+    assert len(seen) == passes and seen[0] == (192, 192), seen
+    if radius:
+        assert choice.how == "measured" and choice.diameter == pytest.approx(2 * radius, rel=0.1)
+        assert choice.scale == pytest.approx(1.0 if passes == 1 else 16 / (2 * radius), rel=0.1)
+        assert len(np.unique(labels)) - 1 == 9
+    else:
+        assert choice.how == "measured (no objects)" and choice.scale == 1.0 and not labels.any()
 
 
 def test_zoom_is_off_for_binary_targets_and_on_for_instance_targets_by_default():

@@ -197,3 +197,19 @@ def sizefit_read(path):
     from unetlab.data.io import read_image
 
     return read_image(path)
+
+
+def test_size_model_command_fits_an_existing_run_and_names_a_run_without_a_split(tmp_path, capsys):
+    """`unetlab size-model RUN --data DIR` writes size_model.json; without split.json it is one line, exit 2."""
+    from unetlab.cli import main
+    from unetlab.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n_images=5, size=(96, 96), seed=3)
+    run = make_run(tmp_path / "run")
+    assert main(["size-model", str(run), "--data", str(data), "--crops", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "split.json" in err and not (run / SIZE_MODEL_FILE).exists()
+    names = [f"cells_{i:03d}" for i in range(5)]
+    write_json(run / "split.json", {"train": names[:3], "val": names[3:], "test": []})
+    assert main(["size-model", str(run), "--data", str(data), "--crops", "9"]) == 0
+    assert load_size_model(run).fit["train_crops"] == 9 and "size_model.json" in capsys.readouterr().out

@@ -333,6 +333,28 @@ def _run_tune(args):
     return 0
 
 
+def _add_size_model(p):
+    p.add_argument("run_dir", help="run folder written by `unetlab train` (with split.json and an instance target)")
+    p.add_argument("--data", help="the dataset folder it was trained on (default: the one in its config.yaml)")
+    p.add_argument("--crops", type=int, default=1024, help="rescaled training crops to fit on (default 1024)")
+    p.add_argument("--val-crops", type=int, default=256,
+                   help="rescaled validation crops that choose the ridge penalty (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crops' positions and zooms (default 0)")
+
+
+@command("size-model", "Fit a finished run's size model (size_model.json) for --diameter auto from its training "
+                       "images; its test images are not read", _add_size_model)
+def _run_size_model(args):
+    from .training.sizefit import fit_size_model_for_run
+
+    sm = fit_size_model_for_run(args.run_dir, args.data, crops=args.crops, val_crops=args.val_crops,
+                                seed=args.seed)
+    err = sm.fit.get("val_median_abs_log_error")
+    print(f"{args.run_dir}/size_model.json: {sm.fit.get('train_crops')} training crops, ridge alpha {sm.alpha:g}"
+          + (f", median |log error| on validation crops {err:.3f}" if err is not None else ""))
+    return 0
+
+
 def _add_lr_find(p):
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--config", help="YAML config; flags override its keys")

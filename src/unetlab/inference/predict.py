@@ -243,6 +243,9 @@ def _plan(o: PredictOptions, out: Path, run_dir: Path, protect: list[Path], dist
     job.diameter = _resolve_diameter(o.diameter, run, job.want_labels, run_dir)
     if job.diameter == "auto":
         job.estimate = size_estimator(run.model, run.path)
+        if job.estimate is None:
+            log.info("--diameter auto: %s has no size model, so the objects found at the image's own size are measured "
+                     "(objects far larger than trained may fragment); `unetlab size-model RUN` fits one", run.path)
     return job
 
 

@@ -9,7 +9,8 @@ foreground of the resized-back probabilities.
 ``--diameter auto`` takes the object size from the run's size model (``size_model.json``,
 :mod:`unetlab.inference.sizemodel`) when its folder has one: one pass at the estimated scale, and at most one
 more when the objects of that pass disagree with the estimate (:func:`_estimate_scale`). Runs without it measure
-the objects the model finds at a few trial scales (:func:`_measure_scale`), which large objects can fool.
+the objects the model finds at the image's own size and predict once more at their size (:func:`_measure_scale`),
+which objects far larger than trained can fool (they fragment); ``unetlab size-model RUN`` fits a run's size model.
 """
 
 from __future__ import annotations
@@ -116,77 +117,22 @@ def _estimate_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]]
     return ScaleChoice(scale_for(train_diameter, d / scale), d / scale, "estimated, refined")
 
 
-# --- the measuring rule of runs without a size model (size_model.json) ------------------------------------------
-
-TRIAL_SCALES = (1.0, 0.5, 0.25)  # first passes of 'auto' while the objects found look smaller than trained
-# and when none of those finds an object: objects far below the training size (under the minimum size, or too small
-# for the network to see) appear only in an enlarged image. Found on DSB 2018 test images shrunk 0.5x (2026-12-04)
-ENLARGE_SCALES = (2.0,)
-# objects near the training size at one pass, and this many times larger (in the image's own pixels) at the next
-# coarser one, were fragments of the larger ones
-FRAGMENT_RATIO = 2.5
+# --- runs without a size model (size_model.json): measure the objects of one pass --------------------------------
 
 
 def _measure_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]], train_diameter: float,
-                   tolerance: float, max_passes: int) -> ScaleChoice:
-    """The scale for ``diameter='auto'``: measure the median object diameter in first passes, then predict
-    again at the scale that brings it to ``train_diameter`` while it is off by more than ``tolerance``.
-
-    Objects much larger than the training size come out of a pass at the training scale as fragments, which
-    look small and would ask for enlarging the image further. So while the objects found look smaller than
-    trained, coarser passes (:data:`TRIAL_SCALES`) are tried too, and the pass whose objects are nearest the
-    training size is the starting point: there the network sees objects of the size it knows. Fragments can also
-    come out near the training size; so a pass whose objects look near it is checked against the next coarser
-    one, which wins when its objects are :data:`FRAGMENT_RATIO` times larger. When no first pass
-    finds any object, enlarged passes (:data:`ENLARGE_SCALES`) look for objects too small to be seen as they are.
+                   tolerance: float) -> ScaleChoice:
+    """The scale for ``diameter='auto'`` of a run without a size model: the median diameter of the objects found
+    at the image's own size, and a second pass at the scale that brings it to ``train_diameter`` when it is off by
+    more than ``tolerance``: at most two passes. Objects far larger than the network was trained on can come out
+    as fragments that look the training size; a size model (``unetlab size-model RUN``) is not fooled by them.
     ``run(scale)`` returns (probabilities, labels) of the image at ``scale``."""
-
-    def measure(scale: float) -> float | None:  # median diameter, in pixels of the rescaled image
-        return median_diameter([run(scale)[1]])
-
-    def off(d: float) -> float:
-        return abs(math.log(d / train_diameter))
-
-    def near(d: float) -> bool:
-        return off(d) <= math.log1p(tolerance)
-
-    def takes_over(trial: float, d: float, start: tuple[float, float] | None) -> bool:
-        """Whether the pass at ``trial``, whose objects measure ``d``, becomes the starting point."""
-        if start is None:
-            return True
-        if near(start[1]):  # fragments come out near the training size too: a coarser pass that finds objects
-            return d / trial >= FRAGMENT_RATIO * start[1] / start[0]  # far larger (image pixels) saw them whole
-        return off(d) < off(start[1])
-
-    start: tuple[float, float] | None = None  # (scale, diameter there)
-    for trial in TRIAL_SCALES:
-        d = measure(trial)
-        if d is not None and takes_over(trial, d, start):
-            start = (trial, d)
-        if start is None:
-            continue
-        if near(start[1]):
-            if start[0] != trial:
-                break  # near the training size, and one coarser pass found no far larger objects
-        elif start[1] >= train_diameter:
-            break  # objects larger than trained are whole: no need to look coarser
-    for trial in ENLARGE_SCALES if start is None else ():
-        d = measure(trial)
-        if d is not None:
-            start = (trial, d)
-            break
-    if start is None:
+    d = median_diameter([run(1.0)[1]])
+    if d is None:
         return ScaleChoice(1.0, None, "measured (no objects)")
-    scale, d = start
-    for _ in range(max_passes):
-        new = scale_for(train_diameter, d / scale)
-        if abs(new / scale - 1.0) <= tolerance:
-            break
-        d_new = measure(new)
-        if d_new is None:  # nothing found there: keep the last scale that found objects
-            break
-        scale, d = new, d_new
-    return ScaleChoice(scale, d / scale, "measured")
+    if abs(math.log(d / train_diameter)) <= math.log1p(tolerance):
+        return ScaleChoice(1.0, d, "measured")
+    return ScaleChoice(scale_for(train_diameter, d), d, "measured")
 
 
 def predict_rescaled(
@@ -197,7 +143,6 @@ def predict_rescaled(
     to_labels: Callable[[np.ndarray], np.ndarray] | None = None,
     foreground: Callable[[np.ndarray], np.ndarray] | None = None,
     tolerance: float = AUTO_TOLERANCE,
-    max_passes: int = 3,
     estimate: Callable[[np.ndarray], float] | None = None,
     refine: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, ScaleChoice]:
@@ -229,7 +174,7 @@ def predict_rescaled(
     elif estimate is not None:
         choice = _estimate_scale(run, float(estimate(image)), float(train_diameter), tolerance, refine)
     else:
-        choice = _measure_scale(run, float(train_diameter), tolerance, max_passes)
+        choice = _measure_scale(run, float(train_diameter), tolerance)
     prob_s, labels_s = run(choice.scale)
     if choice.scale == 1.0 and tuple(prob_s.shape[-2:]) == shape:
         return prob_s, labels_s, choice

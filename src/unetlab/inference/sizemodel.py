@@ -58,7 +58,7 @@ class SizeModel:
 
 
 def load_size_model(run_dir: str | Path | None) -> SizeModel | None:
-    """The run's size regressor, or None when the run folder has none (older runs: today's measuring rule).
+    """The run's size regressor, or None when the run folder has none (older runs: --diameter auto measures the objects it finds).
     A malformed file is one UnetlabError line naming it."""
     if run_dir is None:
         return None

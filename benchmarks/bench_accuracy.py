@@ -14,10 +14,11 @@ test images took no part in training, checkpoint choice or post-processing tunin
   with ``--diameter auto``, against the same images at native size;
 - ``--other``: a folder of images + masks from elsewhere, with no fine-tuning.
 
-``--sizes`` prints the Size estimate table of benchmarks/README.md instead (per collection: the split of
-``--data``, ``--bitdepth``'s fixed test list, ``--other``; each at x1 and, for the first ``--scale-images``, x0.5 /
-x2 / x4): AP@0.5 and DSB score with ``--diameter auto`` (the run's size model), the measuring rule (the same run
-without size_model.json) and each image's true size, the size estimates' |log(estimated / true)| and seconds.
+``--sizes`` prints the Size estimate table of benchmarks/README.md instead (issue 28; per collection: the split of
+``--data`` (its DSB images), ``--bitdepth``'s fixed list for the split (bitdepth_nucseg_split.json), ``--other``;
+each at x1 and, for the first ``--scale-images``, x0.5 / x2 / x4): AP@0.5 and DSB score with ``--diameter auto``
+(the run's size model) and at each image's true size, the size estimates' |log(estimated / true)|, seconds of
+auto and none, and with ``--modes true,none,auto,measured`` the same run without its size model.
 
 ``--split val`` scores the validation images instead, to choose between settings (of ``--diameter auto``, say)
 without looking at the test images; report the test split.
@@ -76,10 +77,9 @@ def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, split:
 
 # --- Size estimate (issue 28): --diameter auto (size model / measuring rule) against each image's true size ------
 
-# bitdepth_nucseg images that no model may train or tune on: whole images, two per tissue, every magnification
-# (3 of 9 at 20x, 3 of 19 at 40x air, 4 of 20 at 40x oil); the same list is in bitdepth_nucseg_test.txt
-BITDEPTH_TEST = ("bone_20x_2", "bone_40x_oil_1", "heart_40x_air_1", "heart_40x_oil_2", "kidney_20x_1",
-                 "kidney_40x_air_2", "liver_40x_air_3", "liver_40x_oil_3", "muscle_20x_2", "muscle_40x_oil_4")
+# bitdepth_nucseg's held-out whole images (every tissue and magnification): "test" never trains or tunes any model,
+# "val" chooses; the one list, which scripts/train_nuclei_model.py reads too
+BITDEPTH_SPLIT = json.loads((Path(__file__).parent / "bitdepth_nucseg_split.json").read_text())
 SIZE_FACTORS = (1.0, 0.5, 2.0, 4.0)
 
 
@@ -119,17 +119,20 @@ def _size_errors(pred: Path, truth: dict[str, float]) -> dict:
 
 
 def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int, precision: str,
-              refine_both: bool, modes: tuple[str, ...] = ("true", "none", "auto", "old"),
+              refine_both: bool, modes: tuple[str, ...] = ("true", "none", "auto"),
               zooms: tuple[float, ...] = SIZE_FACTORS) -> list[dict]:
     """Per collection and zoom: AP@0.5 / DSB score with --diameter none, auto (size model; with ``refine_both``
-    with and without the refinement pass), auto with the measuring rule (the run without size_model.json) and
-    each image's true size; the size estimates' errors; seconds of none and auto."""
+    with and without the refinement pass), auto without the size model ("measured": the run without
+    size_model.json) and each image's true size; the size estimates' errors; seconds of each."""
     import shutil
 
     from unetlab.inference import rescale
 
-    old_run = tmp / "run_without_size_model"
-    shutil.copytree(run, old_run, ignore=shutil.ignore_patterns("size_model.json"))
+    measured_run = tmp / "run_without_size_model"
+    shutil.copytree(run, measured_run, ignore=shutil.ignore_patterns("size_model.json"))
+    runs = {"none": (run, None), "auto": (run, rescale.REFINE), "measured": (measured_run, None)}
+    if refine_both:
+        runs["auto_1pass"] = (run, not rescale.REFINE)
     rows = []
     for cname, samples in collections.items():
         for factor in zooms:
@@ -140,48 +143,61 @@ def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int,
             if "true" in modes:
                 true_scores = _true_size_score(run, folder, tmp / f"p_{cname}_{factor}_true", precision, truth)
                 row.update({f"true_{k}": v for k, v in true_scores.items()})
-            runs = {"none": (run, None), "auto": (run, rescale.REFINE), "old": (old_run, None)}
-            if refine_both:
-                runs["auto_1pass"] = (run, not rescale.REFINE)
             for mode, (r, refine) in runs.items():
-                if mode not in modes and not mode.startswith("auto_"):
-                    continue
-                out = tmp / f"p_{cname}_{factor}_{mode}"
-                before = rescale.REFINE
-                rescale.REFINE = before if refine is None else refine
-                try:
-                    t0 = time.time()
-                    predict(r, folder / "images", out, instances=True, diameter="none" if mode == "none" else "auto",
-                            progress=False, overwrite=True, precision=precision)
-                    row[f"{mode}_seconds"] = round(time.time() - t0, 1)
-                finally:
-                    rescale.REFINE = before
-                rep = evaluate(out / "labels", folder / "masks", instances=True)
-                row[f"{mode}_ap50"] = float(rep["objects"]["ap"][0])
-                row[f"{mode}_dsb_score"] = float(rep["objects"]["dsb_score"])
-                if mode != "none":
-                    row.update({f"{mode}_{k}": v for k, v in _size_errors(out, truth).items()})
+                if mode in modes or (mode == "auto_1pass" and refine_both):
+                    row.update(_mode_scores(r, folder, tmp / f"p_{cname}_{factor}_{mode}", mode, refine, truth,
+                                            precision))
             rows.append(row)
             log.info("%s", row)
     return rows
 
 
-def size_table(rows: list[dict], refine_both: bool) -> str:
-    """The Size estimate table (markdown)."""
-    extra = " | AP auto 1 pass | err 1 pass med / p90" if refine_both else ""
-    lines = ["| images | zoom | n | AP@0.5 auto | DSB auto | AP@0.5 true size | DSB true size | AP@0.5 old rule | "
-             f"size err med / p90 (within 25%) | old rule err med / p90 | s none / auto / old{extra} |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-             + (" ---: | ---: |" if refine_both else "")]
+def _mode_scores(run: Path, folder: Path, out: Path, mode: str, refine: bool | None, truth: dict[str, float],
+                 precision: str) -> dict:
+    """One mode of a Size estimate row: seconds, AP@0.5, DSB score and (auto modes) the size errors."""
+    from unetlab.inference import rescale
+
+    before = rescale.REFINE
+    rescale.REFINE = before if refine is None else refine
+    try:
+        t0 = time.time()
+        predict(run, folder / "images", out, instances=True, diameter="none" if mode == "none" else "auto",
+                progress=False, overwrite=True, precision=precision)
+        row = {f"{mode}_seconds": round(time.time() - t0, 1)}
+    finally:
+        rescale.REFINE = before
+    rep = evaluate(out / "labels", folder / "masks", instances=True)
+    row[f"{mode}_ap50"] = float(rep["objects"]["ap"][0])
+    row[f"{mode}_dsb_score"] = float(rep["objects"]["dsb_score"])
+    if mode != "none":
+        row.update({f"{mode}_{k}": v for k, v in _size_errors(out, truth).items()})
+    return row
+
+
+def size_table(rows: list[dict], modes: tuple[str, ...]) -> str:
+    """The Size estimate table (markdown): auto against the true size, the size errors, seconds auto / none;
+    with the "measured" mode its AP@0.5 and size errors too."""
+    measured = "measured" in modes
+    head = ["images", "zoom", "n", "AP@0.5 auto", "AP@0.5 true size", "auto - true", "DSB auto / true",
+            "size err med / p90 (within 25%)", "s none / auto"]
+    head += ["AP@0.5 measured", "measured err med / p90 (within 25%)"] if measured else []
+    lines = ["| " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |"]
     for r in rows:
-        tail = (f" | {r['auto_1pass_ap50']:.3f} | {r['auto_1pass_err_median']:.2f} / {r['auto_1pass_err_p90']:.2f}"
-                if refine_both else "")
-        lines.append(
-            f"| {r['collection']} | x{r['zoom']:g} | {r['n_images']} | {r['auto_ap50']:.3f} | {r['auto_dsb_score']:.3f} | "
-            f"{r['true_ap50']:.3f} | {r['true_dsb_score']:.3f} | {r['old_ap50']:.3f} | "
-            f"{r['auto_err_median']:.2f} / {r['auto_err_p90']:.2f} ({r['auto_within25']:.0%}) | "
-            f"{r['old_err_median']:.2f} / {r['old_err_p90']:.2f} | "
-            f"{r['none_seconds']:.0f} / {r['auto_seconds']:.0f} / {r['old_seconds']:.0f}{tail} |")
+        cells = [r["collection"], f"x{r['zoom']:g}", str(r["n_images"]), f"{r['auto_ap50']:.3f}",
+                 f"{r['true_ap50']:.3f}", f"{r['auto_ap50'] - r['true_ap50']:+.3f}",
+                 f"{r['auto_dsb_score']:.3f} / {r['true_dsb_score']:.3f}",
+                 f"{r['auto_err_median']:.2f} / {r['auto_err_p90']:.2f} ({r['auto_within25']:.0%})",
+                 f"{r['none_seconds']:.0f} / {r['auto_seconds']:.0f}"]
+        if measured:
+            cells += [f"{r['measured_ap50']:.3f}", f"{r['measured_err_median']:.2f} / {r['measured_err_p90']:.2f} "
+                      f"({r['measured_within25']:.0%})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = sum(r["n_images"] for r in rows)
+    within = sum(r["auto_within25"] * r["n_images"] for r in rows) / max(n, 1)
+    none_s, auto_s = sum(r["none_seconds"] for r in rows), sum(r["auto_seconds"] for r in rows)
+    lines += ["", f"size estimate within 25% of the true median diameter on {within:.0%} of {n} images (all rows); "
+              f"--diameter auto took {auto_s:.0f} s against {none_s:.0f} s for --diameter none "
+              f"({auto_s / max(none_s, 1e-9):.2f}x)"]
     return "\n".join(lines)
 
 
@@ -200,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", action="store_true",
                    help="the Size estimate table only: the split of --data, --bitdepth's test list and --other, "
                         "each at x1 / x0.5 / x2 / x4, with --diameter auto, the measuring rule and the true size")
-    p.add_argument("--bitdepth", type=Path, help="the bitdepth_nucseg folder (its fixed test list is scored)")
+    p.add_argument("--bitdepth", type=Path,
+                   help="the bitdepth_nucseg folder (its fixed list for --split, bitdepth_nucseg_split.json, is scored)")
     p.add_argument("--size-precision", default="fp32", help="--precision of the Size estimate rows")
     p.add_argument("--refine-both", action="store_true", help="Size estimate: also auto without/with refinement")
-    p.add_argument("--modes", default="true,none,auto,old", help="Size estimate: the modes to run (comma list)")
+    p.add_argument("--modes", default="true,none,auto",
+                   help="Size estimate: the modes to run (comma list of true, none, auto, measured: the run "
+                        "without its size model)")
     p.add_argument("--zooms", default="1,0.5,2,4", help="Size estimate: the zooms of the copies (comma list)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -256,22 +275,26 @@ def sizes_main(args) -> int:
     logging.getLogger("unetlab").setLevel(logging.WARNING)
     run = resolve_run_dir(args.run)
     collections: dict[str, list] = {}
-    if args.data is not None:
+    if args.data is not None:  # the run's split names DSB images as they are, or as "dsb_<id>" (two-lab view)
         names = set(load_split(run / "split.json").get(args.split) or [])
-        collections[f"DSB {args.split} split"] = [s for s in load_dataset(args.data).samples if s.name in names]
+        collections[f"DSB {args.split} split"] = [s for s in load_dataset(args.data).samples
+                                                  if s.name in names or f"dsb_{s.name}" in names]
     if args.bitdepth is not None:
-        collections["bitdepth_nucseg test list"] = [s for s in load_dataset(args.bitdepth).samples
-                                                    if s.name in BITDEPTH_TEST]
+        collections[f"bitdepth_nucseg {args.split} list"] = [s for s in load_dataset(args.bitdepth).samples
+                                                             if s.name in BITDEPTH_SPLIT[args.split]]
     for other in args.other:
         collections[other.name] = load_dataset(other).samples
+    modes = tuple(args.modes.split(","))
     with tempfile.TemporaryDirectory(prefix="bench_sizes_") as tmp:
         rows = size_rows(run, collections, Path(tmp), args.scale_images, args.size_precision, args.refine_both,
-                         tuple(args.modes.split(",")), tuple(float(z) for z in args.zooms.split(",")))
-    if {"true", "none", "auto", "old"} <= set(args.modes.split(",")):
-        print(size_table(rows, args.refine_both))
+                         modes, tuple(float(z) for z in args.zooms.split(",")))
+    if {"true", "none", "auto"} <= set(modes):
+        print(size_table(rows, modes))
     out = args.out.with_name("bench_sizes.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "precision": args.size_precision,
+                               "machine": C.machine_info(__import__("torch").device("cpu")), "rows": rows}, indent=1))
+    log.info("wrote %s", out)
     return 0
 
 

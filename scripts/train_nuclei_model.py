@@ -57,13 +57,13 @@ MULTILAB_RECIPE = [
     "--aug-background", "0.3", "--aug-background-range", "0.3",
     "--aug-blur", "0.2", "--aug-blur-sigma", "0.5,1.5",
 ]
-# bitdepth_nucseg: whole images held out for testing (benchmarks/bitdepth_nucseg_test.txt) and validation (every
-# tissue, each magnification); the other 30 train, each listed BITDEPTH_COPIES times so that its patches are not
-# drowned by DSB's ~350 training images (patches are drawn from images uniformly)
-BITDEPTH_TEST = ["bone_20x_2", "bone_40x_oil_1", "heart_40x_air_1", "heart_40x_oil_2", "kidney_20x_1",
-                 "kidney_40x_air_2", "liver_40x_air_3", "liver_40x_oil_3", "muscle_20x_2", "muscle_40x_oil_4"]
-BITDEPTH_VAL = ["bone_40x_air_3", "bone_40x_oil_2", "heart_20x_1", "heart_40x_oil_3", "kidney_40x_air_3",
-                "kidney_40x_oil_1", "liver_20x_2", "muscle_40x_air_1"]
+# bitdepth_nucseg: whole images held out for testing and validation (every tissue, each magnification:
+# benchmarks/bitdepth_nucseg_split.json, which the benchmark reads too); the other 30 train, each listed
+# BITDEPTH_COPIES times so that its patches are not drowned by DSB's ~350 training images (patches are drawn from
+# images uniformly)
+BITDEPTH_SPLIT = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "bitdepth_nucseg_split.json")
+                            .read_text())
+BITDEPTH_TEST, BITDEPTH_VAL = BITDEPTH_SPLIT["test"], BITDEPTH_SPLIT["val"]
 BITDEPTH_COPIES = 3
 
 
@@ -244,6 +244,19 @@ def package(run: Path, dest: Path, others: list[Path], root: Path | None = None,
     return dest
 
 
+def add_size_rows(dest: Path, bench_sizes: Path) -> None:
+    """Put the Size estimate rows of ``bench_sizes`` (benchmarks/bench_accuracy.py --sizes on the packaged model,
+    test splits) into ``dest/card.json``: ``unetlab models`` prints them."""
+    rows = json.loads(bench_sizes.read_text())["rows"]
+    card = json.loads((dest / "card.json").read_text())
+    card["sizes"] = [{"images": r["collection"], "zoom": r["zoom"], "n": r["n_images"],
+                      "ap50_auto": round(r["auto_ap50"], 4), "ap50_true": round(r["true_ap50"], 4),
+                      "within25": round(r["auto_within25"], 3), "err_p90": round(r["auto_err_p90"], 3)}
+                     for r in rows if "val" not in r["collection"]]
+    card["sizes_from"] = json.loads(bench_sizes.read_text()).get("command", "")
+    (dest / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="the DSB 2018 folder (stage1_train/, image_metadata.csv)")
@@ -258,8 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dest", type=Path, default=DEST, help=f"package folder (default {DEST})")
     p.add_argument("--other", type=Path, action="append", default=[],
                    help="images/ + masks/ from elsewhere to score the packaged model on (into its card)")
+    p.add_argument("--card-sizes", type=Path, metavar="JSON",
+                   help="only put the Size estimate rows of this bench_sizes.json into --dest's card.json")
     args, extra = p.parse_known_args(argv)  # unknown flags go to `unetlab train` (after the recipe: they win)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.card_sizes:
+        add_size_rows(args.dest, args.card_sizes)
+        return 0
     root, source, recipe = training_source(args.data, args.run, args.bitdepth)
     if args.size_model_only:
         fit_size_model(args.dest, root)

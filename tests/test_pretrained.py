@@ -256,3 +256,20 @@ def test_exporting_a_pretrained_model_writes_to_the_working_folder_not_the_packa
     assert rc == 0, err
     assert (tmp_path / "nuclei.pt").is_file()
     assert sorted(p.name for p in (PRETRAINED_DIR / "nuclei").rglob("*")) == before
+
+
+def test_models_card_prints_size_estimate_rows_per_collection():
+    """A card's `sizes` rows (bench_accuracy --sizes on the test splits) come out one line per collection, with
+    auto / true-size AP@0.5 and the share of size estimates within 25% for every zoom."""
+    from unetlab.runfolder import format_pretrained_table
+
+    card = {"name": "nuclei", "parameters": 10, "summary": "s", "trained_on": "t",
+            "sizes": [{"images": "DSB test split", "zoom": 1.0, "ap50_auto": 0.8, "ap50_true": 0.81, "within25": 0.9},
+                      {"images": "DSB test split", "zoom": 4.0, "ap50_auto": 0.7, "ap50_true": 0.75, "within25": 0.5},
+                      {"images": "stardist_nuclei", "zoom": 1.0, "ap50_auto": 0.83, "ap50_true": 0.82,
+                       "within25": 1.0}]}
+    lines = format_pretrained_table([card]).splitlines()
+    dsb = [ln for ln in lines if "DSB test split" in ln]
+    assert len(dsb) == 1 and "x1 0.800 / 0.810 (90%)" in dsb[0] and "x4 0.700 / 0.750 (50%)" in dsb[0]
+    assert any("stardist_nuclei: x1 0.830 / 0.820 (100%)" in ln for ln in lines)
+    assert "AP@0.5" not in format_pretrained_table([{**card, "sizes": []}])

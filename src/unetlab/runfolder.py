@@ -217,7 +217,22 @@ def format_pretrained_table(cards: list[dict]) -> str:
                          f"{scores}")
         for other in c.get("other", []):
             lines.append(f"  {'':<10} {other.get('data', '?')}: AP@0.5 {other.get('ap50', float('nan')):.3f}")
+        lines += _size_lines(c.get("sizes", []))
     return "\n".join(lines)
+
+
+def _size_lines(rows: list[dict]) -> list[str]:
+    """A card's size-estimate rows, one line per collection: AP@0.5 with --diameter auto / at the true size and the
+    share of images whose estimated diameter is within 25% of the truth, per zoom of the copies."""
+    by_collection: dict[str, list[dict]] = {}
+    for r in rows:
+        by_collection.setdefault(str(r.get("images", "?")), []).append(r)
+    lines = [f"  {'':<10} --diameter auto, AP@0.5 auto / true size (size estimate within 25%):"] if rows else []
+    for name, rs in by_collection.items():
+        cells = ", ".join(f"x{r['zoom']:g} {r['ap50_auto']:.3f} / {r['ap50_true']:.3f} ({r['within25']:.0%})"
+                          for r in rs)
+        lines.append(f"  {'':<12}{name}: {cells}")
+    return lines
 
 
 def is_pretrained(model: str | Path) -> bool:

@@ -30,7 +30,7 @@ LAYERS = [
     {"inference"},
     {"evaluation"},
     {"training"},
-    {"cli", "demo", "napari_reader", "__init__", "__main__"},
+    {"cli", "cli_commands", "demo", "napari_reader", "__init__", "__main__"},
 ]
 MAX_LINES = 500
 

@@ -24,6 +24,7 @@ import csv
 import datetime
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -44,14 +45,13 @@ RECIPE = [
 ]
 
 
-# DSB 2018 + bitdepth_nucseg (tissue sections of another lab): the same network, fine-tuned from the DSB-only
-# model (the shipped ``nuclei`` of 2026-12-04, i.e. this script without --bitdepth; pass ``--init RUN`` to start
-# from another) for 12 epochs at half the learning rate, with augmentation toward other labs' look (dim nuclei
-# next to bright ones, uneven bright backgrounds, defocus); appended to RECIPE (later flags win). On 2 shared
-# cores an epoch took ~200 s (the 45-minute budget of a session): from scratch it would get ~12 of the 30 epochs
-# the DSB recipe has. The test split comes from the view's split.json (--split-file), not --test-fraction.
+# DSB 2018 + bitdepth_nucseg (tissue sections of another lab), in two stages: the DSB-only recipe above (stage 1,
+# into RUN_dsb; pass ``--init RUN`` to start from another run instead), then the same network fine-tuned on both
+# collections for 40 epochs at half the learning rate, with augmentation toward other labs' look (dim nuclei next
+# to bright ones, uneven bright backgrounds, defocus); appended to RECIPE (later flags win). The test split comes
+# from the view's split.json (--split-file), not --test-fraction.
 MULTILAB_RECIPE = [
-    "--init", "nuclei", "--lr", "1e-3",
+    "--lr", "1e-3",
     "--epochs", "40", "--val-every", "4", "--max-minutes", "95",
     "--aug-object-intensity", "0.5", "--aug-object-intensity-range", "0.3,1.5",
     "--aug-background", "0.3", "--aug-background-range", "0.3",
@@ -90,8 +90,9 @@ def build_combined_view(data: Path, bitdepth: Path, view: Path, dsb_split: Path)
     (view / "images").mkdir(parents=True, exist_ok=True)
     (view / "masks").mkdir(parents=True, exist_ok=True)
     split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for part in split:
-        split[part] += [f"dsb_{n}" for n in saved.get(part, [])]
+    for part in split:  # DSB ids as they are (a DSB-only run's split) or as "dsb_<id>" (a two-lab model's)
+        split[part] += [n if n.startswith("dsb_") else f"dsb_{n}" for n in saved.get(part, [])
+                        if not re.match(r"bd\d*_", n)]
     wanted = set(split["train"] + split["val"] + split["test"])
     samples = [s for s in load_dataset(data / "stage1_train").samples if f"dsb_{s.name}" in wanted]
     if len(samples) != len(wanted):
@@ -135,9 +136,17 @@ def training_source(data: Path, run: Path, bitdepth: Path | None) -> tuple[Path,
     return data / "stage1_train", ["--data", str(data / "stage1_train"), "--include", str(include)], RECIPE
 
 
-def train(source: list[str], recipe: list[str], run: Path, extra: list[str]) -> None:
-    """Run ``unetlab train`` with the recipe on ``source`` (flags from :func:`training_source`)."""
-    cmd = [sys.executable, "-m", "unetlab", "train", *source, "--out", str(run), *recipe, *extra]
+def train(data: Path, bitdepth: Path | None, run: Path, extra: list[str], resume: bool = False) -> None:
+    """Run ``unetlab train`` with the recipe into ``run`` (``resume``: continue it). The two-lab recipe starts
+    from a DSB-only run (stage 1, trained first into ``RUN_dsb`` unless ``extra`` has ``--init``)."""
+    _root, source, recipe = training_source(data, run, bitdepth)
+    if bitdepth is not None and "--init" not in extra:
+        stage1 = run.parent / f"{run.name}_dsb"
+        if not (stage1 / "summary.json").is_file():  # not finished: train (or go on with) the DSB-only stage
+            train(data, None, stage1, [], resume=(stage1 / "checkpoints" / "last.pt").is_file())
+        extra = ["--init", str(stage1), *extra]
+    where = ["--resume", str(run)] if resume else ["--out", str(run)]
+    cmd = [sys.executable, "-m", "unetlab", "train", *source, *where, *recipe, *extra]
     log.info("training: %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
 
@@ -278,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.card_sizes:
         add_size_rows(args.dest, args.card_sizes)
         return 0
-    root, source, recipe = training_source(args.data, args.run, args.bitdepth)
+    root = training_source(args.data, args.run, args.bitdepth)[0]
     if args.size_model_only:
         fit_size_model(args.dest, root)
         return 0
     if not args.package_only:
-        train(source, recipe, args.run, (["--resume"] if args.resume else []) + extra)
+        train(args.data, args.bitdepth, args.run, extra, resume=args.resume)
     if args.no_package:
         return 0
     package(args.run, args.dest, args.other, root, two_lab=args.bitdepth is not None)

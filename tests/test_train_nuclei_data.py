@@ -46,7 +46,7 @@ def fake_bitdepth(root: Path, names: list[str]) -> Path:
 
 
 def test_combined_view_keeps_the_dsb_split_and_holds_out_whole_bitdepth_images(tmp_path):
-    ids = {"train": ["a1", "a2"], "val": ["b1"], "test": ["c1"]}
+    ids = {"train": ["a1", "bd2"], "val": ["b1"], "test": ["c1"]}  # DSB ids are hex: "bd..." is one
     fake_dsb(tmp_path / "dsb" / "stage1_train", [n for v in ids.values() for n in v] + ["unused"])
     (tmp_path / "dsb_split.json").write_text(json.dumps(ids))
     train_bd = ["bone_40x_air_2", "heart_20x_2"]
@@ -57,7 +57,7 @@ def test_combined_view_keeps_the_dsb_split_and_holds_out_whole_bitdepth_images(t
 
     assert [n for n in split["test"] if n.startswith("dsb_")] == ["dsb_c1"]
     assert [n for n in split["val"] if n.startswith("dsb_")] == ["dsb_b1"]
-    assert sorted(n for n in split["train"] if n.startswith("dsb_")) == ["dsb_a1", "dsb_a2"]
+    assert sorted(n for n in split["train"] if n.startswith("dsb_")) == ["dsb_a1", "dsb_bd2"]
     assert sorted(n for n in split["test"] if not n.startswith("dsb_")) == sorted(f"bd_{n}" for n in T.BITDEPTH_TEST)
     assert sorted(n for n in split["val"] if not n.startswith("dsb_")) == sorted(f"bd_{n}" for n in T.BITDEPTH_VAL)
     bd_train = [n for n in split["train"] if not n.startswith("dsb_")]
@@ -68,8 +68,11 @@ def test_combined_view_keeps_the_dsb_split_and_holds_out_whole_bitdepth_images(t
 
     info = load_dataset(tmp_path / "view")
     assert info.layout == "paired" and not info.problems
+    # a packaged two-lab model's split.json ("dsb_<id>", "bd_<name>") gives the same view again
+    again = T.build_combined_view(tmp_path / "dsb", bitdepth, tmp_path / "view2", split_file)
+    assert json.loads(again.read_text()) == split
     assert sorted(s.name for s in info.samples) == sorted(set().union(*parts))  # "unused" is not in the view
-    dsb = next(s for s in info.samples if s.name == "dsb_a2")
+    dsb = next(s for s in info.samples if s.name == "dsb_bd2")
     image = read_image(dsb.image)
     assert image.shape == (1, 32, 32) and image[0, 0, 0] == 11  # channel 0 only
     assert tifffile.imread(dsb.mask_paths[0]).dtype == np.uint16

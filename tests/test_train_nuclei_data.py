@@ -82,3 +82,34 @@ def test_combined_view_keeps_the_dsb_split_and_holds_out_whole_bitdepth_images(t
 
     again = T.build_combined_view(tmp_path / "dsb", bitdepth, tmp_path / "view", tmp_path / "dsb_split.json")
     assert json.loads(again.read_text()) == split  # a second call (a resumed run) finds the same view
+
+
+def test_two_lab_recipe_trains_its_dsb_stage_first_and_resumes_the_right_run(tmp_path, monkeypatch):
+    """--bitdepth: stage 1 (the DSB-only recipe) into RUN_dsb, then the two-lab fine-tune with --init RUN_dsb; a
+    finished stage 1 is not trained again; --init given skips it; --resume names the run."""
+    ids = {"train": ["a1"], "val": ["b1"], "test": ["c1"]}
+    fake_dsb(tmp_path / "dsb" / "stage1_train", [n for v in ids.values() for n in v])
+    (tmp_path / "dsb" / "image_metadata.csv").write_text(
+        "ImageId,modality_guess\n" + "".join(f"{n},fluorescence\n" for v in ids.values() for n in v))
+    bitdepth = fake_bitdepth(tmp_path / "bd", T.BITDEPTH_TEST + T.BITDEPTH_VAL + ["bone_40x_air_2"])
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "split.json").write_text(json.dumps(ids))
+    monkeypatch.setattr(T, "DEST", tmp_path / "pkg")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(T.subprocess, "run", lambda cmd, check: calls.append([str(c) for c in cmd]))
+    run = tmp_path / "runs" / "nuclei"
+
+    T.train(tmp_path / "dsb", bitdepth, run, [])
+    (stage1, stage2) = calls
+    assert stage1[stage1.index("--out") + 1] == str(run.parent / "nuclei_dsb") and "--include" in stage1
+    assert stage2[stage2.index("--out") + 1] == str(run) and "--split-file" in stage2
+    assert stage2[stage2.index("--init") + 1] == str(run.parent / "nuclei_dsb") and stage2.count("--init") == 1
+
+    calls.clear()
+    (run.parent / "nuclei_dsb" / "summary.json").parent.mkdir(parents=True)
+    (run.parent / "nuclei_dsb" / "summary.json").write_text("{}")
+    T.train(tmp_path / "dsb", bitdepth, run, [], resume=True)
+    assert len(calls) == 1 and calls[0][calls[0].index("--resume") + 1] == str(run) and "--out" not in calls[0]
+    calls.clear()
+    T.train(tmp_path / "dsb", bitdepth, run, ["--init", "nuclei"])
+    assert len(calls) == 1 and calls[0][calls[0].index("--init") + 1] == "nuclei"

@@ -67,6 +67,15 @@ BITDEPTH_TEST, BITDEPTH_VAL = BITDEPTH_SPLIT["test"], BITDEPTH_SPLIT["val"]
 BITDEPTH_COPIES = 3
 
 
+def recipe(two_lab: bool) -> list[str]:
+    """The `unetlab train` flags of the DSB-only recipe, or of the two-lab fine-tune (its split from the view's
+    split.json instead of --test-fraction)."""
+    if not two_lab:
+        return RECIPE
+    k = RECIPE.index("--test-fraction")
+    return RECIPE[:k] + RECIPE[k + 2:] + MULTILAB_RECIPE
+
+
 def fluorescence_ids(data: Path) -> list[str]:
     """Image ids the DSB metadata table marks as fluorescence."""
     with open(data / "image_metadata.csv", newline="") as f:
@@ -129,8 +138,7 @@ def training_source(data: Path, run: Path, bitdepth: Path | None) -> tuple[Path,
     if bitdepth is not None:
         view = run.parent / f"{run.name}_data"
         split = build_combined_view(data, bitdepth, view, DEST / "split.json")
-        k = RECIPE.index("--test-fraction")
-        return view, ["--data", str(view), "--split-file", str(split)], RECIPE[:k] + RECIPE[k + 2:] + MULTILAB_RECIPE
+        return view, ["--data", str(view), "--split-file", str(split)], recipe(True)
     include = run.parent / f"{run.name}_fluorescence.txt"
     include.write_text("\n".join(fluorescence_ids(data)) + "\n")
     return data / "stage1_train", ["--data", str(data / "stage1_train"), "--include", str(include)], RECIPE
@@ -177,7 +185,7 @@ def fit_size_model(model_dir: Path, root: Path) -> None:
     never read."""
     from unetlab.training.sizefit import fit_size_model_for_run
 
-    fit_size_model_for_run(model_dir, root, crops=1024, val_crops=256, seed=0)
+    fit_size_model_for_run(model_dir, root, crops=4096, val_crops=512, seed=0)
 
 
 def _trained_on(split: dict, two_lab: bool) -> str:
@@ -238,7 +246,7 @@ def package(run: Path, dest: Path, others: list[Path], root: Path | None = None,
             "training_seconds": round(float(summary.get("seconds_this_session", 0))),
             "recipe": "python scripts/train_nuclei_model.py --data ../shared/data/dsb2018_train --run runs/nuclei"
                       + (" --bitdepth ../shared/data/bitdepth_nucseg" if two_lab else ""),
-            "recipe_flags": " ".join(RECIPE + (MULTILAB_RECIPE if two_lab else [])),
+            "recipe_flags": " ".join(recipe(two_lab)),
             "test": {"images": test.get("n_images"), "objects": test.get("n_objects"),
                      **{k: round(float(test[k]), 4) for k in ("ap50", "ap_mean", "dsb_score", "dice") if k in test}},
             "created": datetime.date.today().isoformat(),

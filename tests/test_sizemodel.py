@@ -213,3 +213,26 @@ def test_size_model_command_fits_an_existing_run_and_names_a_run_without_a_split
     write_json(run / "split.json", {"train": names[:3], "val": names[3:], "test": []})
     assert main(["size-model", str(run), "--data", str(data), "--crops", "9"]) == 0
     assert load_size_model(run).fit["train_crops"] == 9 and "size_model.json" in capsys.readouterr().out
+
+
+def test_native_crops_keep_the_images_own_pixels_and_size(tmp_path, monkeypatch):
+    """A share of the size model's crops is taken as it is (no resampling, which would smooth a camera's noise):
+    with every crop native, each target is the image's own median diameter and no crop is resized."""
+    from unetlab.data.layouts import load_dataset
+    from unetlab.data.synthetic import write_synthetic_dataset
+    from unetlab.runfolder import load_run
+    from unetlab.training import sizefit
+
+    data = write_synthetic_dataset(tmp_path / "data", n_images=3, size=(96, 96), seed=5)
+    run = load_run(make_run(tmp_path / "run"))
+    samples = load_dataset(data).samples
+    truth = {s.name: median_diameter([s.load_mask().astype(np.int64)]) for s in samples}
+    resized = []
+    monkeypatch.setattr(sizefit, "resize_image", lambda a, shape: resized.append(shape) or resize_image(a, shape))
+    rows = list(sizefit.size_crops(run, samples, crops=6, seed=0, native=1.0))
+    assert len(rows) == 6 and all(shape == (96, 96) for shape in resized)
+    assert sorted(round(math.exp(y), 3) for _s, y in rows) == sorted(round(truth[s.name], 3) for s in samples
+                                                                      for _ in range(2))
+    resized.clear()
+    rows = list(sizefit.size_crops(run, samples, crops=6, seed=0, native=0.0))
+    assert any(shape != (96, 96) for shape in resized)

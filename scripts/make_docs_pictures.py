@@ -121,7 +121,7 @@ def draw_overlay(run: Path, test: Path, work: Path, out: Path) -> Path:
 def draw_pretrained(data: Path, work: Path, out: Path) -> Path:
     """The shipped ``nuclei`` model on an image it never saw (no training): image and outlines, side by side."""
     pred = work / "pretrained"
-    predict("nuclei", data / "images", pred, instances=True, overwrite=True, progress=False)
+    predict("nuclei", data / "images", pred, instances=True, overwrite=True, progress=False, precision="fp32")
     name = sorted((data / "images").iterdir())[0].stem
     image = read_image(sorted((data / "images").iterdir())[0])
     labels = read_label(pred / "labels" / f"{name}.tif")

@@ -168,11 +168,12 @@ def half_weights(weights: dict) -> dict:
 
 
 def score_other(model_dir: Path, other: Path) -> dict:
-    """AP@0.5 / DSB score of the packaged model on ``other`` (images/ + masks/), no fine-tuning."""
+    """AP@0.5 / DSB score of the packaged model on ``other`` (images/ + masks/), no fine-tuning, in fp32 (the same
+    figure on every CPU)."""
     from unetlab import evaluate, predict
 
     with tempfile.TemporaryDirectory(prefix="nuclei_other_") as tmp:
-        predict(model_dir, other / "images", Path(tmp) / "pred", instances=True, progress=False)
+        predict(model_dir, other / "images", Path(tmp) / "pred", instances=True, progress=False, precision="fp32")
         rep = evaluate(Path(tmp) / "pred" / "labels", other / "masks", instances=True)
     obj = rep["objects"]
     return {"data": other.name, "images": rep["n_images"], "objects": int(obj.get("n_true", 0)),

@@ -62,6 +62,13 @@ def write_rescaled(samples, factor: float, out: Path) -> Path:
     return out
 
 
+def _split_samples(run: Path, data: Path, part: str) -> list:
+    """The samples of ``data`` in the run's ``part`` split; its split.json names them as they are or, for a model
+    trained on the two-collection view of scripts/train_nuclei_model.py, as "dsb_<id>"."""
+    names = set(load_split(run / "split.json").get(part) or [])
+    return [s for s in load_dataset(data).samples if s.name in names or f"dsb_{s.name}" in names]
+
+
 def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, split: str | None = None,
           precision: str = "auto") -> dict:
     """Predict ``images`` with ``run`` (instances) at ``precision`` and score the labels against ``truth``."""
@@ -233,18 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     args.run = resolve_run_dir(args.run)
     if args.data is None and not args.other:
         raise SystemExit("give --data (the test split's dataset) and/or --other")
-    test_names = load_split(args.run / "split.json").get(args.split) if args.data is not None else []
-    if args.data is not None and not test_names:
-        raise SystemExit(f"{args.run}: no {args.split} split in split.json; train with --test-fraction (or --test)")
+    split_samples = _split_samples(args.run, args.data, args.split) if args.data is not None else []
+    if args.data is not None and not split_samples:
+        raise SystemExit(f"{args.run}: no {args.split} images of {args.data} in split.json; train with "
+                         "--test-fraction (or --test)")
     rows: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
         tmp = Path(tmp)
-        for d in ("none", "auto") if test_names else ():
+        whole = write_rescaled(split_samples, 1.0, tmp / "split") if split_samples else None
+        for d in ("none", "auto") if whole else ():
             rows.append((f"{args.split} split, --diameter {d}",
-                         score(args.run, args.data, args.data, tmp / f"test_{d}", d, split=args.split,
+                         score(args.run, whole / "images", whole / "masks", tmp / f"test_{d}", d,
                                precision=args.precision)))
-        samples = [s for s in load_dataset(args.data).samples if s.name in set(test_names)][: args.scale_images] \
-            if test_names else []
+        samples = split_samples[: args.scale_images]
         for factor in (1.0, 2.0, 0.5) if samples else ():
             folder = write_rescaled(samples, factor, tmp / f"x{factor}")
             rows.append((f"{len(samples)} {args.split} images x{factor:g}, --diameter auto",
@@ -275,10 +283,8 @@ def sizes_main(args) -> int:
     logging.getLogger("unetlab").setLevel(logging.WARNING)
     run = resolve_run_dir(args.run)
     collections: dict[str, list] = {}
-    if args.data is not None:  # the run's split names DSB images as they are, or as "dsb_<id>" (two-lab view)
-        names = set(load_split(run / "split.json").get(args.split) or [])
-        collections[f"DSB {args.split} split"] = [s for s in load_dataset(args.data).samples
-                                                  if s.name in names or f"dsb_{s.name}" in names]
+    if args.data is not None:
+        collections[f"DSB {args.split} split"] = _split_samples(run, args.data, args.split)
     if args.bitdepth is not None:
         collections[f"bitdepth_nucseg {args.split} list"] = [s for s in load_dataset(args.bitdepth).samples
                                                              if s.name in BITDEPTH_SPLIT[args.split]]

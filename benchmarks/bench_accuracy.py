@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from unetlab.data.io import read_image, write_image  # noqa: E402
+from unetlab.data.io import image_stem, read_image, write_image  # noqa: E402
 from unetlab.data.layouts import load_dataset  # noqa: E402
 from unetlab.data.split import load_split  # noqa: E402
 from unetlab.evaluation.evaluate import evaluate  # noqa: E402
@@ -69,11 +69,20 @@ def _split_samples(run: Path, data: Path, part: str) -> list:
     return [s for s in load_dataset(data).samples if s.name in names or f"dsb_{s.name}" in names]
 
 
-def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, split: str | None = None,
-          precision: str = "auto") -> dict:
+def _linked_images(samples: list, out: Path) -> Path:
+    """The samples' image files as they are (every channel, no conversion), linked into the flat folder ``out``
+    under the output names ``predict`` gives a dataset's samples; returns ``out``."""
+    out.mkdir(parents=True)
+    for s in samples:
+        suffix = s.image.name[len(image_stem(s.image)):]
+        (out / f"{s.name.replace('/', '__')}{suffix}").symlink_to(Path(s.image).resolve())
+    return out
+
+
+def score(run: Path, images: Path, truth: Path, out: Path, diameter: str, precision: str = "auto") -> dict:
     """Predict ``images`` with ``run`` (instances) at ``precision`` and score the labels against ``truth``."""
     t0 = time.time()
-    predict(run, images, out, instances=True, diameter=diameter, split=split, progress=False, overwrite=True,
+    predict(run, images, out, instances=True, diameter=diameter, progress=False, overwrite=True,
             precision=precision)
     seconds = time.time() - t0
     rep = evaluate(out / "labels", truth, instances=True)
@@ -247,11 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
         tmp = Path(tmp)
-        whole = write_rescaled(split_samples, 1.0, tmp / "split") if split_samples else None
+        whole = _linked_images(split_samples, tmp / "split") if split_samples else None
         for d in ("none", "auto") if whole else ():
             rows.append((f"{args.split} split, --diameter {d}",
-                         score(args.run, whole / "images", whole / "masks", tmp / f"test_{d}", d,
-                               precision=args.precision)))
+                         score(args.run, whole, args.data, tmp / f"test_{d}", d, precision=args.precision)))
         samples = split_samples[: args.scale_images]
         for factor in (1.0, 2.0, 0.5) if samples else ():
             folder = write_rescaled(samples, factor, tmp / f"x{factor}")

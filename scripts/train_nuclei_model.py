@@ -141,20 +141,20 @@ def training_source(data: Path, run: Path, bitdepth: Path | None) -> tuple[Path,
         return view, ["--data", str(view), "--split-file", str(split)], recipe(True)
     include = run.parent / f"{run.name}_fluorescence.txt"
     include.write_text("\n".join(fluorescence_ids(data)) + "\n")
-    return data / "stage1_train", ["--data", str(data / "stage1_train"), "--include", str(include)], RECIPE
+    return data / "stage1_train", ["--data", str(data / "stage1_train"), "--include", str(include)], recipe(False)
 
 
 def train(data: Path, bitdepth: Path | None, run: Path, extra: list[str], resume: bool = False) -> None:
     """Run ``unetlab train`` with the recipe into ``run`` (``resume``: continue it). The two-lab recipe starts
     from a DSB-only run (stage 1, trained first into ``RUN_dsb`` unless ``extra`` has ``--init``)."""
-    _root, source, recipe = training_source(data, run, bitdepth)
+    _root, source, flags = training_source(data, run, bitdepth)
     if bitdepth is not None and "--init" not in extra:
         stage1 = run.parent / f"{run.name}_dsb"
         if not (stage1 / "summary.json").is_file():  # not finished: train (or go on with) the DSB-only stage
             train(data, None, stage1, [], resume=(stage1 / "checkpoints" / "last.pt").is_file())
         extra = ["--init", str(stage1), *extra]
     where = ["--resume", str(run)] if resume else ["--out", str(run)]
-    cmd = [sys.executable, "-m", "unetlab", "train", *source, *where, *recipe, *extra]
+    cmd = [sys.executable, "-m", "unetlab", "train", *source, *where, *flags, *extra]
     log.info("training: %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
 

@@ -183,10 +183,15 @@ def score_other(model_dir: Path, other: Path) -> dict:
 def fit_size_model(model_dir: Path, root: Path) -> None:
     """Fit the packaged weights' size model (``size_model.json``, issue 28) on its training images in ``root``
     (the folder its split.json names); the ridge penalty is chosen on its validation images; its test images are
-    never read."""
+    never read. The crops are shared equally by the collections (DSB 2018, bitdepth_nucseg: ``collection_of``)."""
     from unetlab.training.sizefit import fit_size_model_for_run
 
-    fit_size_model_for_run(model_dir, root, crops=4096, val_crops=512, seed=0)
+    fit_size_model_for_run(model_dir, root, crops=4096, val_crops=512, seed=0, collection=collection_of)
+
+
+def collection_of(name: str) -> str:
+    """The collection of a training-view image: its name's prefix ("dsb" or the bitdepth copies' "bd0".."bd2")."""
+    return "dsb2018" if name.startswith("dsb_") else "bitdepth_nucseg"
 
 
 def _trained_on(split: dict, two_lab: bool) -> str:

@@ -69,9 +69,30 @@ def test_size_model_round_trips_as_plain_json_and_a_bad_file_is_one_line(tmp_pat
     styles = rng.normal(size=(3, 5))
     assert np.allclose(back.log_diameters(styles), sm.log_diameters(styles))
     assert load_size_model(tmp_path / "elsewhere") is None  # an older run: no size model
+    obj = json.loads(path.read_text())
+    assert obj["zoom"] == 1.0
+    del obj["zoom"]  # a fit written before the style was read at half size
+    path.write_text(json.dumps(obj))
+    assert load_size_model(tmp_path).zoom == 1.0
+    path.write_text(json.dumps({**obj, "zoom": 2.0}))
+    with pytest.raises(UnetlabError, match="zoom"):
+        load_size_model(tmp_path)
     path.write_text(json.dumps({"format": "unetlab-size-model/1", "weights": [1.0], "bias": 0.0}))
     with pytest.raises(UnetlabError, match=SIZE_MODEL_FILE):
         load_size_model(tmp_path)
+
+
+def test_the_style_is_read_from_the_image_at_the_size_models_zoom():
+    """zoom 0.5 reads the style of the half-size image (a quarter of the pixels), and predict's estimator uses
+    the zoom its size model was fitted with."""
+    from unetlab.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet(1, 1, (4, 8, 16)).eval()
+    img = np.random.default_rng(3).random((1, 128, 96), np.float32)
+    half = image_style(model, img, crop=64, zoom=0.5)
+    assert np.allclose(half, image_style(model, resize_image(img, (64, 48)), crop=64))
+    assert not np.allclose(half, image_style(model, img, crop=64))
 
 
 def test_ridge_recovers_a_linear_log_size_and_chooses_its_penalty_on_validation():
@@ -191,6 +212,32 @@ def test_an_existing_run_gets_a_size_model_from_its_split_and_never_reads_its_te
     sm = sizefit.fit_size_model_for_run(run, data, crops=12, val_crops=4)
     assert load_size_model(run) == sm and sm.fit["train_crops"] == 12 and sm.train_diameter == TRAIN_DIAMETER
     assert set(read) == set(names[:5]), read  # training and validation images only
+
+
+def test_crops_are_shared_equally_by_collections(tmp_path, monkeypatch):
+    """A small collection gets as many size-model crops as a large one (then spread over its images)."""
+    from unetlab.data.layouts import load_dataset
+    from unetlab.data.synthetic import write_synthetic_dataset
+    from unetlab.runfolder import load_run
+    from unetlab.training import sizefit
+
+    data = write_synthetic_dataset(tmp_path / "data", n_images=5, size=(64, 64), seed=6)
+    run = load_run(make_run(tmp_path / "run"))
+    samples = load_dataset(data).samples
+    calls, crops_of = [], sizefit.size_crops
+
+    def recording(run, part, crops, seed):
+        rows = list(crops_of(run, part, crops, seed))
+        calls.append((sorted(s.name for s in part), len(rows)))
+        return rows
+
+    monkeypatch.setattr(sizefit, "size_crops", recording)
+    small = samples[0].name
+    rows = list(sizefit.balanced_crops(run, samples, 8, 0, lambda n: "small" if n == small else "large"))
+    assert len(rows) == 8
+    assert sorted(calls) == sorted([([small], 4), (sorted(s.name for s in samples[1:]), 4)])
+    calls.clear()
+    assert len(list(sizefit.balanced_crops(run, samples, 10, 0))) == 10 and len(calls) == 1  # one collection
 
 
 def sizefit_read(path):

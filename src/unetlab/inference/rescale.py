@@ -45,7 +45,8 @@ class ScaleChoice:
 
     scale: float
     diameter: float | None  # objects' diameter in the original image (pixels), None when unknown
-    how: str  # "training size", "given", "estimated", "estimated, refined", "measured", "measured (no objects)"
+    how: str  # "training size", "given", "estimated", "estimated, measured", "estimated, refined", "measured",
+    # "measured (no objects)"
 
 
 def parse_diameter(value: str | float | None) -> float | str | None:
@@ -107,14 +108,22 @@ def _estimate_scale(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]]
     (:mod:`unetlab.inference.sizemodel`): one pass at the scale that brings ``estimated`` to ``train_diameter``.
     With ``refine``, the objects of that pass, seen near the training size, are measured, and when their median
     diameter differs from the estimate by more than ``tolerance`` a second pass is made at their size (as
-    Cellpose does): at most two passes."""
+    Cellpose does): at most two passes. The diameter reported is then that of the last pass's objects (near the
+    training size they are better evidence of it than the estimate), the estimate's when the pass found none."""
     scale = scale_for(train_diameter, estimated)
-    if not refine:
+    d = _measured(run, scale) if refine else None
+    if d is None:
         return ScaleChoice(scale, estimated, "estimated")
+    if abs(math.log(d / estimated)) <= math.log1p(tolerance):
+        return ScaleChoice(scale, d, "estimated, measured")
+    refined = scale_for(train_diameter, d)
+    return ScaleChoice(refined, _measured(run, refined) or d, "estimated, refined")
+
+
+def _measured(run: Callable[[float], tuple[np.ndarray, np.ndarray | None]], scale: float) -> float | None:
+    """The median diameter, in the image's own pixels, of the objects of the pass at ``scale`` (None: none)."""
     d = median_diameter([run(scale)[1]])
-    if d is None or abs(math.log(d / scale / estimated)) <= math.log1p(tolerance):
-        return ScaleChoice(scale, estimated, "estimated")
-    return ScaleChoice(scale_for(train_diameter, d / scale), d / scale, "estimated, refined")
+    return None if d is None else d / scale
 
 
 # --- runs without a size model (size_model.json): measure the objects of one pass --------------------------------

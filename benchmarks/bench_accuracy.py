@@ -18,7 +18,8 @@ test images took no part in training, checkpoint choice or post-processing tunin
 ``--data`` (its DSB images), ``--bitdepth``'s fixed list for the split (bitdepth_nucseg_split.json), ``--other``;
 each at x1 and, for the first ``--scale-images``, x0.5 / x2 / x4): AP@0.5 and DSB score with ``--diameter auto``
 (the run's size model) and at each image's true size, the size estimates' |log(estimated / true)|, seconds of
-auto and none, and with ``--modes true,none,auto,measured`` the same run without its size model.
+auto and none, and with ``--modes true,none,auto,measured`` the same run without its size model (``no_relook``:
+its size model without the relook of large estimates).
 
 ``--split val`` scores the validation images instead, to choose between settings (of ``--diameter auto``, say)
 without looking at the test images; report the test split.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -146,7 +148,8 @@ def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int,
 
     measured_run = tmp / "run_without_size_model"
     shutil.copytree(run, measured_run, ignore=shutil.ignore_patterns("size_model.json"))
-    runs = {"none": (run, None), "auto": (run, rescale.REFINE), "measured": (measured_run, None)}
+    runs = {"none": (run, None), "auto": (run, rescale.REFINE), "measured": (measured_run, None),
+            "no_relook": (run, rescale.REFINE)}
     if refine_both:
         runs["auto_1pass"] = (run, not rescale.REFINE)
     rows = []
@@ -171,17 +174,18 @@ def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int,
 def _mode_scores(run: Path, folder: Path, out: Path, mode: str, refine: bool | None, truth: dict[str, float],
                  precision: str) -> dict:
     """One mode of a Size estimate row: seconds, AP@0.5, DSB score and (auto modes) the size errors."""
-    from unetlab.inference import rescale
+    from unetlab.inference import rescale, sizemodel
 
-    before = rescale.REFINE
-    rescale.REFINE = before if refine is None else refine
+    before = rescale.REFINE, sizemodel.RELOOK
+    rescale.REFINE = before[0] if refine is None else refine
+    sizemodel.RELOOK = math.inf if mode == "no_relook" else before[1]
     try:
         t0 = time.time()
         predict(run, folder / "images", out, instances=True, diameter="none" if mode == "none" else "auto",
                 progress=False, overwrite=True, precision=precision)
         row = {f"{mode}_seconds": round(time.time() - t0, 1)}
     finally:
-        rescale.REFINE = before
+        rescale.REFINE, sizemodel.RELOOK = before
     rep = evaluate(out / "labels", folder / "masks", instances=True)
     row[f"{mode}_ap50"] = float(rep["objects"]["ap"][0])
     row[f"{mode}_dsb_score"] = float(rep["objects"]["dsb_score"])
@@ -192,29 +196,37 @@ def _mode_scores(run: Path, folder: Path, out: Path, mode: str, refine: bool | N
 
 def size_table(rows: list[dict], modes: tuple[str, ...]) -> str:
     """The Size estimate table (markdown): auto against the true size, the size errors, seconds auto / none;
-    with the "measured" mode its AP@0.5 and size errors too."""
-    measured = "measured" in modes
+    with the "measured" (no size model) and "no_relook" (size model without its relook) modes their AP@0.5 and
+    size errors too."""
+    extra = [m for m in modes if m in ("measured", "no_relook")]
     head = ["images", "zoom", "n", "AP@0.5 auto", "AP@0.5 true size", "auto - true", "DSB auto / true",
             "size err med / p90 (within 25%)", "s none / auto"]
-    head += ["AP@0.5 measured", "measured err med / p90 (within 25%)"] if measured else []
+    for m in extra:
+        head += [f"AP@0.5 {m}", f"{m} err med / p90 (within 25%)"]
     lines = ["| " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |"]
     for r in rows:
         cells = [r["collection"], f"x{r['zoom']:g}", str(r["n_images"]), f"{r['auto_ap50']:.3f}",
                  f"{r['true_ap50']:.3f}", f"{r['auto_ap50'] - r['true_ap50']:+.3f}",
                  f"{r['auto_dsb_score']:.3f} / {r['true_dsb_score']:.3f}",
                  f"{r['auto_err_median']:.2f} / {r['auto_err_p90']:.2f} ({r['auto_within25']:.0%})",
-                 f"{r['none_seconds']:.0f} / {r['auto_seconds']:.0f}"]
-        if measured:
-            cells += [f"{r['measured_ap50']:.3f}", f"{r['measured_err_median']:.2f} / {r['measured_err_p90']:.2f} "
-                      f"({r['measured_within25']:.0%})"]
+                 f"{_seconds(r, 'none')} / {_seconds(r, 'auto')}"]
+        for m in extra:
+            cells += [f"{r[f'{m}_ap50']:.3f}", f"{r[f'{m}_err_median']:.2f} / {r[f'{m}_err_p90']:.2f} "
+                      f"({r[f'{m}_within25']:.0%})"]
         lines.append("| " + " | ".join(cells) + " |")
     n = sum(r["n_images"] for r in rows)
     within = sum(r["auto_within25"] * r["n_images"] for r in rows) / max(n, 1)
-    none_s, auto_s = sum(r["none_seconds"] for r in rows), sum(r["auto_seconds"] for r in rows)
-    lines += ["", f"size estimate within 25% of the true median diameter on {within:.0%} of {n} images (all rows); "
-              f"--diameter auto took {auto_s:.0f} s against {none_s:.0f} s for --diameter none "
-              f"({auto_s / max(none_s, 1e-9):.2f}x)"]
+    lines += ["", f"size estimate within 25% of the true median diameter on {within:.0%} of {n} images (all rows)"]
+    if "none" in modes:
+        none_s, auto_s = sum(r["none_seconds"] for r in rows), sum(r["auto_seconds"] for r in rows)
+        lines[-1] += (f"; --diameter auto took {auto_s:.0f} s against {none_s:.0f} s for --diameter none "
+                      f"({auto_s / max(none_s, 1e-9):.2f}x)")
     return "\n".join(lines)
+
+
+def _seconds(row: dict, mode: str) -> str:
+    """A Size estimate row's seconds of ``mode``, '-' when the mode was not run (``--modes``)."""
+    return f"{row[f'{mode}_seconds']:.0f}" if f"{mode}_seconds" in row else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-both", action="store_true", help="Size estimate: also auto without/with refinement")
     p.add_argument("--modes", default="true,none,auto",
                    help="Size estimate: the modes to run (comma list of true, none, auto, measured: the run "
-                        "without its size model)")
+                        "without its size model, no_relook: the size model without its relook)")
     p.add_argument("--zooms", default="1,0.5,2,4", help="Size estimate: the zooms of the copies (comma list)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -302,7 +314,7 @@ def sizes_main(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_sizes_") as tmp:
         rows = size_rows(run, collections, Path(tmp), args.scale_images, args.size_precision, args.refine_both,
                          modes, tuple(float(z) for z in args.zooms.split(",")))
-    if {"true", "none", "auto"} <= set(modes):
+    if {"true", "auto"} <= set(modes):
         print(size_table(rows, modes))
     out = args.out.with_name("bench_sizes.json")
     out.parent.mkdir(parents=True, exist_ok=True)

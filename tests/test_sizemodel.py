@@ -95,6 +95,27 @@ def test_the_style_is_read_from_the_image_at_the_size_models_zoom():
     assert not np.allclose(half, image_style(model, img, crop=64))
 
 
+def test_an_estimate_of_objects_far_over_the_training_size_is_made_again_on_the_shrunk_image():
+    """A regression that saturates near 100 px (as a style crop cannot hold 180 px nuclei) is asked again on the
+    image shrunk to show them near the training size; estimates under the relook limit cost one call."""
+    from unetlab.inference.sizemodel import RELOOK, relook
+
+    calls = []
+
+    def saturating(objects: float):
+        def diameter_of(image):
+            calls.append(image.shape[-2:])
+            return min(objects * image.shape[-2] / 1000, 100.0)
+        return diameter_of
+
+    image = np.zeros((1, 1000, 800), np.float32)
+    assert relook(saturating(180.0), image, 20.0) == pytest.approx(180.0, rel=0.01)
+    assert calls == [(1000, 800), (200, 160)]  # shrunk so the first estimate (100 px) maps to 20 px
+    calls.clear()
+    below = RELOOK * 20.0 - 1
+    assert relook(saturating(below), image, 20.0) == pytest.approx(below) and len(calls) == 1
+
+
 def test_ridge_recovers_a_linear_log_size_and_chooses_its_penalty_on_validation():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(400, 12)) * rng.uniform(0.1, 10, 12)

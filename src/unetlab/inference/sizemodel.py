@@ -141,8 +141,9 @@ def relook(diameter_of: Callable[[np.ndarray], float], image: np.ndarray, train_
            above: float | None = None) -> float:
     """``diameter_of(image)``, and when that exceeds ``above`` x ``train_diameter`` the estimate of the image shrunk
     so that it would show them at the training size (scaled back): objects far larger than any in a style crop
-    (nuclei of 150-200 px) make the regression saturate (50-100 px on DSB validation copies at x4), and a pass at that scale shows fragments that
-    seem to confirm it; shrunk, they fall where it is accurate. Costs one style of a quarter of the pixels or less.
+    (nuclei of 150-200 px) make the regression saturate (50-100 px on DSB validation copies at x4), and a pass at
+    that scale shows fragments that seem to confirm it; shrunk, they fall where it is accurate. Costs one style of
+    a quarter of the pixels or less.
     ``above``: the limit in training diameters (default ``RELOOK``)."""
     d = diameter_of(image)
     if d <= (RELOOK if above is None else above) * train_diameter:

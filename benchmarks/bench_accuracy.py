@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -147,7 +148,8 @@ def size_rows(run: Path, collections: dict[str, list], tmp: Path, n_scaled: int,
     from unetlab.inference import rescale
 
     measured_run = tmp / "run_without_size_model"
-    shutil.copytree(run, measured_run, ignore=shutil.ignore_patterns("size_model.json"))
+    if "measured" in modes:
+        shutil.copytree(run, measured_run, ignore=shutil.ignore_patterns("size_model.json"))
     runs = {"none": (run, None), "auto": (run, rescale.REFINE), "measured": (measured_run, None),
             "no_relook": (run, rescale.REFINE)}
     if refine_both:
@@ -242,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                         "is bf16 where the CPU has native bf16)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_accuracy.json")
     p.add_argument("--sizes", action="store_true",
-                   help="the Size estimate table only: the split of --data, --bitdepth's test list and --other, "
-                        "each at x1 / x0.5 / x2 / x4, with --diameter auto, the measuring rule and the true size")
+                   help="the Size estimate table only: the split of --data, --bitdepth's list and --other, each "
+                        "at x1 / x0.5 / x2 / x4, with --diameter auto, none and the true size (see --modes)")
     p.add_argument("--bitdepth", type=Path,
                    help="the bitdepth_nucseg folder (its fixed list for --split, bitdepth_nucseg_split.json, is scored)")
     p.add_argument("--size-precision", default="fp32", help="--precision of the Size estimate rows")
@@ -319,7 +321,7 @@ def sizes_main(args) -> int:
     out = args.out.with_name("bench_sizes.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "precision": args.size_precision,
-                               "machine": C.machine_info(__import__("torch").device("cpu")), "rows": rows}, indent=1))
+                               "machine": C.machine_info(torch.device("cpu")), "rows": rows}, indent=1))
     log.info("wrote %s", out)
     return 0
 

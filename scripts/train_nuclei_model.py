@@ -270,14 +270,16 @@ def package(run: Path, dest: Path, others: list[Path], root: Path | None = None,
 def add_size_rows(dest: Path, bench_sizes: Path) -> None:
     """Put the Size estimate rows of ``bench_sizes`` (benchmarks/bench_accuracy.py --sizes on the packaged model,
     test splits) into ``dest/card.json``: ``unetlab models`` prints them."""
-    rows = json.loads(bench_sizes.read_text())["rows"]
+    from unetlab.files import write_text
+
+    bench = json.loads(bench_sizes.read_text())
     card = json.loads((dest / "card.json").read_text())
     card["sizes"] = [{"images": r["collection"], "zoom": r["zoom"], "n": r["n_images"],
                       "ap50_auto": round(r["auto_ap50"], 4), "ap50_true": round(r["true_ap50"], 4),
                       "within25": round(r["auto_within25"], 3), "err_p90": round(r["auto_err_p90"], 3)}
-                     for r in rows if "val" not in r["collection"]]
-    card["sizes_from"] = json.loads(bench_sizes.read_text()).get("command", "")
-    (dest / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+                     for r in bench["rows"] if "val" not in r["collection"]]
+    card["sizes_from"] = bench.get("command", "")
+    write_text(dest / "card.json", json.dumps(card, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

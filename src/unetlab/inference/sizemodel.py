@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UnetlabError
 from ..files import write_text
-from .rescale import MIN_SIDE, resize_image
+from .rescale import resize_image, scaled_shape
 
 SIZE_MODEL_FILE = "size_model.json"
 STYLE_CROP = 256  # the style is the mean over crops of this side (the size the regressor was fitted on)
@@ -65,8 +65,8 @@ class SizeModel:
 
 
 def load_size_model(run_dir: str | Path | None) -> SizeModel | None:
-    """The run's size regressor, or None when the run folder has none (older runs: --diameter auto measures the objects it finds).
-    A malformed file is one UnetlabError line naming it."""
+    """The run's size regressor, or None when the run folder has none (older runs: --diameter auto measures the
+    objects it finds). A malformed file is one UnetlabError line naming it."""
     if run_dir is None:
         return None
     path = Path(run_dir) / SIZE_MODEL_FILE
@@ -108,8 +108,7 @@ def image_style(model: nn.Module, image: np.ndarray, crop: int = STYLE_CROP,
     from ..models.features import pooled_features
 
     if zoom != 1.0:
-        h, w = image.shape[-2:]
-        image = resize_image(image, (max(MIN_SIDE, round(h * zoom)), max(MIN_SIDE, round(w * zoom))))
+        image = resize_image(image, scaled_shape(image.shape[-2:], zoom))
     h, w = image.shape[-2:]
     ys, xs = crop_origins(h, crop, MAX_STYLE_CROPS), crop_origins(w, crop, MAX_STYLE_CROPS)
     boxes = [(y, x) for y in ys for x in xs]
@@ -137,17 +136,14 @@ def size_estimator(model: nn.Module, run_dir: str | Path | None) -> Callable[[np
                                 sm.train_diameter)
 
 
-def relook(diameter_of: Callable[[np.ndarray], float], image: np.ndarray, train_diameter: float,
-           above: float | None = None) -> float:
-    """``diameter_of(image)``, and when that exceeds ``above`` x ``train_diameter`` the estimate of the image shrunk
+def relook(diameter_of: Callable[[np.ndarray], float], image: np.ndarray, train_diameter: float) -> float:
+    """``diameter_of(image)``, and when that exceeds ``RELOOK`` x ``train_diameter`` the estimate of the image shrunk
     so that it would show them at the training size (scaled back): objects far larger than any in a style crop
     (nuclei of 150-200 px) make the regression saturate (50-100 px on DSB validation copies at x4), and a pass at
     that scale shows fragments that seem to confirm it; shrunk, they fall where it is accurate. Costs one style of
-    a quarter of the pixels or less.
-    ``above``: the limit in training diameters (default ``RELOOK``)."""
+    a quarter of the pixels or less. ``RELOOK`` is read at each call (benchmarks switch it off)."""
     d = diameter_of(image)
-    if d <= (RELOOK if above is None else above) * train_diameter:
+    if d <= RELOOK * train_diameter:
         return d
-    h, w = image.shape[-2:]
-    shape = (max(MIN_SIDE, round(h * train_diameter / d)), max(MIN_SIDE, round(w * train_diameter / d)))
-    return diameter_of(resize_image(image, shape)) * h / shape[0]
+    shape = scaled_shape(image.shape[-2:], train_diameter / d)
+    return diameter_of(resize_image(image, shape)) * image.shape[-2] / shape[0]

@@ -41,7 +41,10 @@ MAX_TUNING_IMAGES = 200  # validation images predicted for tuning after training
 # marker prominences tried, as factors of the target's default (distance target: 0.025, 0.05, 0.1). DSB 2018 runs
 # choose the top one; a grid up to 6x (0.3) was measured (2026-12-03, benchmarks/README.md): it picks 0.2-0.3 on
 # the validation images and raises their scores, but the untouched test images then score lower (AP@0.5 0.801 ->
-# 0.771 for the pretrained model of 2026-12-02), so the grid stays where it was.
+# 0.771 for the pretrained model of 2026-12-02), so the grid stays where it was. Measured again on the two-lab
+# model of 2026-12-05 (benchmarks/bench_prominence.py): its validation and training images prefer 0.15-0.2, the
+# tuner with the grid up to 0.2 chose 0.2, and the held-out images lost AP@0.5 again (DSB test 0.814 -> 0.803 with
+# --diameter auto, StarDist's image 0.830 -> 0.823): not kept.
 PROMINENCE_FACTORS = (0.5, 1.0, 2.0)
 
 

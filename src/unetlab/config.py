@@ -155,6 +155,8 @@ class TrainConfig:
     sigma: float = _f(5.0, "border and contact weight maps: width of the gaps in pixels (the paper's: 5)")
     contact_weight: float = _f(0.0, "w0 of a weight map on object pixels and gaps where two objects meet; 0: off")
     grad_clip: float | None = _f(1.0, "clip the gradient norm to this; none: no clipping")
+    ema: float = _f(0.0, "keep an exponential moving average of the weights with this decay per optimiser step "
+                    "(0: off; 0.999 is usual): validation, the best checkpoint and predict use the average")
     precision: str = _f("auto", "autocast precision: auto, fp32, bf16 or fp16")
     channels_last: bool | None = _f(None, "channels-last memory format; none: on CUDA only (slower for CPU "
                                     "training)")

@@ -15,6 +15,7 @@ from torch import nn
 from .. import distributed as D
 from ..config import RunConfig
 from ..data.dataset import PatchDataset
+from .ema import WeightAverage
 from .schedules import Schedule, scale_lr
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Guarded(Protocol):
     recoveries: list[dict]
     good_state: dict | None
     good_epoch: int
+    ema: WeightAverage | None
 
 
 def recover(run: Guarded, reason: str, epoch: int) -> bool:
@@ -85,6 +87,8 @@ def recover(run: Guarded, reason: str, epoch: int) -> bool:
             if hasattr(m, "reset_parameters") and m is not run.model:
                 m.reset_parameters()
         run.optimizer.state.clear()
+    if run.ema is not None:  # --ema: the average of the collapsed weights goes too
+        run.ema.reset(run.model)
     new_lr = scale_lr(run.schedule, RECOVERY_LR_FACTOR)
     torch.manual_seed(cfg.train.seed + 1000 * n)
     run.train_cache_dataset.seed = cfg.train.seed + 1000 * n

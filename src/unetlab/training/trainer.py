@@ -45,6 +45,7 @@ from .decisions import (
     optimizer_steps,
     worst,
 )
+from .ema import weight_average
 from .guard import recover
 from .losses import distillation_loss
 from .lrfind import lr_find
@@ -163,6 +164,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and self.cfg.train.sync_batchnorm:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.ema = weight_average(self.model, float(self.cfg.train.ema))  # --ema: None when off
+        self.scored = self.ema.model if self.ema is not None else self.model  # what validation and best.pt see
         self.net: nn.Module = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
@@ -209,6 +212,7 @@ class Trainer:
         """Everything a checkpoint needs to resume this run exactly (weights, optimiser, schedule, RNG, ...)."""
         return {
             "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -231,6 +235,8 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         """Continue from a checkpoint's :meth:`_state` (a resume)."""
         load_weights(self.model, state["model"], checkpoint_path(self.out, "last"))
+        if self.ema is not None:  # a checkpoint written without --ema: the average starts at its weights
+            self.ema.load_state_dict(state.get("ema") or {"model": self.model.state_dict(), "updates": 0})
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -297,6 +303,8 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.schedule.step_batch()
+                if self.ema is not None:
+                    self.ema.update(self.model)
             total += float(loss.detach())
             count += 1
             bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{self.schedule.lr:.2e}")
@@ -360,7 +368,7 @@ class Trainer:
             last = self.epoch + 1 == cfg.train.epochs
             evaluated = bool(self.val_samples) and ((self.epoch + 1) % cfg.train.val_every == 0 or last)
             if evaluated:
-                row.update(validate(self.model, self.val_cache, val_idx, cfg, self.info, self.device, self.dist))
+                row.update(validate(self.scored, self.val_cache, val_idx, cfg, self.info, self.device, self.dist))
             row["seconds"] = time.time() - t0
             self.history.append(row)
             self.epoch += 1
@@ -434,7 +442,7 @@ class Trainer:
         """Write checkpoints/best.pt (rank 0): the weights of this epoch, its metrics, config and model info."""
         if self.dist.is_main and self.out is not None:
             save_checkpoint(checkpoint_path(self.out, "best"),
-                            {"model": self.model.state_dict(), "epoch": self.epoch, "metrics": row,
+                            {"model": self.scored.state_dict(), "epoch": self.epoch, "metrics": row,
                              "config": self.cfg.to_dict(), "info": self.info})
 
     def _log_epoch(self, row: dict) -> None:

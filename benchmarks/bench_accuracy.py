@@ -198,9 +198,10 @@ def _mode_scores(run: Path, folder: Path, out: Path, mode: str, refine: bool | N
 
 def size_table(rows: list[dict], modes: tuple[str, ...]) -> str:
     """The Size estimate table (markdown): auto against the true size, the size errors, seconds auto / none;
-    with the "measured" (no size model) and "no_relook" (size model without its relook) modes their AP@0.5 and
-    size errors too."""
+    with the "measured" (no size model) and "no_relook" (size model without its relook) modes, and with
+    --refine-both "auto_1pass" (no refinement pass), their AP@0.5 and size errors too."""
     extra = [m for m in modes if m in ("measured", "no_relook")]
+    extra += ["auto_1pass"] if rows and "auto_1pass_ap50" in rows[0] else []  # --refine-both
     head = ["images", "zoom", "n", "AP@0.5 auto", "AP@0.5 true size", "auto - true", "DSB auto / true",
             "size err med / p90 (within 25%)", "s none / auto"]
     for m in extra:

@@ -69,3 +69,26 @@ def test_a_stopped_run_resumes_its_average_exactly(cells, tmp_path):
     assert a["updates"] == b["updates"] == 8
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def test_a_recovery_restarts_the_average_at_the_restored_weights(monkeypatch):
+    """The collapse guard restores the last good weights; the average of the collapsed ones must not survive it."""
+    from types import SimpleNamespace
+
+    from unetlab.training import guard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    avg = weight_average(model, 0.9)
+    with torch.no_grad():
+        model[0].weight.fill_(-20.0)  # the collapse
+    avg.update(model)
+    avg.update(model)
+    monkeypatch.setattr(guard, "scale_lr", lambda schedule, factor: 0.01)
+    run = SimpleNamespace(cfg=RunConfig(), dist=SimpleNamespace(is_main=True), model=model, optimizer=opt,
+                          schedule=None, train_cache_dataset=SimpleNamespace(seed=0), history=[], recoveries=[],
+                          good_state={"model": good, "optimizer": opt.state_dict()}, good_epoch=1, ema=avg)
+    assert guard.recover(run, "validation Dice stuck at 0", 3)
+    assert avg.updates == 0 and torch.equal(avg.model[0].weight, good["0.weight"])

@@ -370,3 +370,38 @@ def trained_run(preset: str = "unet-slim", retrain: bool = False, extra: dict | 
     cfg = apply_overrides(RunConfig(), {**BENCH_TRAIN, "root": str(data), "preset": preset, **(extra or {})})
     train(cfg, run, overwrite=True, progress=False)
     return run
+
+
+# --- benchmarks that score one split of a run ---------------------------------------------------------------------
+
+
+def split_arguments(p) -> None:
+    """Add the arguments of a benchmark that scores one split of a run: run, --data, --split, --limit, --json."""
+    p.add_argument("run", help="run folder or pretrained model name")
+    p.add_argument("--data", type=Path, required=True, help="the dataset folder the run was trained on")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="val or train to choose settings; test only to report")
+    p.add_argument("--limit", type=int, default=0, help="at most N images of the split, drawn with seed 0 (0: all)")
+    p.add_argument("--json", type=Path, default=None, help="where to write the results (default benchmarks/results/)")
+
+
+def split_samples(run_dir: Path, data: Path, split: str, layout: str | None, limit: int) -> list:
+    """The samples of ``split`` (the run's split.json) found in ``data``, one per image file (the nuclei recipe
+    lists each tissue image under three names), at most ``limit`` of them drawn with seed 0 (0: all)."""
+    import random
+
+    from unetlab.data.layouts import load_dataset
+    from unetlab.data.split import load_split
+
+    by_name = {s.name: s for s in load_dataset(data, layout).samples}
+    seen, samples = set(), []
+    for name in load_split(run_dir)[split]:
+        s = by_name.get(name)
+        if s is not None and os.path.realpath(s.image) not in seen:
+            seen.add(os.path.realpath(s.image))
+            samples.append(s)
+    if limit and len(samples) > limit:
+        samples = random.Random(0).sample(samples, limit)
+    if not samples:
+        raise SystemExit(f"no {split} image of {Path(run_dir) / 'split.json'} is in {data}")
+    return samples

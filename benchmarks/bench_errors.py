@@ -31,8 +31,6 @@ from skimage.segmentation import relabel_sequential
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from unetlab.data.io import read_image  # noqa: E402
-from unetlab.data.layouts import load_dataset  # noqa: E402
-from unetlab.data.split import load_split  # noqa: E402
 from unetlab.data.targets import make_target  # noqa: E402
 from unetlab.evaluation.metrics import match_objects, object_overlaps, pool_matches  # noqa: E402
 from unetlab.inference.postprocess import probabilities_to_labels  # noqa: E402
@@ -102,23 +100,15 @@ def binned(rows: list[dict], key: str, edges) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", help="run folder or pretrained model name")
-    p.add_argument("--data", type=Path, required=True, help="the dataset folder the run was trained on")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    C.split_arguments(p)
     p.add_argument("--scale", type=float, default=1.0, help="predict the images rescaled by this factor")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images of the split (0: all)")
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     run_dir = resolve_run_dir(args.run)
     run = load_run(run_dir)
     kind, pp = run.info.get("target", "binary"), run.config.postprocess
-    names = list(load_split(run_dir)[args.split])
-    by_name = {s.name: s for s in load_dataset(args.data, run.config.data.layout).samples}
-    samples = [by_name[n] for n in names if n in by_name][: args.limit or None]
-    if not samples:
-        raise SystemExit(f"none of the {len(names)} {args.split} images of {run_dir / 'split.json'} is in {args.data}")
+    samples = C.split_samples(run_dir, args.data, args.split, run.config.data.layout, args.limit)
     predictor = Predictor.from_run(run)
     ceiling, model, rows = [], [], []
     fp_kinds = {"false (no true object)": 0, "fragment or merge": 0}

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import random
 import re
 import sys
 import time
@@ -29,9 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from unetlab.data.io import read_image  # noqa: E402
-from unetlab.data.layouts import load_dataset  # noqa: E402
 from unetlab.data.sizes import median_diameter  # noqa: E402
-from unetlab.data.split import load_split  # noqa: E402
 from unetlab.evaluation.metrics import match_objects, pool_matches  # noqa: E402
 from unetlab.inference.postprocess import probabilities_to_labels  # noqa: E402
 from unetlab.inference.predictor import Predictor  # noqa: E402
@@ -40,20 +36,6 @@ from unetlab.labels import instance_labels  # noqa: E402
 from unetlab.runfolder import load_run, resolve_run_dir  # noqa: E402
 
 log = logging.getLogger("bench_prominence")
-
-
-def split_samples(run_dir: Path, data: Path, split: str, layout: str | None, limit: int) -> list:
-    """The samples of ``split`` found in ``data``, one per image file, at most ``limit`` (drawn with seed 0)."""
-    by_name = {s.name: s for s in load_dataset(data, layout).samples}
-    seen, samples = set(), []
-    for name in load_split(run_dir)[split]:
-        s = by_name.get(name)
-        if s is not None and os.path.realpath(s.image) not in seen:
-            seen.add(os.path.realpath(s.image))
-            samples.append(s)
-    if limit and len(samples) > limit:
-        samples = random.Random(0).sample(samples, limit)
-    return samples
 
 
 def predicted(run, predictor: Predictor, sample) -> tuple[np.ndarray, np.ndarray]:
@@ -69,22 +51,17 @@ def predicted(run, predictor: Predictor, sample) -> tuple[np.ndarray, np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", help="run folder or pretrained model name")
-    p.add_argument("--data", type=Path, required=True, help="the dataset folder the run was trained on")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--prominences", default="0.05,0.1,0.13,0.15,0.175,0.2,0.25")
-    p.add_argument("--limit", type=int, default=0, help="at most N images of the split, drawn with seed 0 (0: all)")
-    p.add_argument("--by-prefix", action="store_true", help="a row per image-name prefix (before the first '_', digits dropped)")
-    p.add_argument("--json", type=Path, default=None)
+    C.split_arguments(p)
+    p.add_argument("--prominences", default="0.05,0.1,0.13,0.15,0.175,0.2,0.25", help="comma list")
+    p.add_argument("--by-prefix", action="store_true",
+                   help="a row per image-name prefix (before the first '_', digits dropped)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     run_dir = resolve_run_dir(args.run)
     run = load_run(run_dir)
     kind, pp = run.info.get("target", "binary"), run.config.postprocess
-    samples = split_samples(run_dir, args.data, args.split, run.config.data.layout, args.limit)
-    if not samples:
-        raise SystemExit(f"no {args.split} image of {run_dir / 'split.json'} is in {args.data}")
+    samples = C.split_samples(run_dir, args.data, args.split, run.config.data.layout, args.limit)
     predictor = Predictor.from_run(run, precision="fp32")
     preds = [predicted(run, predictor, s) for s in samples]
     groups = {"all": list(range(len(samples)))}

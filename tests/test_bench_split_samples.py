@@ -1,4 +1,5 @@
-"""benchmarks/bench_prominence.py: which images of a split it scores."""
+"""benchmarks/_common.split_samples: which images of a run's split the split benchmarks (bench_errors,
+bench_prominence) score."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_prominence as B  # noqa: E402
+
+import _common as C  # noqa: E402
 from unetlab.data.io import write_image  # noqa: E402
 
 
@@ -27,7 +30,9 @@ def test_split_samples_counts_each_image_file_once(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "split.json").write_text(json.dumps({"train": ["bd_x", "bd2_x", "dsb_a", "gone", "dsb_b"], "val": []}))
-    names = [s.name for s in B.split_samples(run, data, "train", None, 0)]
+    names = [s.name for s in C.split_samples(run, data, "train", None, 0)]
     assert names == ["bd_x", "dsb_a", "dsb_b"]
-    one = [s.name for s in B.split_samples(run, data, "train", None, 2)]
-    assert len(one) == 2 and one == [s.name for s in B.split_samples(run, data, "train", None, 2)]
+    one = [s.name for s in C.split_samples(run, data, "train", None, 2)]
+    assert len(one) == 2 and one == [s.name for s in C.split_samples(run, data, "train", None, 2)]
+    with pytest.raises(SystemExit, match="no val image"):
+        C.split_samples(run, data, "val", None, 0)

@@ -405,3 +405,12 @@ def split_samples(run_dir: Path, data: Path, split: str, layout: str | None, lim
     if not samples:
         raise SystemExit(f"no {split} image of {Path(run_dir) / 'split.json'} is in {data}")
     return samples
+
+
+def split_run(args) -> tuple[Path, object, list]:
+    """(run folder, loaded run, samples) of :func:`split_arguments`' parsed ``args``."""
+    from unetlab.runfolder import load_run, resolve_run_dir
+
+    run_dir = resolve_run_dir(args.run)
+    run = load_run(run_dir)
+    return run_dir, run, split_samples(run_dir, args.data, args.split, run.config.data.layout, args.limit)

@@ -37,7 +37,6 @@ from unetlab.inference.postprocess import probabilities_to_labels  # noqa: E402
 from unetlab.inference.predictor import Predictor  # noqa: E402
 from unetlab.inference.rescale import resize_image, resize_labels, scaled_shape  # noqa: E402
 from unetlab.labels import instance_labels  # noqa: E402
-from unetlab.runfolder import load_run, resolve_run_dir  # noqa: E402
 
 log = logging.getLogger("bench_errors")
 AREA_BINS = (0, 40, 80, 150, 300, 600, 1500, 10**9)
@@ -105,10 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    run_dir = resolve_run_dir(args.run)
-    run = load_run(run_dir)
+    run_dir, run, samples = C.split_run(args)
     kind, pp = run.info.get("target", "binary"), run.config.postprocess
-    samples = C.split_samples(run_dir, args.data, args.split, run.config.data.layout, args.limit)
     predictor = Predictor.from_run(run)
     ceiling, model, rows = [], [], []
     fp_kinds = {"false (no true object)": 0, "fragment or merge": 0}

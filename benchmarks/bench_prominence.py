@@ -33,7 +33,6 @@ from unetlab.inference.postprocess import probabilities_to_labels  # noqa: E402
 from unetlab.inference.predictor import Predictor  # noqa: E402
 from unetlab.inference.rescale import resize_image, resize_labels, scale_for, scaled_shape  # noqa: E402
 from unetlab.labels import instance_labels  # noqa: E402
-from unetlab.runfolder import load_run, resolve_run_dir  # noqa: E402
 
 log = logging.getLogger("bench_prominence")
 
@@ -58,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    run_dir = resolve_run_dir(args.run)
-    run = load_run(run_dir)
+    run_dir, run, samples = C.split_run(args)
     kind, pp = run.info.get("target", "binary"), run.config.postprocess
-    samples = C.split_samples(run_dir, args.data, args.split, run.config.data.layout, args.limit)
     predictor = Predictor.from_run(run, precision="fp32")
     preds = [predicted(run, predictor, s) for s in samples]
     groups = {"all": list(range(len(samples)))}

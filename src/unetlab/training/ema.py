@@ -1,8 +1,8 @@
 """An exponential moving average of the weights (``--ema DECAY``), as timm's ModelEmaV2 and YOLO keep one.
 
 The average follows the trained network after every optimiser step, ``avg = d * avg + (1 - d) * weights``, with the
-decay ramped up over the first steps, ``d = min(DECAY, (1 + n) / (10 + n))`` after n updates, so that the average
-of the early, random weights fades quickly. BatchNorm running statistics are averaged alike; integer buffers
+decay ramped up over the first steps, ``d = min(DECAY, (1 + n) / (10 + n))`` after n updates (TensorFlow's
+ExponentialMovingAverage with num_updates), so that the average of the early, random weights fades quickly. BatchNorm running statistics are averaged alike; integer buffers
 (``num_batches_tracked``) are copied. When it is on, validation, the best checkpoint (so tuning, the size model,
 the test split and ``predict``) use the averaged weights; training goes on with the raw ones.
 """

@@ -326,3 +326,18 @@ def test_contact_weights_train_the_distance_target(cells, tmp_path):
     assert float(rows[-1]["val_dice"]) > float(rows[-1]["all_foreground_dice"]) + 0.3
     saved = RunConfig.load(run / "config.yaml")
     assert saved.train.contact_weight == 10.0 and saved.train.sigma == 2.0
+
+
+def test_score_test_false_leaves_the_test_split_unseen(cells, tmp_path, caplog):
+    """--score-test false: the test images are still held out of training and validation, but neither training
+    nor `unetlab tune` scores them, so runs can be compared on validation without a look at the test split."""
+    from unetlab.cli import main
+
+    run = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        train(config(cells, epochs=1, target="distance", test_fraction=0.2, score_test=False), run, progress=False)
+    assert len(json.loads((run / "split.json").read_text())["test"]) == 1
+    assert json.loads((run / "summary.json").read_text())["test"] is None
+    assert "held out, not scored (--score-test false)" in caplog.text
+    assert main(["-q", "tune", str(run), "--data", str(cells)]) == 0
+    assert json.loads((run / "summary.json").read_text())["test"] is None

@@ -180,6 +180,9 @@ class TrainConfig:
     distill_temperature: float = _f(1.0, "distillation: softmax temperature of teacher and student")
     grad_accumulation: int = _f(1, "batches summed per optimiser step")
     sync_batchnorm: bool = _f(False, "several GPUs: synchronise batch-norm statistics across them")
+    score_test: bool = _f(True, "score the held-out test split at the end of training and in unetlab tune "
+                          "(false: it stays unseen while you choose between runs; score it later with predict "
+                          "--split test and evaluate)")
     tune_postprocess: bool = _f(True, "tune threshold, minimum size and prominence on the validation images "
                                 "after training (instance targets; unetlab tune RUN tunes a binary run)")
 

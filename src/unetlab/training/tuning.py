@@ -168,8 +168,11 @@ def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, sa
     """Score the run's best weights once on the held-out test images (never used for training, checkpoint choice
     or tuning): pixel Dice pooled over the images, and for instance targets (or, ``semantic_too``, a binary
     one) the object scores with the tuned post-processing (AP@0.5, mean AP@0.5:0.95, DSB score). None when
-    the run has no test split."""
+    the run has no test split or ``train.score_test`` is off (the test images then stay unseen)."""
     if not samples:
+        return None
+    if not cfg.train.score_test:
+        log.info("test split: %d image(s) held out, not scored (--score-test false)", len(samples))
         return None
     best = checkpoint_path(out, "best")
     model = copy.deepcopy(model)

@@ -47,7 +47,7 @@ def _add_tune(p):
 
 
 @command("tune", "Tune a finished run's instance post-processing again on its validation images, "
-                 "then score its test split", _add_tune)
+                 "then score its test split (unless it was trained with --score-test false)", _add_tune)
 def _run_tune(args):
     from .training.tuning import retune_run
 

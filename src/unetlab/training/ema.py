@@ -47,10 +47,14 @@ class WeightAverage:
         """What a checkpoint keeps to resume the average exactly."""
         return {"model": self.model.state_dict(), "updates": self.updates}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`."""
-        self.model.load_state_dict(state["model"])
-        self.updates = int(state["updates"])
+    def resume(self, state: dict | None, live: nn.Module) -> None:
+        """Continue from :meth:`state_dict`, or start at ``live``'s weights when the checkpoint has none (written
+        without --ema)."""
+        if state is None:
+            self.reset(live)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.updates = int(state["updates"])
 
 
 def weight_average(model: nn.Module, decay: float) -> WeightAverage | None:

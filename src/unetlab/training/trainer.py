@@ -235,8 +235,8 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         """Continue from a checkpoint's :meth:`_state` (a resume)."""
         load_weights(self.model, state["model"], checkpoint_path(self.out, "last"))
-        if self.ema is not None:  # a checkpoint written without --ema: the average starts at its weights
-            self.ema.load_state_dict(state.get("ema") or {"model": self.model.state_dict(), "updates": 0})
+        if self.ema is not None:
+            self.ema.resume(state.get("ema"), self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])

@@ -24,7 +24,8 @@ import argparse
 import copy
 import logging
 import sys
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,132 +68,116 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    tune_allocator()
-    C.set_threads(args.threads)
-    from monai.inferers import sliding_window_inference
+@dataclass
+class Bench:
+    """What every timed row shares: the run, the prepared image, and each row's tile counter and output."""
 
-    device = resolve_device(args.device)
-    info = C.machine_info(device)
-    run_dir = Path(args.run) if args.run else C.trained_run(args.preset, args.retrain, log=log)
-    run = load_run(run_dir, device=device)
-    act = run.activation
-    log(f"measuring the conv peak on {device} ...")
-    peak_before = C.conv_peaks(device)
+    args: argparse.Namespace
+    run: object
+    device: torch.device
+    x: np.ndarray
+    counters: dict[str, C.TileCounter] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
-    fields = C.synthetic_fields(4, 512, seed=5)
-    image = C.mosaic(args.size, args.size, fields, seed=5)[None].astype(np.float32)
-    default = Predictor.from_run(run, device=device, precision=args.precision, tile=args.tile,
-                                 overlap=args.overlap, batch_size=args.batch_size)
-    x = default.prepare(image)
-    mpx = args.size * args.size / 1e6
-    counters: dict[str, C.TileCounter] = {}
-    outputs: dict[str, np.ndarray] = {}
-
-    def unetlab_row(name: str, predictor: Predictor):
-        counter = counters[name] = C.TileCounter(predictor.predict_fn, run.model, device)
+    def unetlab_row(self, name: str, predictor: Predictor) -> Callable[[], None]:
+        """A timed call of ``predictor`` on the image, its tiles counted under ``name``."""
+        counter = self.counters[name] = C.TileCounter(predictor.predict_fn, self.run.model, self.device)
         p = replace(predictor, predict_fn=counter)
 
-        def fn():
+        def fn() -> None:
             counter.reset()
-            outputs[name] = p.predict_prepared(x)
+            self.outputs[name] = p.predict_prepared(self.x)
 
         return fn
 
-    plain = copy.deepcopy(run.model).float().eval().to(device)  # what a MONAI user has: the trained module
-    xt = torch.from_numpy(x)[None].to(device)
+    def monai_row(self, name: str, sw_batch: int) -> Callable[[], None]:
+        """A timed MONAI sliding_window_inference on the trained module in fp32, as a MONAI user runs it."""
+        from monai.inferers import sliding_window_inference
 
-    def monai_row(name: str, sw_batch: int):
-        counter = counters[name] = C.TileCounter(plain, run.model, device)
+        plain = copy.deepcopy(self.run.model).float().eval().to(self.device)
+        xt = torch.from_numpy(self.x)[None].to(self.device)
+        counter = self.counters[name] = C.TileCounter(plain, self.run.model, self.device)
+        tile, act = (self.args.tile, self.args.tile), self.run.activation
 
-        def fn():
+        def fn() -> None:
             counter.reset()
             with torch.no_grad():
-                logits = sliding_window_inference(xt, (args.tile, args.tile), sw_batch, counter,
-                                                  overlap=args.overlap, mode="gaussian")
+                logits = sliding_window_inference(xt, tile, sw_batch, counter, overlap=self.args.overlap,
+                                                  mode="gaussian")
                 prob = torch.sigmoid(logits) if act == "sigmoid" else torch.softmax(logits, 1)
-            outputs[name] = prob[0].cpu().numpy()
+            self.outputs[name] = prob[0].cpu().numpy()
 
         return fn
 
-    dtype = resolve_precision(args.precision, device)
-    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    head = {
-        f"unetlab default ({prec}, fold+CL, batch {args.batch_size})": unetlab_row("unetlab", default),
-        "MONAI sliding_window_inference (fp32, sw_batch 1)": monai_row("monai", 1),
+
+def ablation_rows(b: Bench, default: Predictor, run_dir: Path) -> dict[str, tuple[str, Callable[[], None]]]:
+    """The ablation rows (label -> (key, timed call)): the predictor's speed-ups off one at a time, MONAI with
+    sw_batch 4, one thread each on a CPU, and --compile / --onnx rows when asked for."""
+    args, run, device = b.args, b.run, b.device
+
+    def mk(**kw) -> Predictor:
+        return replace(default, predict_fn=make_predict_fn(run.model, run.activation, device, args.precision, **kw))
+
+    preds = {
+        "unetlab tiling, plain module (NCHW, no fold, batch 1)": (
+            "abl_plain", replace(mk(channels_last=False, fuse=False), batch_size=1)),
+        "  + channels-last": ("abl_cl", replace(mk(channels_last=True, fuse=False), batch_size=1)),
+        "  + BN folded into convs (batch 1)": ("abl_cl_fold", replace(mk(), batch_size=1)),
     }
-    log(f"head to head: {len(head)} rows x {args.repeats} alternating runs on a {args.size}x{args.size} image ...")
-    timings = C.time_alternating(head, args.repeats, device, log=log)
-    names = dict(zip(head, ["unetlab", "monai"]))
+    rows = {label: (key, b.unetlab_row(key, pred)) for label, (key, pred) in preds.items()}
+    rows["MONAI sliding_window_inference (fp32, sw_batch 4)"] = ("monai_b4", b.monai_row("monai_b4", 4))
+    if device.type == "cpu" and torch.get_num_threads() > 1:  # on a shared machine one thread can win
+        rows["unetlab default, 1 thread"] = ("unetlab_t1", C.with_threads(b.unetlab_row("unetlab_t1", default), 1))
+        rows["MONAI (sw_batch 1), 1 thread"] = ("monai_t1", C.with_threads(b.monai_row("monai_t1", 1), 1))
+    if args.compile:
+        log("compiling (torch.compile) ...")
+        rows["unetlab default + torch.compile"] = ("compiled", b.unetlab_row("compiled", Predictor.from_run(
+            run, device=device, precision=args.precision, tile=args.tile, overlap=args.overlap,
+            batch_size=args.batch_size, compile=True)))
+    if args.onnx:
+        from unetlab.inference.export import export_model
 
-    ablations: dict = {}
-    if not args.no_ablations:
-        mk = lambda **kw: replace(default, predict_fn=make_predict_fn(run.model, act, device, args.precision, **kw))  # noqa: E731
-        ablations = {
-            "unetlab tiling, plain module (NCHW, no fold, batch 1)": (
-                "abl_plain", replace(mk(channels_last=False, fuse=False), batch_size=1)),
-            "  + channels-last": ("abl_cl", replace(mk(channels_last=True, fuse=False), batch_size=1)),
-            "  + BN folded into convs (batch 1)": ("abl_cl_fold", replace(mk(), batch_size=1)),
-        }
-        fns = {}
-        for label, (key, pred) in ablations.items():
-            fns[label] = unetlab_row(key, pred)
-            names[label] = key
-        fns["MONAI sliding_window_inference (fp32, sw_batch 4)"] = monai_row("monai_b4", 4)
-        names["MONAI sliding_window_inference (fp32, sw_batch 4)"] = "monai_b4"
-        if device.type == "cpu" and torch.get_num_threads() > 1:  # on a shared machine one thread can win
-            fns["unetlab default, 1 thread"] = C.with_threads(unetlab_row("unetlab_t1", default), 1)
-            names["unetlab default, 1 thread"] = "unetlab_t1"
-            fns["MONAI (sw_batch 1), 1 thread"] = C.with_threads(monai_row("monai_t1", 1), 1)
-            names["MONAI (sw_batch 1), 1 thread"] = "monai_t1"
-        if args.compile:
-            log("compiling (torch.compile) ...")
-            label = "unetlab default + torch.compile"
-            fns[label] = unetlab_row("compiled", Predictor.from_run(
-                run, device=device, precision=args.precision, tile=args.tile, overlap=args.overlap,
-                batch_size=args.batch_size, compile=True))
-            names[label] = "compiled"
-        if args.onnx:
-            from unetlab.inference.export import export_model
+        onnx_path = run_dir / "model.onnx"
+        if not onnx_path.exists():
+            export_model(run.model, "onnx", onnx_path, int(run.info["in_channels"]))
+        rows["unetlab tiling + onnxruntime backend"] = ("onnx", b.unetlab_row("onnx", Predictor.from_run(
+            run, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, backend="onnx",
+            onnx_path=onnx_path)))
+    return rows
 
-            onnx_path = run_dir / "model.onnx"
-            if not onnx_path.exists():
-                export_model(run.model, "onnx", onnx_path, int(run.info["in_channels"]))
-            label = "unetlab tiling + onnxruntime backend"
-            fns[label] = unetlab_row("onnx", Predictor.from_run(
-                run, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, backend="onnx",
-                onnx_path=onnx_path))
-            names[label] = "onnx"
-        log(f"ablations: {len(fns)} rows x {args.ablation_repeats} alternating runs ...")
-        timings.update(C.time_alternating(fns, args.ablation_repeats, device, warmup=False, log=log))
 
-    peaks = C.merge_peaks(peak_before, C.conv_peaks(device))
-    info["load_average_end"] = C.load_average()
+def result_rows(b: Bench, timings: dict, names: dict[str, str], peaks: dict) -> list[dict]:
+    """One result per timed row: seconds, throughput, speed-up over MONAI, GFLOP/s and share of the conv peak,
+    and agreement with MONAI's mask."""
     best = peaks["best"]
-    peak = peaks[best]["gflops"]
     monai_t = timings[next(k for k, v in names.items() if v == "monai")]["median_wall"]
-    monai_b4 = timings.get("MONAI sliding_window_inference (fp32, sw_batch 4)", {}).get("median_wall")
-    ref_mask = masks_of(outputs["monai"], act)
+    ref_mask = masks_of(b.outputs["monai"], b.run.activation)
+    mpx = b.args.size * b.args.size / 1e6
     rows = []
     for label, t in timings.items():
         key = names[label]
-        c = counters[key]
-        sec = t["median_wall"]
+        c, sec = b.counters[key], t["median_wall"]
         gflops = c.flops / sec / 1e9
-        agree = float((masks_of(outputs[key], act) == ref_mask).mean())
         rows.append({
             "row": label, "seconds": sec, "cpu_seconds": t["median_cpu"], "runs": len(t["wall"]),
             "mpx_per_s": mpx / sec, "speedup_vs_monai": monai_t / sec, "tiles": c.tiles,
-            "gflop": c.flops / 1e9, "gflops": gflops, "peak_share": gflops / peak,
+            "gflop": c.flops / 1e9, "gflops": gflops, "peak_share": gflops / peaks[best]["gflops"],
             "median_peak_share": gflops / peaks[best]["median_gflops"],
-            "mask_agreement": agree, "max_abs_prob_diff": float(np.abs(outputs[key] - outputs["monai"]).max()),
+            "mask_agreement": float((masks_of(b.outputs[key], b.run.activation) == ref_mask).mean()),
+            "max_abs_prob_diff": float(np.abs(b.outputs[key] - b.outputs["monai"]).max()),
             "all_seconds": t["wall"],
         })
+    return rows
 
+
+def report(b: Bench, rows: list[dict], timings: dict, names: dict[str, str], peaks: dict, info: dict,
+           run_dir: Path) -> Path:
+    """Print the table, the speed-up and its ceiling at the conv peak; write the JSON; return its path."""
+    args = b.args
+    best = peaks["best"]
+    peak = peaks[best]["gflops"]
     print(f"\nunetlab vs MONAI sliding-window inference: {args.preset}, {args.size}x{args.size} image, tile "
-          f"{args.tile}, overlap {args.overlap}, device {device}, {info['torch_threads']} thread(s)")
+          f"{args.tile}, overlap {args.overlap}, device {b.device}, {info['torch_threads']} thread(s)")
     print(f"conv peak measured in this run: fp32 {peaks['fp32']['gflops']:.1f} GFLOP/s best call, "
           f"{peaks['fp32']['median_gflops']:.1f} median call ({peaks['fp32'].get('shape')}, "
           f"{peaks['fp32'].get('layout')}); bf16 {peaks['bf16']['gflops']:.1f} / "
@@ -202,23 +187,63 @@ def main(argv: list[str] | None = None) -> int:
                          ("tiles", "tiles", "d"), ("gflops", "GFLOP/s", ".1f"), ("peak_share", "of peak", ".0%"),
                          ("median_peak_share", "of median peak", ".0%"),
                          ("mask_agreement", "mask agree", ".4%")])
+    monai_t = timings[next(k for k, v in names.items() if v == "monai")]["median_wall"]
     un = timings[next(k for k, v in names.items() if v == "unetlab")]["median_wall"]
+    monai_b4 = timings.get("MONAI sliding_window_inference (fp32, sw_batch 4)", {}).get("median_wall")
     line = f"\nunetlab default is {monai_t / un:.2f}x MONAI's default (sw_batch 1)"
     if monai_b4:
         line += f" and {monai_b4 / un:.2f}x MONAI with sw_batch 4"
-    un_flops = counters["unetlab"].flops
-    ceiling = monai_t / (un_flops / (peak * 1e9))
+    ceiling = monai_t / (b.counters["unetlab"].flops / (peak * 1e9))
     print(line + f"; {C.contention_note(info)}")
     print(f"ceiling: running every conv at the {best} peak ({peak:.0f} GFLOP/s), unetlab would be "
-          f"{ceiling:.2f}x MONAI's default on these {counters['unetlab'].tiles} tiles")
-    path = C.write_results("bench_inference", {
+          f"{ceiling:.2f}x MONAI's default on these {b.counters['unetlab'].tiles} tiles")
+    return C.write_results("bench_inference", {
         "benchmark": "inference", "command": " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]),
         "args": vars(args), "machine": info, "conv_peak": peaks, "rows": rows,
-        "run": str(run_dir), "contention": C.contention_note(info),
-        "speedup_ceiling_at_peak": monai_t / (counters["unetlab"].flops / (peak * 1e9)),
+        "run": str(run_dir), "contention": C.contention_note(info), "speedup_ceiling_at_peak": ceiling,
         "flops_note": "conv multiply-adds x2 of the tiles actually run, counted by forward hooks; bias, "
                       "activation, pooling, up-sampling and blending not counted",
     }, args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    tune_allocator()
+    C.set_threads(args.threads)
+    import monai.inferers  # noqa: F401  (fails here, before any work, when MONAI is missing)
+
+    device = resolve_device(args.device)
+    info = C.machine_info(device)
+    run_dir = Path(args.run) if args.run else C.trained_run(args.preset, args.retrain, log=log)
+    run = load_run(run_dir, device=device)
+    log(f"measuring the conv peak on {device} ...")
+    peak_before = C.conv_peaks(device)
+
+    fields = C.synthetic_fields(4, 512, seed=5)
+    image = C.mosaic(args.size, args.size, fields, seed=5)[None].astype(np.float32)
+    default = Predictor.from_run(run, device=device, precision=args.precision, tile=args.tile,
+                                 overlap=args.overlap, batch_size=args.batch_size)
+    b = Bench(args, run, device, default.prepare(image))
+    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_precision(args.precision, device)]
+    head = {
+        f"unetlab default ({prec}, fold+CL, batch {args.batch_size})": b.unetlab_row("unetlab", default),
+        "MONAI sliding_window_inference (fp32, sw_batch 1)": b.monai_row("monai", 1),
+    }
+    log(f"head to head: {len(head)} rows x {args.repeats} alternating runs on a {args.size}x{args.size} image ...")
+    timings = C.time_alternating(head, args.repeats, device, log=log)
+    names = dict(zip(head, ["unetlab", "monai"]))
+    if not args.no_ablations:
+        ablations = ablation_rows(b, default, run_dir)
+        names.update({label: key for label, (key, _fn) in ablations.items()})
+        log(f"ablations: {len(ablations)} rows x {args.ablation_repeats} alternating runs ...")
+        timings.update(C.time_alternating({label: fn for label, (_k, fn) in ablations.items()},
+                                          args.ablation_repeats, device, warmup=False, log=log))
+
+    peaks = C.merge_peaks(peak_before, C.conv_peaks(device))
+    info["load_average_end"] = C.load_average()
+    rows = result_rows(b, timings, names, peaks)
+    path = report(b, rows, timings, names, peaks, info, run_dir)
     print(f"results: {path}")
     return 0
 

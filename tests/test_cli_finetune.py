@@ -61,6 +61,25 @@ def test_fine_tune_takes_channels_and_target_from_its_model(start_run, tmp_path)
     assert (info["in_channels"], info["out_channels"], info["target"]) == (1, 2, "distance")
 
 
+FINE_TUNE = ["--epochs", "1", "--patch-size", "32", "--samples-per-epoch", "8", "--batch-size", "4",
+             "--tensorboard", "false", "--no-progress", "--tune-postprocess", "false"]
+
+
+def test_fine_tune_keeps_the_size_normalisation_of_its_model(start_run, tmp_path):
+    """A size-normalised model's weights know one object size: its fine-tune draws its images at that size too,
+    whether or not --size-normalize is given (given, it is not refused for the default binary target)."""
+    _run, data = start_run
+    start = tmp_path / "start_sn"
+    assert main(["-q", "train", "--data", str(data), "--out", str(start), *TINY_TRAIN_FLAGS, "--channels", "0",
+                 "--target", "distance", "--size-normalize", "true", "--tune-postprocess", "false"]) == 0
+    for extra in ([], ["--size-normalize", "true"]):
+        mine = tmp_path / f"mine{len(extra)}"
+        assert main(["-q", "train", "--init", str(start), "--data", str(data), "--out", str(mine), *FINE_TUNE,
+                     *extra]) == 0
+        cfg = RunConfig.load(mine / "config.yaml")
+        assert cfg.data.size_normalize and cfg.data.target == "distance"
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--channels", "0,1"], ["was trained on 1 channel (channel 0)", "drop --channels 0,1", "--channels 0"]),
     (["--target", "binary"], ["was trained with --target distance", "drop --target binary"]),

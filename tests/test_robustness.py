@@ -9,6 +9,7 @@ after.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -203,6 +204,24 @@ def test_predict_skip_bad_goes_on_and_lists_the_bad_images(tmp_path, capsys, run
     assert snapshot(data) == before
 
 
+def test_predict_stopped_by_a_bad_image_says_how_to_go_on_and_lists_only_what_it_wrote(tmp_path, capsys, run_dir):
+    data = good_dataset(tmp_path / "data")
+    folder = tmp_path / "in"
+    shutil.copytree(data / "images", folder)
+    (folder / "zz_bad.tif").write_bytes(b"not a tiff")  # sorted last: the good images come first
+    out = tmp_path / "pred"
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", folder, "--out", out, *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "zz_bad.tif")
+    assert "--resume --skip-bad goes on" in err
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", folder, "--out", out, *PREDICT_FLAGS,
+                        "--resume", "--skip-bad")
+    assert rc == 0, err
+    written = json.loads((out / "predictions.json").read_text())
+    assert sorted(written["images"]) == sorted(p.stem for p in (data / "images").iterdir())
+    assert len(written["left_out"]) == 1 and "zz_bad.tif" in written["left_out"][0]
+
+
 def test_predict_skip_bad_with_only_bad_images_is_an_error_not_success(tmp_path, capsys, run_dir):
     folder = tmp_path / "all_bad"
     folder.mkdir()
@@ -347,9 +366,12 @@ def test_predict_does_not_overwrite_without_overwrite(tmp_path, capsys, run_dir)
     assert rc == 2
     assert_one_line_error(err, "predict", "pred")
     assert "--overwrite" in err and snapshot(out) == before
+    (out / "masks").mkdir()
+    (out / "masks" / "from_another_model.png").write_bytes(b"stale")
     rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", data / "images", "--out", out,
                         *PREDICT_FLAGS, "--overwrite")
-    assert rc == 0 and len(list((out / "masks").iterdir())) == 4
+    assert rc == 0 and len(list((out / "masks").iterdir())) == 4  # the earlier prediction's outputs are gone
+    assert (out / "keep.txt").read_text() == "mine"  # what predict does not write is left alone
 
 
 def test_predict_never_writes_into_the_input_folder(tmp_path, capsys, run_dir):
@@ -371,6 +393,47 @@ def test_train_does_not_overwrite_a_run_without_overwrite(tmp_path, capsys, run_
     assert rc == 2
     assert_one_line_error(err, "train", "run folder already exists")
     assert snapshot(run) == before
+
+
+def test_train_overwrite_replaces_the_whole_run_and_only_a_run(tmp_path, capsys, run_dir):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "size_model.json").write_text("{}")  # left by the earlier run: must not outlive --overwrite
+    data = good_dataset(tmp_path / "data")
+    rc, _out, err = cli(capsys, "train", "--data", data, "--out", run, *TINY_TRAIN_FLAGS, "--overwrite")
+    assert rc == 0, err
+    assert not (run / "size_model.json").exists() and (run / "checkpoints" / "last.pt").exists()
+    mine = tmp_path / "my_notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = snapshot(mine)
+    rc, _out, err = cli(capsys, "train", "--data", data, "--out", mine, *TINY_TRAIN_FLAGS, "--overwrite")
+    assert rc == 2
+    assert_one_line_error(err, "train", "this folder is not one")
+    assert snapshot(mine) == before
+
+
+def test_resume_refuses_flags_that_change_the_run_and_takes_more_epochs(tmp_path, capsys, run_dir):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = snapshot(run)
+    rc, _out, err = cli(capsys, "train", "--resume", run, "--lr", "5e-3", "--batch-size", "2")
+    assert rc == 2
+    assert_one_line_error(err, "train", "--resume continues the run as it was set up; it cannot change")
+    assert "--lr 0.005 (was" in err and "--batch-size 2 (was" in err and f"--init {run}" in err
+    assert snapshot(run) == before  # nothing written, config.yaml included
+    epochs = int(read_config_value(run, "epochs"))
+    rc, _out, err = cli(capsys, "train", "--resume", run, "--epochs", epochs + 1, "--no-progress")
+    assert rc == 0, err
+    assert read_config_value(run, "epochs") == epochs + 1
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == epochs + 2  # header + one more epoch
+
+
+def read_config_value(run: Path, key: str):
+    from unetlab.config import RunConfig, leaf_keys
+
+    section, name = leaf_keys()[key][:2]
+    return getattr(getattr(RunConfig.load(run / "config.yaml"), section), name)
 
 
 def test_evaluate_does_not_overwrite_a_report_without_overwrite(tmp_path, capsys):

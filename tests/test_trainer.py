@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from unetlab.config import RunConfig, apply_overrides
 from unetlab.errors import UnetlabError
@@ -287,8 +288,15 @@ def test_a_test_split_is_held_out_and_scored_once_at_the_end(cells, tmp_path, ca
     info = json.loads((run / "model.json").read_text())
     assert 8 < info["diameter"] < 40  # the synthetic cells' median equivalent diameter
     assert main(["-q", "predict", "--model", str(run), "--input", str(cells), "--split", "test", "--out",
-                 str(tmp_path / "pred"), "--no-progress"]) == 0
+                 str(tmp_path / "pred"), "--no-progress", "--instances"]) == 0
     assert {p.stem for p in (tmp_path / "pred" / "masks").iterdir()} == test
+    # the end-of-training score is what predict's defaults + evaluate give (the same --diameter rule)
+    assert summary["test"]["diameter"] == "auto"
+    assert main(["-q", "evaluate", "--pred", str(tmp_path / "pred" / "labels"), "--truth", str(cells),
+                 "--instances", "--out", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["objects"]["ap"][0] == pytest.approx(summary["test"]["ap50"], abs=1e-9)
+    assert report["objects"]["dsb_score"] == pytest.approx(summary["test"]["dsb_score"], abs=1e-9)
     # `unetlab tune` tunes a finished run again on its validation images and rescores the test split
     cfg = RunConfig.load(run / "config.yaml")
     cfg.postprocess.threshold, cfg.postprocess.min_size = 0.95, 1000  # settings that find nothing
@@ -313,6 +321,29 @@ def test_a_test_split_is_held_out_and_scored_once_at_the_end(cells, tmp_path, ca
     assert main(["-q", "predict", "--model", str(plain), "--input", str(cells), "--split", "test", "--out",
                  str(tmp_path / "p2"), "--no-progress"]) == 2
     assert "no 'test' samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, size_normalize, rescaled", [
+    ("distance", False, True), ("distance", True, True), ("binary", False, False)])
+def test_the_test_split_is_predicted_with_predicts_diameter_rule(monkeypatch, target, size_normalize, rescaled):
+    """The end-of-training test score goes through --diameter auto exactly where `predict --instances` does (an
+    instance model that knows its objects' size), so `predict --split test` + `evaluate` give its figures."""
+    import numpy as np
+
+    from unetlab.training import tuning
+
+    calls = []
+
+    def fake_rescaled(predict, x, train_diameter, diameter, **kw):
+        calls.append((train_diameter, diameter))
+        return np.zeros((2, 8, 8), np.float32), np.zeros((8, 8), np.int32), None
+
+    monkeypatch.setattr(tuning, "predict_rescaled", fake_rescaled)
+    monkeypatch.setattr(tuning, "predict_val_image", lambda *a, **k: torch.zeros(1 if target == "binary" else 2, 8, 8))
+    cfg = apply_overrides(RunConfig(), {"target": target, "size_normalize": size_normalize})
+    info = {"diameter": 20.0, "target": target, "task": "binary"}
+    tuning._test_prediction(None, np.zeros((1, 8, 8), np.float32), cfg, info, "cpu", None)
+    assert calls == ([(20.0, "auto")] if rescaled else [])
 
 
 def test_contact_weights_train_the_distance_target(cells, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .cli_commands import COMMANDS, command, config_from_args
@@ -330,6 +331,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command that can resume ('' for the others)."""
+    if args.command == "train" and (getattr(args, "resume", None) or getattr(args, "out", None)):
+        return f"continue with: unetlab train --resume {args.resume or args.out}"
+    if args.command == "predict":
+        return "continue with the same command and --resume (images already done are skipped)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``unetlab`` console script."""
     from ._runtime import set_threads, tune_allocator
@@ -358,8 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unetlab {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"unetlab {args.command}: interrupted", file=sys.stderr)
+        hint = _resume_hint(args)
+        print(f"unetlab {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`unetlab evaluate ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # internal error: one line unless --debug
         if args.debug:
             raise

@@ -393,6 +393,19 @@ def leaf_keys() -> dict[str, tuple[str, str, Any, Any]]:
     return out
 
 
+def changed_leaves(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """The leaves whose values differ between two configs, as (flag name, old value, new value)."""
+    out = []
+    for name, (section, field_name, _t, _d) in leaf_keys().items():
+        a, b = old, new
+        for part in section.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        va, vb = getattr(a, field_name), getattr(b, field_name)
+        if _plain(va) != _plain(vb):
+            out.append((name, va, vb))
+    return out
+
+
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Return a copy of ``cfg`` with leaf keys (``lr``, ``train.lr`` or ``data.augment.flip``) replaced."""
     given = set(cfg.given)

@@ -12,7 +12,7 @@ import functools
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,4 +142,23 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         elif p.is_file() and (_STALE.match(p.name) or (p.name.endswith(".data") and _STALE.match(p.name[:-5]))):
             p.unlink(missing_ok=True)
             removed.append(p)
+    return removed
+
+
+def remove_entries(folder: str | Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Delete the entries ``names`` (files or folders) of ``folder``, or all of them when ``names`` is None: what
+    ``--overwrite`` does to an earlier output before a new one is written, so none of it outlives the command."""
+    import shutil
+
+    folder = Path(folder)
+    entries = sorted(folder.iterdir()) if names is None else [folder / n for n in names]
+    removed = []
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
     return removed

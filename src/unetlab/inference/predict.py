@@ -15,9 +15,9 @@ import numpy as np
 from ..config import PostprocessConfig, coerce
 from ..data.io import IMAGE_EXTENSIONS, image_stem, is_image_file, read_image, write_image
 from ..data.ome import is_zarr_path
-from ..data.targets import INSTANCE_KINDS, TARGET_KINDS
+from ..data.targets import TARGET_KINDS
 from ..errors import UnetlabError
-from ..files import remove_stale_temporaries, write_text
+from ..files import remove_entries, remove_stale_temporaries, write_text
 from ..runfolder import Run, load_run, resolve_run_dir
 from .options import PredictOptions, effective_postprocess, resolve_options
 from .predict_steps import (
@@ -34,7 +34,7 @@ from .predict_steps import (
     with_skip_bad_hint,
 )
 from .predictor import Predictor, onnx_device
-from .rescale import parse_diameter
+from .rescale import auto_rescales, parse_diameter
 from .sizemodel import size_estimator
 from .streaming import should_stream
 
@@ -97,6 +97,9 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
 
 
 PREDICTIONS_JSON = "predictions.json"
+# every entry predict writes into --out (what --overwrite removes first; anything else there is left alone)
+PREDICT_OUTPUTS = ("masks", "classes", "probabilities", "labels", "overlays", "rois", "counts.csv", "objects.csv",
+                   PREDICTIONS_JSON)
 
 
 def output_paths(out: Path, name: str, multiclass: bool) -> dict[str, Path]:
@@ -119,6 +122,9 @@ def _check_out(out: Path, input: Path, overwrite: bool, resume: bool) -> None:
         raise UnetlabError("output exists and is not a folder", out)
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise UnetlabError("output folder is not empty", out, "use --overwrite to replace or --resume to finish it")
+    if out.is_dir() and overwrite and not resume:  # an earlier prediction's outputs do not outlive --overwrite
+        for p in remove_entries(out, PREDICT_OUTPUTS):
+            log.info("--overwrite: removed %s", p)
     if out.is_dir():  # temporaries of a run killed mid-write: never a finished output, so never kept
         for tmp in remove_stale_temporaries(out):
             log.info("removed %s, left by an interrupted run", tmp)
@@ -261,9 +267,8 @@ def _resolve_diameter(value: Any, run: Run, want_labels: bool, run_dir: Path) ->
     (with labels, or size-normalised), a number only for models that know it; None: the images' own size."""
     train_diameter = run.info.get("diameter")
     diameter = parse_diameter(value)
-    rescales = want_labels or run.config.data.size_normalize  # a size-normalised model's masks need it too
-    if diameter == "auto" and not (rescales and train_diameter and run.info.get("target", "binary") in INSTANCE_KINDS):
-        diameter = None  # auto: instance models (boundary, distance, flow targets) that know their objects' size
+    if diameter == "auto" and not auto_rescales(run.info, run.config.data.size_normalize, want_labels):
+        diameter = None
     elif diameter is not None and not train_diameter:
         raise UnetlabError("--diameter needs a model that knows its training objects' size (model.json "
                            "'diameter', written by unetlab >= 0.1 at training)", run_dir / "model.json",
@@ -310,7 +315,7 @@ def _predict_one(job: _Job, name: str, f: Path, res: _Results, progress: Callabl
         prob, labels = _predict_probabilities(job, name, raw, f, res, progress)
     except UnetlabError as exc:
         if not o.skip_bad:
-            hinted = with_skip_bad_hint(exc, f)
+            hinted = with_skip_bad_hint(exc, f, done=len(res.done))
             if hinted is exc:
                 raise
             raise hinted from exc
@@ -415,8 +420,10 @@ def _write_tables(job: _Job, res: _Results, model: str | Path, run_dir: Path, in
     """predictions.json (which image each output came from, the settings used), objects.csv and counts.csv."""
     from . import writers
 
+    written = set(res.done) | set(res.skipped)  # not the images --skip-bad left out
     write_text(job.out / PREDICTIONS_JSON, json.dumps(
-        {"model": str(model), "run": str(run_dir), "images": {n: str(Path(f).resolve()) for n, f in inputs},
+        {"model": str(model), "run": str(run_dir), "images": {n: str(Path(f).resolve()) for n, f in inputs
+                                                              if n in written}, "left_out": res.bad,
          "labels": job.want_labels, "multiclass": job.multiclass, "postprocess": asdict(job.pp),
          "precision": job.predictor.precision, "backend": job.o.backend}, indent=1) + "\n")
     if res.measurements:  # one objects.csv and counts.csv, whatever the number of ranks

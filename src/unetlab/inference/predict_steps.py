@@ -61,9 +61,10 @@ def header_sizes(files: list[Path], predictor: Predictor) -> tuple[dict[Path, tu
     return sizes, total
 
 
-def with_skip_bad_hint(exc: UnetlabError, image: Path) -> UnetlabError:
+def with_skip_bad_hint(exc: UnetlabError, image: Path, done: int = 0) -> UnetlabError:
     """``exc``, when it is about ``image`` itself (unreadable, wrong channels), with a hint that ``--skip-bad``
-    goes on past it: the same kind of error, one line. Other errors (a full disk, say) stay as they are."""
+    goes on past it (and, when ``done`` images before it were written, that ``--resume`` keeps them): the same
+    kind of error, one line. Other errors (a full disk, say) stay as they are."""
     if exc.path is None or Path(exc.path) != Path(image) or "--skip-bad" in str(exc):
         return exc
     text, hint = str(exc), exc.hint
@@ -71,8 +72,11 @@ def with_skip_bad_hint(exc: UnetlabError, image: Path) -> UnetlabError:
         text = text[: -len(f" ({hint})")]
     new = type(exc).__new__(type(exc))
     new.__dict__.update(exc.__dict__)
-    UnetlabError.__init__(new, text, None, f"{hint}; or --skip-bad skips such images"
-                          if hint else "--skip-bad skips such images and lists them")
+    skip = "--skip-bad skips such images and lists them"
+    if done:
+        skip = (f"--skip-bad skips such images; the {done} image(s) before it are written, and --resume --skip-bad "
+                "goes on from there")
+    UnetlabError.__init__(new, text, None, f"{hint}; or {skip}" if hint else skip)
     new.path = exc.path
     return new
 

@@ -49,6 +49,16 @@ class ScaleChoice:
     # "measured (no objects)"
 
 
+def auto_rescales(info: dict, size_normalize: bool, want_labels: bool) -> bool:
+    """Whether ``--diameter auto`` rescales a model's images: an instance model (boundary, distance, flow) that
+    knows its training objects' size (``info['diameter']``), when labels are made or it was trained size-normalised.
+    Predict and the end-of-training test score both follow it."""
+    from ..data.targets import INSTANCE_KINDS
+
+    return bool((want_labels or size_normalize) and info.get("diameter")
+                and info.get("target", "binary") in INSTANCE_KINDS)
+
+
 def parse_diameter(value: str | float | None) -> float | str | None:
     """``--diameter`` as given: None (predict at the image's own size), 'auto', or a positive number of pixels."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .. import distributed as D
 from .._version import __version__
-from ..config import DataConfig, RunConfig
+from ..config import DataConfig, RunConfig, changed_leaves
 from ..data.channels import channels_out
 from ..data.dataset import (
     EpochSampler,
@@ -34,7 +34,7 @@ from ..data.layouts import load_from_config
 from ..data.split import hold_out_test, save_split, split_samples
 from ..data.targets import INSTANCE_KINDS, target_channels
 from ..errors import UnetlabError
-from ..files import remove_stale_temporaries
+from ..files import remove_entries, remove_stale_temporaries
 from ..runfolder import Run, checkpoint_path, load_run
 from .losses import build_loss, distance_loss, flow_loss
 
@@ -44,23 +44,28 @@ log = logging.getLogger(__name__)
 # --- the run folder ------------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
-    """Check the run folder for a new or resumed run (``main``: also create or clear it, as rank 0 does)."""
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool, cfg: RunConfig | None = None) -> None:
+    """Check the run folder for a new or resumed run (``main``: also create or clear it, as rank 0 does); a
+    resume's ``cfg`` may change only what :func:`check_resume_config` allows."""
     if resume:
         if not checkpoint_path(out, "last").exists():
             raise UnetlabError("nothing to resume: no checkpoints/last.pt", out,
                                "start again without --resume, with --overwrite to replace the folder")
+        if cfg is not None:
+            check_resume_config(RunConfig.load(out / "config.yaml"), cfg, out)
         if main:  # a run killed while writing a checkpoint leaves its temporary file behind
             remove_stale_temporaries(out)
         return
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UnetlabError(
-            "run folder already exists", out, "use --resume to continue it or --overwrite to start again"
-        )
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UnetlabError("run folder already exists", out,
+                               "use --resume to continue it or --overwrite to start again")
+        if not any((out / n).exists() for n in RUN_FOLDER_MARKS):
+            raise UnetlabError("--overwrite replaces a run folder, and this folder is not one (no config.yaml, "
+                               "no checkpoints/)", out, "choose another --out")
     if main:
-        if out.exists() and overwrite:
-            for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "summary.json"):
-                (out / name).unlink(missing_ok=True)
+        if out.exists() and overwrite:  # nothing of the earlier run outlives it (its size model, say)
+            remove_entries(out)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
 
@@ -101,6 +106,30 @@ class Setup:
     test_samples: list = field(default_factory=list)  # held out: never trained on, never tunes anything
 
 
+RUN_FOLDER_MARKS = ("config.yaml", "checkpoints")  # what makes a folder a run folder
+
+# what a resumed run may set anew: how and how long it runs, what it reports and where its data now is; every
+# other setting (network, data, optimiser, schedule, batch) is fixed by its checkpoint and config.yaml
+RESUME_FREE_KEYS = ("epochs", "max_minutes", "device", "precision", "num_workers", "cache", "root", "monitor",
+                    "early_stopping", "val_every", "save_every", "tensorboard", "score_test", "tune_postprocess",
+                    "threshold", "min_size", "fill_holes", "markers", "prominence")
+
+
+def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse a resume whose flags change what the run is (one line naming them and the way to do it instead);
+    log the settings it does change."""
+    changed = changed_leaves(saved, cfg)
+    fixed = [c for c in changed if c[0] not in RESUME_FREE_KEYS]
+    if fixed:
+        what = ", ".join(f"{_flag(k, b)} (was {_flag(k, a).split(' ', 1)[1]})" for k, a, b in fixed)
+        raise UnetlabError(f"--resume continues the run as it was set up; it cannot change {what}", run_dir,
+                           f"drop {'that flag' if len(fixed) == 1 else 'those flags'}, or start a new run from its "
+                           f"weights with --init {run_dir} --out NEW_RUN")
+    for k, a, b in changed:
+        log.info("resume: %s (was %s)%s", _flag(k, b), _flag(k, a).split(" ", 1)[1],
+                 "; the learning-rate schedule is stretched to the new length from here" if k == "epochs" else "")
+
+
 def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D.DistInfo,
                 skip_bad: bool = False) -> Setup:
     """Read and split the data, decide channels/classes, build the model (and save split and model info).
@@ -110,11 +139,11 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     """
     from ..models import build_model
 
+    start = take_from_init(cfg) if cfg.train.init and not resume else None  # may set the target
     if cfg.data.size_normalize and cfg.data.target not in INSTANCE_KINDS:
         raise UnetlabError(f"--size-normalize needs an instance target ({', '.join(INSTANCE_KINDS)}), not "
                            f"--target {cfg.data.target}", hint="only these targets' objects can be measured "
                            "again at prediction, where --diameter auto rescales each image")
-    start = take_from_init(cfg) if cfg.train.init and not resume else None
     data = load_from_config(cfg.data)
     bad: list[str] = []
     if data.problems:
@@ -167,10 +196,11 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
 
 
 # what a fine-tune takes from the model it starts from unless the user set it: the channels it was trained on
-# (both keys, or neither), the target and classes it predicts, and the normalisation of its inputs
+# (both keys, or neither), the target and classes it predicts, the normalisation of its inputs and whether
+# its images were drawn at one object size (size_normalize: the size its weights know)
 INIT_INPUT_KEYS = ("channels", "channel_code")
 INIT_OUTPUT_KEYS = ("target", "classes")
-INIT_ADOPTED_KEYS = ("normalization", "norm_low", "norm_high")
+INIT_ADOPTED_KEYS = ("normalization", "norm_low", "norm_high", "size_normalize")
 
 
 def _flag(key: str, value: object) -> str:
@@ -317,3 +347,10 @@ def build_train_data(cfg: RunConfig, s: Setup, device: torch.device,
 
 __all__ = ["Setup", "build_setup", "build_train_data", "center_crop", "check_loaded", "make_loss_fn",
            "make_train_loader", "prepare_run_dir", "remove_unstarted_run"]
+
+
+def finished_note(epoch: int, epochs: int) -> str:
+    """What the resume line adds when the checkpoint has done all the run's epochs ('' otherwise)."""
+    if epoch < epochs:
+        return ""
+    return f": all {epochs} epochs are done, so only the run's last steps run again (--epochs N trains on)"

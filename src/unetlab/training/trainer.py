@@ -65,6 +65,7 @@ from .setup import (
     build_train_data,
     center_crop,
     check_loaded,
+    finished_note,
     make_loss_fn,
     prepare_run_dir,
     remove_unstarted_run,
@@ -105,7 +106,7 @@ class Trainer:
         cfg = self._checked_config(cfg, resume)  # before anything is written
         self._start_device(cfg)
         if self.out is not None:  # rank 0 checks and creates the folder, the others wait (and share its error)
-            D.run_on_main(partial(prepare_run_dir, self.out, resume, overwrite, True), self.dist)
+            D.run_on_main(partial(prepare_run_dir, self.out, resume, overwrite, True, cfg), self.dist)
         # read the checkpoint to resume before anything is written: a damaged one then changes nothing
         resume_state = load_checkpoint(checkpoint_path(self.out, "last")) if resume and self.out else None
         seed_everything(cfg.train.seed)
@@ -263,8 +264,8 @@ class Trainer:
             b = self.cfg.train.batch_size * self.cfg.train.grad_accumulation
             log.warning("resuming a run trained on %d process(es) with %d: the global batch changes from %d to %d",
                         saved_world, self.dist.world_size, b * saved_world, b * self.dist.world_size)
-        log.info("resuming at epoch %d (best %s %.4f at epoch %d)", self.epoch + 1, self.cfg.train.monitor,
-                 self.best, self.best_epoch)
+        log.info("resuming at epoch %d (best %s %.4f at epoch %d)%s", self.epoch + 1, self.cfg.train.monitor,
+                 self.best, self.best_epoch, finished_note(self.epoch, self.cfg.train.epochs))
 
     def _snapshot(self) -> dict:
         """A copy of the weights and optimiser state: the collapse guard's restore point."""

@@ -29,7 +29,7 @@ from ..inference.postprocess import (
     remove_small_objects,
     resolve_markers,
 )
-from ..inference.rescale import predict_rescaled, resize_labels
+from ..inference.rescale import auto_rescales, predict_rescaled, resize_labels
 from ..inference.sizemodel import size_estimator
 from ..labels import instance_labels
 from ..runfolder import checkpoint_path, load_checkpoint
@@ -143,8 +143,8 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
 
 def _test_prediction(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: dict, device: torch.device,
                      source, estimate=None) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and instance labels of one test image as ``predict --instances`` makes them: at the image's
-    own size, or for a size-normalised run with ``--diameter auto`` (the test labels choose nothing)."""
+    """Probabilities and instance labels of one test image as ``predict --instances`` makes them with its default
+    ``--diameter auto`` (:func:`auto_rescales`; the test labels choose nothing), or at the image's own size."""
     pp, kind = cfg.postprocess, info["target"]
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -153,7 +153,7 @@ def _test_prediction(model: nn.Module, image: np.ndarray, cfg: RunConfig, info: 
     def to_labels(p: np.ndarray) -> np.ndarray:
         return probabilities_to_labels(p, kind, pp)
 
-    if not cfg.data.size_normalize or not info.get("diameter"):
+    if not auto_rescales(info, cfg.data.size_normalize, want_labels=True):
         prob = predict_val_image(model, image, cfg, info, device, source).numpy()
         return prob, to_labels(prob)
     x = apply_channels(image, cfg.data, None, source=source)
@@ -196,13 +196,15 @@ def score_test_split(model: nn.Module, out: Path, cfg: RunConfig, info: dict, sa
                 matches.append(match_objects(labels, instance_labels(item.labels)))
         c = pixel_counts(pred, truth)
         tp, fp, fn = tp + c["tp"], fp + c["fp"], fn + c["fn"]
-    scores: dict = {"n_images": len(cache), "dice": 2 * tp / max(2 * tp + fp + fn, 1)}
+    diameter = "auto" if not multiclass and auto_rescales(info, cfg.data.size_normalize, True) else "none"
+    scores: dict = {"n_images": len(cache), "dice": 2 * tp / max(2 * tp + fp + fn, 1), "diameter": diameter}
     if matches:
         pooled = pool_matches(matches)
         scores.update(ap50=pooled["ap"][0], ap_mean=pooled["ap_mean_pooled"], dsb_score=pooled["dsb_score"],
                       n_objects=int(sum(m["n_true"] for m in matches)))
-    log.info("test split (%d images, untouched by training and tuning): Dice %.4f%s", len(cache), scores["dice"],
-             f", object AP@0.5 {scores['ap50']:.3f}, DSB score {scores['dsb_score']:.3f}" if matches else "")
+    log.info("test split (%d images, untouched by training and tuning; --diameter %s as predict): pooled Dice "
+             "%.4f%s", len(cache), diameter, scores["dice"], f", object AP@0.5 {scores['ap50']:.3f}, DSB score "
+             f"{scores['dsb_score']:.3f}" if matches else "")
     return scores
 
 

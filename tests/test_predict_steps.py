@@ -108,7 +108,7 @@ def test_channels_option_picks_the_channel_of_a_multichannel_image(tmp_path, run
     plane = tifffile.imread(next((good_dataset(tmp_path / "d", n=1) / "images").glob("*.tif")))
     tifffile.imwrite(folder / "three.tif", np.stack([np.zeros_like(plane), plane, np.zeros_like(plane)]),
                      photometric="minisblack")
-    with pytest.raises(UnetlabError, match="3 channel"):  # the 1-channel model cannot take 3 channels as they are
+    with pytest.raises(UnetlabError, match="3-channel image"):  # the 1-channel model cannot take 3 channels as they are
         predict(run_dir, folder, tmp_path / "refused", precision="fp32", progress=False, tile=64)
     caplog.set_level(logging.INFO, logger="unetlab")
     rc = main(["predict", "--model", str(run_dir), "--input", str(folder), "--out", str(tmp_path / "pred"),

@@ -143,8 +143,12 @@ def test_semantic_run_with_output_redirected(tiny_cells, tmp_path):
     # asked for, `unetlab tune` still tunes a binary run's post-processing for predict --instances
     from unetlab.cli import main
 
+    from unetlab.config import RunConfig
+
+    threshold = RunConfig.load(run / "config.yaml").postprocess.threshold
     assert main(["tune", str(run)]) == 0
     assert json.loads((run / "summary.json").read_text())["postprocess"]["validation_objects"]
+    assert RunConfig.load(run / "config.yaml").postprocess.threshold == threshold  # its masks' threshold stays
 
 
 def test_instance_run_prints_object_scores_and_the_tuned_settings_once(tiny_cells, tmp_path, caplog, capsys):

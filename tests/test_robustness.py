@@ -349,7 +349,11 @@ def test_predict_rgb_image_with_a_grey_model(tmp_path, capsys, run_dir):
                         tmp_path / "pred", *PREDICT_FLAGS)
     assert rc == 2
     assert_one_line_error(err, "predict", "colour.png")
-    assert "3 channel(s)" in err and "expects 1" in err
+    assert "the model takes 1 input channel(s), but all its channels of this 3-channel image give(s) 3" in err
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", tmp_path / "colour.png", "--out",
+                        tmp_path / "pred", *PREDICT_FLAGS, "--channels", "2,1")
+    assert rc == 2
+    assert "--channels 2,1 of this 3-channel image give(s) 2" in err
 
 
 # --- outputs are protected -----------------------------------------------------------------------------------
@@ -372,6 +376,28 @@ def test_predict_does_not_overwrite_without_overwrite(tmp_path, capsys, run_dir)
                         *PREDICT_FLAGS, "--overwrite")
     assert rc == 0 and len(list((out / "masks").iterdir())) == 4  # the earlier prediction's outputs are gone
     assert (out / "keep.txt").read_text() == "mine"  # what predict does not write is left alone
+
+
+def test_predict_rle_csv_is_never_written_into_the_input_nor_over_a_file(tmp_path, capsys, run_dir):
+    data = good_dataset(tmp_path / "data")
+    (data / "labels.csv").write_text("ImageId,EncodedPixels\n")  # the dataset's own ground truth
+    before = snapshot(data)
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", data, "--out", tmp_path / "p",
+                        "--rle", data / "labels.csv", *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "--rle CSV is inside the input folder")
+    assert snapshot(data) == before and not (tmp_path / "p").exists()
+    mine = tmp_path / "earlier.csv"
+    mine.write_text("mine")
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", data / "images", "--out", tmp_path / "p",
+                        "--rle", mine, *PREDICT_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "predict", "--rle CSV exists")
+    assert mine.read_text() == "mine"
+    rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", data / "images", "--out", tmp_path / "p",
+                        "--rle", mine, *PREDICT_FLAGS, "--overwrite")
+    assert rc == 0, err
+    assert mine.read_text().startswith("ImageId,EncodedPixels")
 
 
 def test_predict_never_writes_into_the_input_folder(tmp_path, capsys, run_dir):
@@ -427,6 +453,28 @@ def test_resume_refuses_flags_that_change_the_run_and_takes_more_epochs(tmp_path
     assert rc == 0, err
     assert read_config_value(run, "epochs") == epochs + 1
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == epochs + 2  # header + one more epoch
+
+
+def test_a_run_without_validation_reports_its_best_training_loss_as_such(tmp_path, capsys):
+    data = good_dataset(tmp_path / "data")
+    rc, out, err = cli(capsys, "train", "--data", data, "--out", tmp_path / "run", *TINY_TRAIN_FLAGS,
+                       "--val-fraction", "0")
+    assert rc == 0, err
+    assert out.startswith("best train_loss ") and "val_dice" not in out
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, capsys, monkeypatch):
+    good_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    rc, _out, err = cli(capsys, "train", "--data", "data", "--out", "run", *TINY_TRAIN_FLAGS)
+    assert rc == 0, err
+    assert read_config_value(tmp_path / "run", "root") == str((tmp_path / "data").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    epochs = int(read_config_value(tmp_path / "run", "epochs"))
+    rc, _out, err = cli(capsys, "train", "--resume", tmp_path / "run", "--epochs", epochs + 1)
+    assert rc == 0, err
 
 
 def read_config_value(run: Path, key: str):

@@ -271,6 +271,9 @@ def test_student_learns_from_a_teacher_run(cells, baseline, tmp_path):
     # a teacher with another output (two-class boundary target) is refused with a clear message
     with pytest.raises(UnetlabError, match="teacher predicts"):
         train(config(cells, epochs=1, target="boundary", teacher=str(baseline)), tmp_path / "bad", progress=False)
+    # and so is one that takes another number of input channels (not a shape error in the first batch)
+    with pytest.raises(UnetlabError, match="teacher takes 1 input channel"):
+        train(config(cells, epochs=1, channels="0,0", teacher=str(baseline)), tmp_path / "bad2", progress=False)
 
 
 def test_a_test_split_is_held_out_and_scored_once_at_the_end(cells, tmp_path, capsys):

@@ -113,11 +113,20 @@ def output_paths(out: Path, name: str, multiclass: bool) -> dict[str, Path]:
     }
 
 
-def _check_out(out: Path, input: Path, overwrite: bool, resume: bool) -> None:
+def _check_out(out: Path, input: Path, overwrite: bool, resume: bool, rle: str | Path | None = None) -> None:
+    """Refuse outputs that would write into the input folder or replace an earlier output without --overwrite
+    (``--out`` and the ``--rle`` CSV); with --overwrite, remove the earlier prediction's outputs."""
     o, i = out.resolve(), input.resolve()
     if input.is_dir() and (o == i or i in o.parents):
         raise UnetlabError("output folder is inside the input folder (inputs are never written to)", out,
                            "choose an --out outside the input folder")
+    if rle is not None:
+        r = Path(rle)
+        if input.is_dir() and i in r.resolve().parents or r.resolve() == i:
+            raise UnetlabError("--rle CSV is inside the input folder (inputs are never written to)", r,
+                               "write it elsewhere, e.g. into --out")
+        if r.exists() and not (overwrite or resume):
+            raise UnetlabError("--rle CSV exists", r, "use --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UnetlabError("output exists and is not a folder", out)
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
@@ -192,7 +201,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     inputs = collect_inputs(input, run_dir / "split.json" if o.split else None, o.split or "val")
     # under torchrun: Gloo carries only the coordination (objects, barriers), whatever device predicts
     dist = D.init_distributed("cpu", backend="gloo")
-    D.run_on_main(partial(_check_out, out, Path(input), o.overwrite, o.resume), dist)  # before any rank writes
+    D.run_on_main(partial(_check_out, out, Path(input), o.overwrite, o.resume, o.rle), dist)  # before any rank writes
     job = _plan(o, out, run_dir, [f for _n, f in inputs], dist)
     mine = inputs[dist.rank :: dist.world_size]
     sizes, total_tiles = header_sizes([f for _n, f in mine], job.predictor)
@@ -229,6 +238,9 @@ def _plan(o: PredictOptions, out: Path, run_dir: Path, protect: list[Path], dist
     run = load_run(run_dir)
     if o.channels is not None:  # the model's own channel selection, replaced
         chosen = coerce(o.channels, list[int], "channels")
+        if run.config.data.channel_code:
+            log.warning("--channels %s replaces the channel code the model was trained with (%s)",
+                        ",".join(map(str, chosen)), run.config.data.channel_code)
         run.config.data = replace(run.config.data, channels=chosen, channel_code=None)
     if o.backend == "onnx" and str(o.device) == "auto":
         dev: Any = "auto"  # onnxruntime's providers decide (CUDA only where it has it)

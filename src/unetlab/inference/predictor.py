@@ -161,6 +161,17 @@ def tta_average(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tr
     return acc / len(ks)
 
 
+def check_channels(got: int, image_channels: int, want: int, data, source: str | Path | None) -> None:
+    """One line when the channels chosen from an image (``data``'s selection) are not as many as the model takes."""
+    if got == want:
+        return
+    how = (f"channel code {data.channel_code}" if data.channel_code else
+           f"--channels {','.join(map(str, data.channels))}" if data.channels else "all its channels")
+    raise UnetlabError(f"the model takes {want} input channel(s), but {how} of this {image_channels}-channel image "
+                       f"give(s) {got}", source, "choose the channels with --channels, convert the image, or predict "
+                       "it with a model trained on such images")
+
+
 def _onnx_predict_fn(run: Run, path: Path, device: torch.device, precision: str, tta: bool | list[int],
                      compile: bool) -> tuple[PredictFn, str]:
     """The predict function of an exported ONNX file through onnxruntime (CUDA provider on a CUDA device),
@@ -255,13 +266,7 @@ class Predictor:
         cfg = self.run.config.data
         img = normalize(image, cfg.normalization, cfg.norm_low, cfg.norm_high)
         img = apply_channels(img, cfg, None, source=source)
-        want = int(self.run.info["in_channels"])
-        if img.shape[0] != want:
-            raise UnetlabError(
-                f"image has {image.shape[0]} channel(s) but the model expects {self.run.info.get('image_channels', want)}",
-                source, "choose the channels with --channels, convert the image, or predict it with a model trained on "
-                "such images",
-            )
+        check_channels(img.shape[0], image.shape[0], int(self.run.info["in_channels"]), cfg, source)
         return img
 
     def n_tiles(self, shape: tuple[int, int]) -> int:
@@ -294,13 +299,8 @@ class Predictor:
         def transform(band: np.ndarray) -> np.ndarray:
             return apply_channels(norm(band), cfg, None, source=source)
 
-        want = int(self.run.info["in_channels"])
         got = transform(np.asarray(image[:, :1, :1])).shape[0]
-        if got != want:
-            raise UnetlabError(
-                f"image has {image.shape[0]} channel(s) but the model expects {self.run.info.get('image_channels', want)}",
-                source,
-            )
+        check_channels(got, image.shape[0], int(self.run.info["in_channels"]), cfg, source)
         for y0, y1, band in iter_tile_rows(
             self.predict_fn, image, self.run.out_channels, batch_size=self.batch_size, device=self.device,
             progress=progress, transform=transform, **self._geometry()

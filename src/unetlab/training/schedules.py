@@ -82,7 +82,8 @@ def build_optimizer(params: Any, cfg: TrainConfig, lr: float) -> torch.optim.Opt
         import bitsandbytes as bnb
     except ImportError as exc:
         raise UnetlabError(f"optimizer adamw8bit needs the bitsandbytes package ({exc})",
-                           hint='pip install "unetlab[bnb]", or choose --optimizer adamw') from None
+                           hint='pip install torch==2.13.0 -e ".[bnb]" in a clone (or pip install "unetlab[bnb]"), '
+                                'or choose --optimizer adamw') from None
     return bnb.optim.AdamW8bit(groups, lr=lr)
 
 

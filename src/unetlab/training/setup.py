@@ -130,6 +130,17 @@ def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None
                  "; the learning-rate schedule is stretched to the new length from here" if k == "epochs" else "")
 
 
+def absolute_paths(cfg: RunConfig) -> None:
+    """Make the config's paths that exist absolute (dataset, include list, split file, teacher, --init run), so
+    the config.yaml a run saves means the same from any working directory (a resume from elsewhere)."""
+    for section, key in (("data", "root"), ("data", "include"), ("data", "split_file"), ("train", "teacher"),
+                         ("train", "init")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and Path(value).exists():
+            setattr(obj, key, str(Path(value).resolve()))
+
+
 def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D.DistInfo,
                 skip_bad: bool = False) -> Setup:
     """Read and split the data, decide channels/classes, build the model (and save split and model info).
@@ -139,6 +150,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     """
     from ..models import build_model
 
+    absolute_paths(cfg)
     start = take_from_init(cfg) if cfg.train.init and not resume else None  # may set the target
     if cfg.data.size_normalize and cfg.data.target not in INSTANCE_KINDS:
         raise UnetlabError(f"--size-normalize needs an instance target ({', '.join(INSTANCE_KINDS)}), not "

@@ -21,6 +21,11 @@ def load_teacher(cfg: RunConfig, info: dict, device: torch.device) -> nn.Module 
         return None
 
     teacher = load_run(cfg.train.teacher, device=device)
+    theirs = teacher.info.get("in_channels")
+    if theirs is not None and theirs != info["in_channels"]:
+        raise UnetlabError(f"teacher takes {theirs} input channel(s), the student {info['in_channels']}",
+                           cfg.train.teacher, "choose the student's channels as the teacher's (its config.yaml: "
+                           "channels / channel_code)")
     if teacher.out_channels != info["out_channels"]:
         raise UnetlabError(
             f"teacher predicts {teacher.out_channels} channel(s), the student {info['out_channels']}",

@@ -352,9 +352,9 @@ class Trainer:
         if main and self.out is not None:
             self.tb = tensorboard_writer(self.out, cfg.train.tensorboard)
         log.info("training %s (%d parameters) on %d images, validating on %d; %d patches of %d px per epoch; "
-                 "device %s%s", cfg.model.preset, sum(p.numel() for p in self.model.parameters()),
-                 len(self.train_samples), len(self.val_samples), self.train_cache_dataset.length,
-                 cfg.data.patch_size, self.device, f", {self.dist.world_size} ranks" if self.dist.enabled else "")
+                 "device %s, precision %s%s", cfg.model.preset, sum(p.numel() for p in self.model.parameters()),
+                 len(self.train_samples), len(self.val_samples), self.train_cache_dataset.length, cfg.data.patch_size,
+                 self.device, precision_name(self.amp_dtype), f", {self.dist.world_size} ranks" if self.dist.enabled else "")
         stop_reason = "finished"
         while self.epoch < cfg.train.epochs:
             t0 = time.time()

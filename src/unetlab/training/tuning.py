@@ -105,7 +105,8 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
     """Tune threshold/min size (and marker distance) of instance post-processing on the validation images
     with the run's best weights, and store them in its config.yaml (used by ``predict --instances``).
 
-    Only instance targets are tuned unless ``semantic_too`` (a binary run, when ``unetlab tune`` asks); the
+    Only instance targets are tuned unless ``semantic_too`` (a binary run, when ``unetlab tune`` asks: its
+    minimum size only, as its threshold is that of its masks); the
     result is logged once unless not ``announce`` (the caller reports it). Returns the tuned settings with their
     object scores on those images, or None when not tuned."""
     if not has_object_scores(info, semantic_too):
@@ -124,7 +125,9 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
         probs.append(prob)
         truths.append(item.labels if scale == 1.0 else resize_labels(item.labels, prob.shape[-2:]))
     try:
-        pp = tune_postprocess(probs, truths, info["target"], base=cfg.postprocess, metric=metric)
+        semantic = info["target"] not in INSTANCE_KINDS  # a binary run's threshold is its masks': it stays
+        pp = tune_postprocess(probs, truths, info["target"], base=cfg.postprocess, metric=metric,
+                              **({"thresholds": (cfg.postprocess.threshold,)} if semantic else {}))
     except Exception as exc:  # tuning is a convenience: never lose a finished run over it
         log.warning("post-processing was not tuned: %s", exc)
         return None
@@ -135,9 +138,10 @@ def tune_on_validation(model: nn.Module, out: Path, cfg: RunConfig, info: dict, 
     scores = {"ap50": pooled["ap"][0], "ap_mean": pooled["ap_mean_pooled"], "dsb_score": pooled["dsb_score"],
               "n_images": len(probs)}
     log.log(logging.INFO if announce else logging.DEBUG,
-            "post-processing tuned on %d validation images: threshold %.2f, min size %d, prominence %s; "
-            "object AP@0.5 %.3f, mean AP@0.5:0.95 %.3f (DSB score %.3f)", len(probs), pp.threshold,
-            pp.min_size, pp.prominence, scores["ap50"], scores["ap_mean"], scores["dsb_score"])
+            "post-processing tuned on %d validation images: threshold %.2f, min size %d%s; pooled object AP@0.5 "
+            "%.3f, pooled mean AP@0.5:0.95 %.3f; DSB score (mean over images) %.3f", len(probs), pp.threshold,
+            pp.min_size, "" if pp.prominence is None else f", prominence {pp.prominence}", scores["ap50"],
+            scores["ap_mean"], scores["dsb_score"])
     return {**asdict(pp), "validation_objects": scores}
 
 

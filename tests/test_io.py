@@ -170,3 +170,10 @@ def test_ome_xml_is_parsed_as_xml_not_by_pattern():
     size, names = _ome_xml_pixels(xml)
     assert names == ["DAPI, nuclei", "GFP"]
     assert size == pytest.approx((0.25, 0.5))
+
+
+def test_writing_an_image_to_an_unknown_extension_is_one_user_error(tmp_path):
+    for name in ("weights", "weights.bmpx"):
+        with pytest.raises(UnetlabError, match="use .png or .tif"):
+            write_image(tmp_path / name, np.zeros((4, 4), np.uint8))
+    assert list(tmp_path.iterdir()) == []

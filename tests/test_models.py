@@ -245,3 +245,21 @@ def test_list_presets_and_table():
     assert by_name["resnet34-unet"]["receptive_field"] > by_name["unet-slim"]["receptive_field"]
     table = format_presets_table(rows)
     assert "31,030,658" in table and "resnet34-unet" in table
+
+
+def test_settings_a_preset_fixes_itself_are_named_as_ignored():
+    """--preset resnet34-unet builds its own network: --upsample or --depth given with it change nothing, and
+    training warns about them (training/setup.py) instead of recording them silently."""
+    from unetlab.models import PRESETS, ignored_settings
+
+    given = {"upsample", "depth", "padding"}
+    assert ignored_settings("resnet34-unet", given.__contains__) == ["depth", "upsample"]
+    assert ignored_settings("unet", given.__contains__) == []
+    assert ignored_settings("unet-slim", given.__contains__) == ["depth", "upsample"]
+    # every preset says what it reads: building one with each other setting changed gives the same network
+    for name, preset in PRESETS.items():
+        base = ModelConfig(preset=name, in_channels=1, out_channels=1)
+        ref = count_parameters(build_model(base))
+        for key, value in (("depth", 2), ("base_width", 8), ("norm", "group"), ("upsample", "transpose")):
+            if key not in preset.takes:
+                assert count_parameters(build_model(ModelConfig(**{**base.__dict__, key: value}))) == ref, (name, key)

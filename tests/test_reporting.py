@@ -142,7 +142,6 @@ def test_semantic_run_with_output_redirected(tiny_cells, tmp_path):
     assert summary["precision"] == "fp32" and summary["postprocess"] is None
     # asked for, `unetlab tune` still tunes a binary run's post-processing for predict --instances
     from unetlab.cli import main
-
     from unetlab.config import RunConfig
 
     threshold = RunConfig.load(run / "config.yaml").postprocess.threshold

@@ -58,7 +58,7 @@ def _run_train(args):
     if getattr(result, "rank", 0) != 0:
         return 0
     if result.run_dir is not None:
-        print(f"best {cfg.train.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; "
+        print(f"best {result.monitor or cfg.train.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; "
               f"run folder {result.run_dir}")
     if result.bad:
         print(f"{len(result.bad)} bad file(s) left out:")
@@ -114,12 +114,15 @@ def _add_weightmap(p):
     p.add_argument("--no-class-balance", action="store_true", help="leave out the class-frequency term w_c")
     p.add_argument("--contacts", action="store_true",
                    help="the contact weight map of --contact-weight instead (object pixels too, no w_c)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 @command("weightmap", "Draw the U-Net border weight map of a mask as a colour-mapped PNG", _add_weightmap)
 def _run_weightmap(args):
+    from .files import check_output_file
     from .training.weightmap import write_weight_map_png
 
+    check_output_file(args.out, ".png", args.overwrite)
     stats = write_weight_map_png(args.mask, args.out, args.w0, args.sigma,
                                  not (args.no_class_balance or args.contacts), objects=args.contacts)
     print(f"{args.out}: weights min {stats['min']:.3f}  mean {stats['mean']:.3f}  max {stats['max']:.3f}")
@@ -132,6 +135,7 @@ def _add_augment_preview(p):
     p.add_argument("--out", default="augment_preview.png", help="PNG to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     p.add_argument("--index", type=int, default=0, help="which sample of the dataset to show")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_config_flags(p, only="data.augment")  # the very flags `train` has for config 'data.augment'
 
 
@@ -139,7 +143,9 @@ def _add_augment_preview(p):
          _add_augment_preview)
 def _run_augment_preview(args):
     from .data.augment import preview_dataset_augmentations
+    from .files import check_output_file
 
+    check_output_file(args.out, ".png", args.overwrite)
     cfg = apply_overrides(RunConfig(), config_overrides(args)).data.augment
     print(preview_dataset_augmentations(args.data, cfg, args.out, n=args.n, seed=args.seed, index=args.index))
     return 0
@@ -209,7 +215,8 @@ def _add_patchify(p):
     p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder")
 
 
-@command("patchify", "Cut a dataset into overlapping image/mask patches (mirror-padded at the borders)",
+@command("patchify", "Cut a dataset into overlapping image/mask patches (the last one ends at the border; "
+                     "only images smaller than a patch are mirror-padded)",
          _add_patchify)
 def _run_patchify(args):
     from .data.patches import patchify

@@ -53,7 +53,8 @@ def _run_tune(args):
 
     r = retune_run(args.run_dir, data=args.data, device=args.device, metric=args.metric)
     pp, val, test = r["postprocess"], r["postprocess"]["validation_objects"], r["test"] or {}
-    print(f"{args.run_dir}: threshold {pp['threshold']:.2f}, prominence {pp['prominence']}, min size "
+    prominence = "" if pp["prominence"] is None else f", prominence {pp['prominence']}"
+    print(f"{args.run_dir}: threshold {pp['threshold']:.2f}{prominence}, min size "
           f"{pp['min_size']}; validation AP@0.5 {val['ap50']:.3f}, DSB score {val['dsb_score']:.3f}"
           + (f"; test AP@0.5 {test['ap50']:.3f}, DSB score {test['dsb_score']:.3f}" if "ap50" in test else ""))
     return 0
@@ -88,14 +89,18 @@ def _add_lr_find(p):
     p.add_argument("--lr-min", type=float, default=1e-6, help="first learning rate (default 1e-6)")
     p.add_argument("--lr-max", type=float, default=1.0, help="last learning rate (default 1)")
     p.add_argument("--out", metavar="PNG", help="draw loss against learning rate into this PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_config_flags(p, skip=("root", "lr"))
 
 
 @command("lr-find", "Sweep the learning rate over training batches and suggest one (with a loss plot)",
          _add_lr_find)
 def _run_lr_find(args):
+    from .files import check_output_file
     from .training.tools import lr_find, plot_lr_find
 
+    if args.out:  # before the sweep, not after it
+        check_output_file(args.out, ".png", args.overwrite)
     result = lr_find(config_from_args(args), steps=args.steps, lr_min=args.lr_min, lr_max=args.lr_max)
     if args.out:
         plot_lr_find(result, args.out)

@@ -94,6 +94,19 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_file(path: str | Path, suffix: str, overwrite: bool = False) -> Path:
+    """``path`` as a new output file: refused (one line) when it is a folder, does not end in ``suffix`` (e.g.
+    ``.png``) or exists without ``overwrite``; the rule of every command that writes one picture to ``--out``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UnetlabError(f"--out is a folder, not a {suffix} file", path, f"e.g. --out {path / ('out' + suffix)}")
+    if path.suffix.lower() != suffix:
+        raise UnetlabError(f"--out must be a {suffix} file", path, f"e.g. --out {path.parent / (path.stem + suffix)}")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UnetlabError("output exists", path, "pass --overwrite to replace it")
+    return path
+
+
 def write_atomic(path: str | Path, writer: Callable[[Path], object]) -> Path:
     """Call ``writer(tmp_path)`` then rename the temporary file onto ``path`` (never a half-written file)."""
     with atomic_output(path) as tmp:

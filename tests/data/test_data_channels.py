@@ -74,3 +74,10 @@ def test_code_applies_after_selection_and_names_the_image():
 def test_bad_codes_are_one_line_errors(code):
     with pytest.raises(UnetlabError):
         parse_channel_code(code)
+
+
+@pytest.mark.parametrize("code", ["0 1", "1 0", " 2  1 ,0"])
+def test_channels_separated_by_spaces_are_refused_not_run_together(code):
+    with pytest.raises(UnetlabError, match="separate channels with commas"):
+        parse_channel_code(code)
+    assert len(parse_channel_code(" rand( 0 , 1 ) , 2 ? 0.2 ")) == 2  # spaces around the syntax stay harmless

@@ -56,7 +56,7 @@ def test_one_table_of_conventions_for_writing_and_reading(tmp_path):
     for style, (id_col, rle_col, order) in RLE_STYLES.items():
         path = writers.write_rle_csv(tmp_path / f"{style}.csv", [("img", lab)], style=style)
         assert path.read_text().splitlines()[0] == f"{id_col},{rle_col}"
-        rles, _sizes, got_order, _ = read_rle_table(path)
+        rles, _sizes, got_order, *_ = read_rle_table(path)
         assert got_order == order and np.array_equal(rles_to_labels(rles["img"], lab.shape, order) > 0, lab > 0)
 
 
@@ -86,6 +86,6 @@ def test_the_layout_evaluation_and_writers_decode_a_csv_alike(tmp_path):
     samples = {s.name: s for s in load_dataset(tmp_path, "rle_csv").samples}
     loaders = _csv_source(csv_path).loaders
     for decode in (samples["b"].load_mask, loaders["b"], lambda: rle_csv_labels(csv_path)):
-        with pytest.raises(UnetlabError, match=r"train.csv: bad run-length mask for image id b: .*outside") as err:
+        with pytest.raises(UnetlabError, match=r"train.csv: line 5: bad run-length mask for image id b: .*outside") as err:
             decode()
         assert err.value.kind is ErrorKind.UNREADABLE

@@ -82,6 +82,9 @@ def _split_top(code: str) -> list[str]:
 @lru_cache(maxsize=64)
 def parse_channel_code(code: str) -> tuple[ChannelTerm, ...]:
     """Parse a loading code (see the module docstring) into one :class:`ChannelTerm` per output channel."""
+    if re.search(r"\d\s+\d", code or ""):  # '0 1' is not channel 1 nor channel 01
+        raise UnetlabError(f"channel code {code!r}: separate channels with commas, e.g. "
+                           f"{','.join((code or '').split())!r}")
     text = re.sub(r"\s+", "", code or "")
     if not text:
         raise UnetlabError("empty channel code")

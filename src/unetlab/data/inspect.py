@@ -42,6 +42,15 @@ FIXES = {
     "`unetlab inspect --help` for the other layouts)",
     "other": "see the problems listed below",
 }
+# a run-length CSV holds the masks: its problems are fixed in the CSV (or by adding images), not by re-exporting
+RLE_FIXES = {
+    "unpaired": "every image id of the CSV needs its image file, named <id>.png (or .tif, .jpg), in the image folder "
+    "beside the CSV (images/, train/, ...): add the image, or remove that id's rows from the CSV",
+    "unreadable": "fix or remove the CSV rows listed below (run-length strings are 1-indexed 'start length' pairs "
+    "of integers inside the image); image files listed below need re-exporting",
+    "shape": "the CSV's Height/Width of an image id must be its image's size: correct them, or drop those "
+    "columns (the sizes then come from the images)",
+}
 
 
 def _kind(problem: str | UnetlabError) -> str:
@@ -232,8 +241,9 @@ def inspect_dataset(root: str | Path, layout: str | None = None, progress: bool 
     fix = None
     if col.problems:
         kind, n = counts.most_common(1)[0]
+        fixes = {**FIXES, **RLE_FIXES} if info.layout == "rle_csv" else FIXES
         fix = (f"{len(col.problems)} problem{'s' * (len(col.problems) != 1)} (most common: {kind}, {n}). "
-               f"Fix: {FIXES.get(kind, FIXES['other'])}.")
+               f"Fix: {fixes.get(kind, FIXES['other'])}.")
     report: dict[str, Any] = {
         "root": str(info.root),
         "layout": info.layout,

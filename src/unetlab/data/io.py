@@ -201,6 +201,9 @@ def write_image(path: str | Path, array: np.ndarray, compress: bool = True, desc
     path = Path(path)
     arr = np.asarray(array)
     suffix = path.suffix.lower()
+    if suffix not in (*_TIFF, ".png", ".jpg", ".jpeg"):
+        raise UnetlabError(f"cannot write an image to a {suffix or 'name without an extension'}: use .png or .tif",
+                           path)
 
     def _write(tmp: Path) -> None:
         if suffix in _TIFF:

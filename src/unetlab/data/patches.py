@@ -4,6 +4,14 @@ Both write a paired layout (``images/`` + ``masks/``, TIFF keeping the image dty
 patches of one source image stay on one side of a split, and a ``codes.txt`` when the source is multiclass.
 They never write into the input folder and refuse an existing non-empty output unless ``overwrite`` is set.
 (Random patch sampling during training is done by the torch Dataset, not here.)
+
+Patches hold real pixels wherever the image allows: along an axis they start every ``stride`` pixels and the last
+one ends at the border (:func:`patch_positions`). This is not the prediction tiles' rule
+(:mod:`unetlab.inference.tiling` keeps one step aligned to the network and lets the last tile run past the border
+into mirrored pixels, whose output it discards); a patch on disk is training data, where mirrored pixels would be
+made-up objects. Only an image smaller than a patch is mirror-padded (numpy ``symmetric``) to the patch size,
+and there each mirrored copy of an instance label gets its own id (:func:`mirror_pad_labels`), so one id is never
+two separate objects; binary and multiclass masks keep their values.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import numpy as np
 
 from ..errors import UnetlabError
 from ..files import write_atomic, write_text
+from ..labels import is_binary
 from .io import read_image, write_image
 from .layouts import load_dataset
 from .layouts.common import image_header
@@ -30,16 +39,28 @@ MANIFEST = "unetlab_patches.json"
 
 
 def patch_positions(length: int, size: int, stride: int) -> list[int]:
-    """Start offsets of patches along one axis: every ``stride`` pixels until the whole length is covered.
+    """Start offsets of patches along one axis: every ``stride`` pixels, the last one ending at the border.
 
-    The last patch may run past the end; that part is filled by mirror padding.
+    An axis shorter than ``size`` gets one patch at 0, which runs past the end (filled by mirror padding).
     """
     if size <= 0 or stride <= 0:
         raise UnetlabError(f"patch size and stride must be positive (got size {size}, stride {stride})")
-    pos = [0]
-    while pos[-1] + size < length:
-        pos.append(pos[-1] + stride)
-    return pos
+    if length <= size:
+        return [0]
+    return [*range(0, length - size, stride), length - size]
+
+
+def mirror_pad_labels(labels: np.ndarray, pad_h: int, pad_w: int, relabel: bool) -> np.ndarray:
+    """``labels`` mirror-padded (numpy ``symmetric``) by ``pad_h`` rows and ``pad_w`` columns at the end; with
+    ``relabel`` each mirrored copy's objects get ids of their own (the original keeps its ids)."""
+    padded = np.pad(labels, ((0, pad_h), (0, pad_w)), mode="symmetric")
+    if not relabel or not padded.any():
+        return padded
+    h, w = labels.shape
+    copy_y, copy_x = np.arange(padded.shape[0]) // h, np.arange(padded.shape[1]) // w
+    copy = copy_y[:, None] * (copy_x[-1] + 1) + copy_x[None, :]  # 0: the original, 1..: mirrored copies
+    out = padded.astype(np.int64) + copy * int(labels.max())
+    return np.where(padded > 0, out, 0)
 
 
 def _prepare_out(root: Path, out: Path, overwrite: bool) -> None:
@@ -110,7 +131,8 @@ def patchify(root: str | Path, size: int, stride: int, out: str | Path, layout: 
              overwrite: bool = False, **options: object) -> int:
     """Write every image/mask pair of ``root`` as ``size`` x ``size`` patches every ``stride`` pixels to ``out``.
 
-    Borders are mirror-padded so every pixel lies in some patch; returns the number of patches written.
+    The last patch of a row or column ends at the border; only images smaller than ``size`` are mirror-padded
+    (see the module doc). Returns the number of patches written.
     """
     root, out = Path(root), Path(out)
     info = load_dataset(root, layout, **options)
@@ -126,7 +148,7 @@ def patchify(root: str | Path, size: int, stride: int, out: str | Path, layout: 
         pad_h, pad_w = ys[-1] + size - h, xs[-1] + size - w
         if pad_h or pad_w:
             img = np.pad(img, ((0, 0), (0, pad_h), (0, pad_w)), mode="symmetric")
-            labels = np.pad(labels, ((0, pad_h), (0, pad_w)), mode="symmetric")
+            labels = mirror_pad_labels(labels, pad_h, pad_w, relabel=not multiclass and not is_binary(labels))
         base = _safe(sample.name)
         for y in ys:
             for x in xs:
@@ -134,7 +156,7 @@ def patchify(root: str | Path, size: int, stride: int, out: str | Path, layout: 
                 _write_pair(out, name, img[:, y:y + size, x:x + size], labels[y:y + size, x:x + size], multiclass)
                 groups.append((name, sample.group))
     _finish(out, info, groups, {"kind": "patches", "size": size, "stride": stride})
-    log.info("%d patches from %d images written to %s", len(groups), len(info.samples), out)
+    log.debug("%d patches from %d images written to %s", len(groups), len(info.samples), out)  # the CLI prints it
     return len(groups)
 
 
@@ -181,5 +203,5 @@ def cut_subimages(root: str | Path, margin: int, out: str | Path, layout: str | 
             _write_pair(out, name, img[:, y0:y1, x0:x1], mask, multiclass)
             groups.append((name, sample.group))
     _finish(out, info, groups, {"kind": "subimages", "margin": margin})
-    log.info("%d sub-images from %d images written to %s", len(groups), len(info.samples), out)
+    log.debug("%d sub-images from %d images written to %s", len(groups), len(info.samples), out)  # the CLI prints it
     return len(groups)

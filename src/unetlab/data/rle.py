@@ -117,30 +117,45 @@ def _rle_columns(header: list[str], path: Path) -> tuple[int, int, str]:
 
 
 class RleTable(NamedTuple):
-    """A parsed run-length CSV: image id -> RLE strings, the sizes the CSV gives, the pixel order, the file."""
+    """A parsed run-length CSV: image id -> RLE strings, the sizes the CSV gives, the pixel order, the file, and
+    the CSV line of each RLE string (image id -> line numbers, in the order of its strings)."""
 
     rles: dict[str, list[str]]
     sizes: dict[str, tuple[int, int]]
     order: str
     path: Path
+    lines: dict[str, list[int]] | None = None
 
     def labels(self, key: str, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Instance labels of image ``key``, sized by the CSV, else by ``shape`` (see :func:`decode_labels`)."""
-        return decode_labels(self.rles[key], self.sizes.get(key, shape), self.order, key, self.path)
+        lines = (self.lines or {}).get(key)
+        return decode_labels(self.rles[key], self.sizes.get(key, shape), self.order, key, self.path, lines)
+
+
+def _first_bad(rles: Sequence[str], shape: tuple[int, int]) -> int:
+    """Index of the first RLE string that does not decode in an image of ``shape`` (0 when all do)."""
+    for i, rle in enumerate(rles):
+        try:
+            _runs(rle, int(shape[0]) * int(shape[1]), shape)
+        except UnetlabError:
+            return i
+    return 0
 
 
 def decode_labels(rles: Sequence[str], shape: tuple[int, int] | None, order: str, key: str,
-                  source: str | Path) -> np.ndarray:
+                  source: str | Path, lines: Sequence[int] | None = None) -> np.ndarray:
     """The one decoding of an image's rows of a run-length CSV: objects numbered in row order (rows without runs
     take no number, earlier objects keep shared pixels); a missing size or a broken run is one error line naming
-    the CSV ``source`` and the image id."""
+    the CSV ``source``, the line of the broken run (``lines``: the CSV line of each string) and the image id."""
     if shape is None:
         raise UnetlabError(f"no image size known for image id {key}", source,
                            "the CSV has no Height/Width columns and no image gives the size")
     try:
         return rles_to_labels(list(rles), shape, order, skip_empty=True)
     except UnetlabError as exc:
-        raise UnetlabError(f"bad run-length mask for image id {key}: {exc}", source,
+        at = f"line {lines[_first_bad(rles, shape)]}: " if lines else ""
+        raise UnetlabError(f"{at}bad run-length mask for image id {key}: {exc}", source,
+                           "runs are 1-indexed 'start length' pairs inside the image; fix or remove that row",
                            kind=ErrorKind.UNREADABLE) from None
 
 
@@ -152,6 +167,7 @@ def read_rle_table(path: str | Path) -> RleTable:
         raise UnetlabError("run-length CSV not found", path)
     rles: dict[str, list[str]] = {}
     sizes: dict[str, tuple[int, int]] = {}
+    lines: dict[str, list[int]] = {}
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -171,6 +187,8 @@ def read_rle_table(path: str | Path) -> RleTable:
             except (IndexError, ValueError):
                 raise UnetlabError(f"line {line}: malformed row {','.join(row)[:60]!r}", path) from None
             rles.setdefault(key, [])
+            lines.setdefault(key, [])
             if rle:
                 rles[key].append(rle)
-    return RleTable(rles, sizes, order, path)
+                lines[key].append(line)
+    return RleTable(rles, sizes, order, path, lines)

@@ -4,6 +4,8 @@ Predictions: a folder of mask / label images (names may carry ``_mask``, ``_labe
 maps and overlays are skipped), a folder with ``labels/`` or ``masks/`` inside, or a run-length CSV.
 Ground truth: a flat folder of label/mask images, a run-length CSV file, or any dataset folder unetlab reads
 (``images/`` + ``masks/``, Kaggle DSB folders, an RLE CSV folder, multiclass folders).
+A dataset's samples are keyed by the names ``predict`` gives their outputs (``data.layouts.output_name``), and
+both sides pair by the same name, else by :func:`pair_key` (no ``MASK_`` prefix, no mask suffix, any case).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.io import list_images, read_label
+from ..data.layouts.timelapse import frame_key
+from ..data.sample import Sample
 from ..errors import UnetlabError
 from ..files import write_text
 from ..labels import instance_labels, mask_to_labels
@@ -132,6 +136,14 @@ def _is_flat_label_folder(folder: Path) -> bool:
     return not any(split_suffix(s)[1] and split_suffix(s)[0] in stems for s in stems)
 
 
+def _mask_file(sample: Sample, root: Path) -> str:
+    """How a dataset sample's truth is named in the report: its mask file under ``root``, else its name."""
+    if len(sample.mask_paths) != 1:
+        return sample.name
+    path = sample.mask_paths[0]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
 def _truth_source(truth: Path, invert: bool, classes: list[str] | None = None) -> _Source:
     if truth.is_file() and truth.suffix.lower() == ".csv":
         return _csv_source(truth, invert)
@@ -148,30 +160,51 @@ def _truth_source(truth: Path, invert: bool, classes: list[str] | None = None) -
             loaders[key] = _file_loader(f, invert)
             names[key] = f.name
         return _Source(loaders, names)
-    from ..data.layouts import load_dataset
+    from ..data.layouts import load_dataset, output_name
 
     info = load_dataset(truth, invert_mask=invert, classes=classes)
-    loaders = {s.name: (lambda shape=None, s=s: s.load_mask()) for s in info.samples}
-    names = {s.name: (s.mask_paths[0].name if len(s.mask_paths) == 1 else s.name) for s in info.samples}
+    # keyed by the name predict gives a sample's outputs, e.g. expA__Pos001__img_0 for expA/Pos001/img_0
+    loaders = {output_name(s.name): (lambda shape=None, s=s: s.load_mask()) for s in info.samples}
+    names = {output_name(s.name): _mask_file(s, truth) for s in info.samples}
     log.debug("ground truth: %d samples in the %s layout", len(info.samples), info.layout)
     return _Source(loaders, names, task=info.task, num_classes=len(info.classes), problems=list(info.problems))
 
 
+def pair_key(key: str) -> str:
+    """What a prediction and its truth share: the name without a ``MASK_`` prefix or mask suffixes, any case
+    (``MASK_img_0``, ``img_0_labels`` and ``IMG_0`` all pair as ``img_0``)."""
+    return split_suffix(frame_key(key))[0].lower()
+
+
 def _pair(pred: _Source, truth: _Source) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
-    """[(name, pred key, truth key)], unpaired predictions, unpaired truths."""
-    pairs, used = [], set()
-    truth_lower = {k.lower(): k for k in truth.loaders}
-    for key in sorted(pred.loaders):
-        t = key if key in truth.loaders else truth_lower.get(key.lower())
-        if t is None:
-            alt = split_suffix(key)[0]  # e.g. "img_mask_labels"
-            t = alt if alt in truth.loaders else None
+    """[(name, pred key, truth key)], unpaired predictions, unpaired truths: same names first, then same
+    :func:`pair_key`."""
+    by_key: dict[str, str] = {}
+    for k in sorted(truth.loaders):
+        by_key.setdefault(pair_key(k), k)
+    match: dict[str, str] = {k: k for k in pred.loaders if k in truth.loaders}
+    used = set(match.values())
+    for key in sorted(k for k in pred.loaders if k not in match):
+        t = by_key.get(pair_key(key))
         if t is not None and t not in used:
-            pairs.append((t, key, t))
+            match[key] = t
             used.add(t)
-    unpaired_pred = sorted(pred.files[k] for k in pred.loaders if k not in {p[1] for p in pairs})
+    pairs = [(match[k], k, match[k]) for k in sorted(match)]
+    unpaired_pred = sorted(pred.files[k] for k in pred.loaders if k not in match)
     unpaired_truth = sorted(truth.files[k] for k in truth.loaders if k not in used)
     return pairs, unpaired_pred, unpaired_truth
+
+
+def _no_pairs_hint(pred: _Source, truth: _Source) -> str:
+    """The hint of the no-pairs error: an example of each side, and where predictions of a dataset pair up."""
+    ex_p = next(iter(pred.files.values()), "none")
+    ex_t = next(iter(truth.files.values()), "none")
+    hint = f"e.g. prediction {ex_p!r}, truth {ex_t!r}"
+    nested = next((k for k in sorted(pred.loaders) if "__" in k), None)
+    if nested and not any("__" in k for k in truth.loaders):
+        hint += (f"; {nested!r} is how predict names a dataset sample's outputs: pass that dataset folder (not "
+                 "a subfolder) as the truth")
+    return hint
 
 
 def _nan_to_none(x):
@@ -259,12 +292,8 @@ def evaluate(
     if unpaired_truth:
         log.warning("%d ground-truth images have no prediction (e.g. %s)", len(unpaired_truth), unpaired_truth[0])
     if not pairs:
-        ex_p = next(iter(pred_src.files.values()), "none")
-        ex_t = next(iter(truth_src.files.values()), "none")
-        raise UnetlabError(
-            "no prediction pairs up with a ground-truth image by name", pred,
-            f"e.g. prediction {ex_p!r}, truth {ex_t!r}",
-        )
+        raise UnetlabError("no prediction pairs up with a ground-truth image by name", pred,
+                           _no_pairs_hint(pred_src, truth_src))
     multiclass = truth_src.task == "multiclass"
     if multiclass and instances:
         raise UnetlabError("object metrics need binary or instance ground truth, not multiclass", truth)

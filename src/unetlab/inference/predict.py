@@ -55,7 +55,7 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
         return [(image_stem(path), path)]
     if path.name.lower().endswith(".zarr"):
         raise UnetlabError("not a Zarr image: no zarr.json, .zarray or .zattrs in the directory", path)
-    from ..data.layouts import detect_layout, load_dataset
+    from ..data.layouts import detect_layout, load_dataset, output_name
 
     try:
         layout = detect_layout(path)
@@ -77,7 +77,7 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
             samples = [s for s in samples if s.name in wanted]
             if not samples:
                 raise UnetlabError(f"none of the '{split}' samples of {split_file} are in this dataset", path)
-        return [(s.name.replace("/", "__"), s.image) for s in samples]
+        return [(output_name(s.name), s.image) for s in samples]
     files = sorted(p for p in path.rglob("*") if ((p.is_file() and is_image_file(p)) or is_zarr_path(p))
                    and not any(part.startswith(".") or part.lower().endswith(".zarr")
                                for part in p.relative_to(path).parts[:-1]))  # nothing inside a Zarr image

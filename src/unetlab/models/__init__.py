@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .fuse import fuse_batchnorm
 from .geometry import Geometry, model_geometry
-from .presets import PRESETS, build_model, count_parameters, list_presets, receptive_field
+from .presets import PRESETS, build_model, count_parameters, ignored_settings, list_presets, receptive_field
 from .resnet_unet import ResNetUNet
 from .unet import UNet
 
@@ -21,6 +21,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "fuse_batchnorm",
+    "ignored_settings",
     "list_presets",
     "model_geometry",
     "receptive_field",

@@ -27,19 +27,28 @@ class Preset:
 
     builder: Builder
     description: str
+    takes: tuple[str, ...] = ()  # the MODEL_KEYS it reads from the config (it fixes the others itself)
 
 
 PRESETS: dict[str, Preset] = {}
+MODEL_KEYS = ("depth", "base_width", "widths", "norm", "padding", "dropout", "upsample")
 
 
-def register(name: str, description: str) -> Callable[[Builder], Builder]:
-    """Decorator adding ``builder(cfg) -> nn.Module`` to the registry under ``name``."""
+def register(name: str, description: str, takes: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Decorator adding ``builder(cfg) -> nn.Module`` to the registry under ``name``; ``takes``: the model
+    settings it reads."""
 
     def deco(fn: Builder) -> Builder:
-        PRESETS[name] = Preset(fn, description)
+        PRESETS[name] = Preset(fn, description, takes)
         return fn
 
     return deco
+
+
+def ignored_settings(preset: str, is_set: Callable[[str], bool]) -> list[str]:
+    """The model settings a user set (``is_set(key)``) that ``preset`` does not read: it fixes them itself."""
+    entry = PRESETS.get(preset)
+    return [] if entry is None else [k for k in MODEL_KEYS if k not in entry.takes and is_set(k)]
 
 
 def _channels(cfg: ModelConfig) -> tuple[int, int]:
@@ -55,7 +64,8 @@ def _check_choice(key: str, value: str, known: tuple[str, ...]) -> None:
         raise UnetlabError(f"unknown model.{key} {value!r} (known: {', '.join(known)})")
 
 
-@register("unet", "generic U-Net from the config (default: depth 4, widths 32-512, batch norm, bilinear, same)")
+@register("unet", "generic U-Net from the config (default: depth 4, widths 32-512, batch norm, bilinear, same)",
+          takes=MODEL_KEYS)
 def build_unet(cfg: ModelConfig) -> nn.Module:
     """The generic U-Net with every option taken from the config."""
     from .blocks import NORMS, PADDINGS, UPSAMPLES
@@ -81,21 +91,24 @@ PAPER_WIDTHS = (64, 128, 256, 512, 1024)
 SLIM_WIDTHS = (24, 48, 96, 192, 384)
 
 
-@register("unet-paper", "Ronneberger 2015: 64-1024, valid 3x3 convs, 2x2 up-convs, crop+concat, no norm (31.0M)")
+@register("unet-paper", "Ronneberger 2015: 64-1024, valid 3x3 convs, 2x2 up-convs, crop+concat, no norm (31.0M)",
+          takes=("dropout",))
 def build_unet_paper(cfg: ModelConfig) -> nn.Module:
     """The published U-Net (valid padding; 31,030,658 parameters for 1 in / 2 out); dropout from the config."""
     cin, cout = _channels(replace(cfg, out_channels=cfg.out_channels or 2))
     return UNet(cin, cout, PAPER_WIDTHS, "none", "valid", cfg.dropout, "transpose")
 
 
-@register("unet-paper-same", "unet-paper with same padding: output size = input size, any size accepted")
+@register("unet-paper-same", "unet-paper with same padding: output size = input size, any size accepted",
+          takes=("dropout",))
 def build_unet_paper_same(cfg: ModelConfig) -> nn.Module:
     """The published U-Net with zero/reflect 'same' padding instead of valid convolutions."""
     cin, cout = _channels(replace(cfg, out_channels=cfg.out_channels or 2))
     return UNet(cin, cout, PAPER_WIDTHS, "none", "same", cfg.dropout, "transpose")
 
 
-@register("unet-slim", "24-384 U-Net, batch norm, bilinear up, same padding (4.42M); padding from the config")
+@register("unet-slim", "24-384 U-Net, batch norm, bilinear up, same padding (4.42M); padding from the config",
+          takes=("padding", "dropout"))
 def build_unet_slim(cfg: ModelConfig) -> nn.Module:
     """Slim U-Net: widths 24-48-96-192-384, conv(bias)+BN+ReLU x2 per level, max-pool, bilinear x2 up.
 
@@ -110,7 +123,8 @@ def build_unet_slim(cfg: ModelConfig) -> nn.Module:
     return UNet(cin, cout, SLIM_WIDTHS, "batch", cfg.padding, cfg.dropout, "bilinear")
 
 
-@register("resnet34-unet", "ResNet-34 encoder (any input channels) + pixel-shuffle ICNR decoder, same padding (24.4M)")
+@register("resnet34-unet", "ResNet-34 encoder (any input channels) + pixel-shuffle ICNR decoder, same padding (24.4M)",
+          takes=("padding",))
 def build_resnet34_unet(cfg: ModelConfig) -> nn.Module:
     """ResNet-34 U-Net (24,351,921 parameters for 3 in / 1 out); same padding only."""
     from .resnet_unet import ResNetUNet

@@ -148,7 +148,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     With ``skip_bad``, unpaired files and samples whose image or mask cannot be read (or does not fit) are
     left out with a warning instead of stopping the run.
     """
-    from ..models import build_model
+    from ..models import build_model, ignored_settings
 
     absolute_paths(cfg)
     start = take_from_init(cfg) if cfg.train.init and not resume else None  # may set the target
@@ -200,6 +200,10 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
         "unetlab_version": __version__,
     }
     init = initial_weights(cfg, info, start) if start is not None else None
+    ignored = ignored_settings(cfg.model.preset, lambda k: cfg.set_by_user(f"model.{k}"))
+    if ignored and dist_info.is_main and not resume:
+        log.warning("--preset %s fixes its own network: %s ignored", cfg.model.preset,
+                    ", ".join(_flag(k, getattr(cfg.model, k)) for k in ignored))
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch))
     if init is not None:
         model.load_state_dict(init)

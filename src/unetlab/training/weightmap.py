@@ -120,6 +120,6 @@ def write_weight_map_png(
                                 objects=objects)
     write_image(out, np.moveaxis(weight_map_rgb(weights), -1, 0))
     stats = {"min": float(weights.min()), "max": float(weights.max()), "mean": float(weights.mean())}
-    log.info("weight map of %s written to %s (min %.2f, max %.2f)", mask_path, out, stats["min"],
-             stats["max"])
+    log.debug("weight map of %s written to %s (min %.2f, max %.2f)", mask_path, out, stats["min"],
+              stats["max"])
     return stats

@@ -8,6 +8,7 @@ ignore the ones they do not use.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,15 @@ if TYPE_CHECKING:
     from ...config import DataConfig
 
 __all__ = ["LAYOUTS", "Layout", "detect_layout", "filter_samples", "load_dataset", "load_from_config",
-           "register_layout"]
+           "output_name", "register_layout"]
+
+log = logging.getLogger(__name__)
+
+
+def output_name(sample_name: str) -> str:
+    """The file name (without extension) of a sample's outputs: its name with ``/`` as ``__``
+    (``expA/Pos001/img_0`` -> ``expA__Pos001__img_0``); predict names its outputs so, evaluate pairs by it."""
+    return sample_name.replace("/", "__")
 
 
 def detect_layout(root: str | Path) -> str:
@@ -76,11 +85,17 @@ def filter_samples(samples: list, include: str) -> list:
             raise UnetlabError("include list not found", path)
         names = {ln.strip().split(",")[0] for ln in path.read_text().splitlines() if ln.strip()}
         kept = [s for s in samples if s.name in names or s.group in names]
+        unknown = sorted(names - {s.name for s in samples} - {s.group for s in samples})
     else:
         match = name_matcher(include, "--include")
         kept = [s for s in samples if match(s.name)]
+        unknown = []
+    example = f"sample names look like {samples[0].name!r}" if samples else None
     if not kept:
-        raise UnetlabError(f"--include {include} keeps none of the {len(samples)} samples")
+        raise UnetlabError(f"--include {include} keeps none of the {len(samples)} samples", hint=example)
+    if unknown:
+        log.warning("--include %s: %d of its %d names match no sample or group (%s%s); %s", include, len(unknown),
+                    len(names), ", ".join(unknown[:3]), ", ..." if len(unknown) > 3 else "", example)
     return kept
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UnetlabError
 from ...labels import mask_to_labels
 from ..io import image_stem
 from ..sample import DatasetInfo, Sample
 from .common import find_dir, image_without_mask, mask_without_image, read_mask_raw, scan_images
 from .registry import Layout, register_layout
+from .rle_csv import find_csvs
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,18 @@ def read_groups(root: Path) -> dict[str, str]:
         return {row["name"]: row["group"] for row in csv.DictReader(fh) if row.get("name") and row.get("group")}
 
 
+def _no_mask_folder(root: Path, named: Path | None) -> UnetlabError:
+    """The error for a paired folder without its mask folder (a run-length CSV beside the images is named)."""
+    csvs = find_csvs(root)
+    if csvs:
+        hint = f"{csvs[0].name} holds run-length masks: leave --layout out, or pass --layout rle_csv"
+    else:
+        hint = "put the masks in masks/, or name their folder with --mask-dir"
+    if named is not None:
+        return UnetlabError(f"mask folder {named.name}/ not found", root, hint)
+    return UnetlabError(f"no mask folder ({'/, '.join(MASK_DIRS)}/) beside the images", root, hint)
+
+
 def load(
     root: Path,
     image_dir: str | None = None,
@@ -93,8 +107,10 @@ def load(
     else:
         if images_dir is None or not images_dir.is_dir():
             images_dir = root
+        if masks_dir is None or not masks_dir.is_dir():
+            raise _no_mask_folder(root, masks_dir)
         images = scan_images(images_dir)
-        masks = scan_images(masks_dir) if masks_dir is not None and masks_dir.is_dir() else []
+        masks = scan_images(masks_dir)
     by_key: dict[str, Path] = {}
     for m in masks:
         by_key.setdefault(image_stem(m), m)

@@ -275,7 +275,7 @@ def add_size_rows(dest: Path, bench_sizes: Path) -> None:
     bench = json.loads(bench_sizes.read_text())
     card = json.loads((dest / "card.json").read_text())
     card["sizes"] = [{"images": r["collection"], "zoom": r["zoom"], "n": r["n_images"],
-                      "ap50_auto": round(r["auto_ap50"], 4), "ap50_true": round(r["true_ap50"], 4),
+                      "ap50_auto": round(r["auto_ap50"], 3), "ap50_true": round(r["true_ap50"], 3),  # as printed
                       "within25": round(r["auto_within25"], 3), "err_p90": round(r["auto_err_p90"], 3)}
                      for r in bench["rows"] if "val" not in r["collection"]]
     card["sizes_from"] = bench.get("command", "")

@@ -185,6 +185,17 @@ def test_train_without_skip_bad_stops_at_the_first_bad_file(tmp_path, capsys):
     assert_one_line_error(err, "train", "lonely.tif")
 
 
+def test_train_on_an_unreadable_image_says_how_to_list_and_skip_them_all(tmp_path, capsys):
+    data = good_dataset(tmp_path / "data")
+    for f in sorted((data / "images").iterdir())[:2]:
+        f.write_bytes(b"not an image")
+    rc, _out, err = cli(capsys, "train", "--data", data, "--out", tmp_path / "run", *TINY_TRAIN_FLAGS)
+    assert rc == 2
+    assert_one_line_error(err, "train", "cannot read image")
+    assert "`unetlab inspect DATA` lists every bad file; --skip-bad leaves them out" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_predict_skip_bad_goes_on_and_lists_the_bad_images(tmp_path, capsys, run_dir):
     data, bad = every_bad_file(tmp_path / "data")
     before = snapshot(data)

@@ -260,9 +260,11 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(cel
     assert load_checkpoint(checkpoint_path(tmp_path / "run", "last"))["epoch"] == 3
 
 
-def test_student_learns_from_a_teacher_run(cells, baseline, tmp_path):
+def test_student_learns_from_a_teacher_run(cells, baseline, tmp_path, caplog):
     student = config(cells, epochs=4, base_width=4, lr=1e-2, teacher=str(baseline), distill_weight=0.7)
-    result = train(student, tmp_path / "student", progress=False)
+    with caplog.at_level("WARNING"):
+        result = train(student, tmp_path / "student", progress=False)
+    assert "trained on" not in caplog.text  # the same seed and data: the teacher's split, no leak
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.85 * losses[0]  # seen here: 0.52 -> 0.37; the margin leaves room for other CPUs
     assert result.best_metric > 0.6
@@ -271,6 +273,11 @@ def test_student_learns_from_a_teacher_run(cells, baseline, tmp_path):
     # a teacher with another output (two-class boundary target) is refused with a clear message
     with pytest.raises(UnetlabError, match="teacher predicts"):
         train(config(cells, epochs=1, target="boundary", teacher=str(baseline)), tmp_path / "bad", progress=False)
+    # a student whose validation images trained the teacher is warned (another seed draws another split)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train(config(cells, epochs=1, seed=5, teacher=str(baseline)), tmp_path / "leaky", progress=False)
+    assert "trained on 1 of this run's 1 validation/test images" in caplog.text
     # and so is one that takes another number of input channels (not a shape error in the first batch)
     with pytest.raises(UnetlabError, match="teacher takes 1 input channel"):
         train(config(cells, epochs=1, channels="0,0", teacher=str(baseline)), tmp_path / "bad2", progress=False)

@@ -89,7 +89,8 @@ class DataConfig:
     val: str | None = _f(None, "validation samples by name: a glob or 're:<regex>' (their groups go too)",
                          metavar="PATTERN")
     val_groups: list[str] | None = _f(None, "validation groups (positions, experiments) by name or glob, e.g. "
-                                      "Pos008,Pos009")
+                                      "Pos008,Pos009 (time-lapse groups are expA/Pos008: '*/Pos008' names it in "
+                                      "every experiment)")
     fold: str | None = _f(None, "k-fold cross-validation by group: 'K/N' validates on fold K of N, e.g. 1/5",
                           metavar="K/N")
     split_file: str | None = _f(None, "reuse the train/validation/test split of this split.json",
@@ -98,7 +99,7 @@ class DataConfig:
     # post-processing; scored once at the end (summary.json "test")
     test: str | None = _f(None, "test samples by name, a glob or 're:<regex>' (their groups are held out): "
                           "scored once at the end, never trained or tuned on", metavar="PATTERN")
-    test_groups: list[str] | None = _f(None, "test groups by name or glob, e.g. Pos010,Pos011")
+    test_groups: list[str] | None = _f(None, "test groups by name or glob, e.g. Pos010,Pos011 (or '*/Pos010')")
     test_fraction: float = _f(0.0, "a seeded random share of the groups held out as the test split")
     patch_size: int = _f(256, "training patch size in pixels")
     foreground_fraction: float = _f(0.5, "share of patches centred on a foreground pixel")

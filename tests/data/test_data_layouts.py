@@ -343,3 +343,9 @@ def test_samples_pickle_for_worker_processes(tmp_path):
         sample = load_dataset(root).samples[0]
         clone = pickle.loads(pickle.dumps(sample))
         np.testing.assert_array_equal(clone.load_mask(), sample.load_mask())
+
+
+def test_a_csv_given_as_the_data_folder_points_to_its_folder(tmp_path):
+    (tmp_path / "labels.csv").write_text("ImageId,EncodedPixels\n")
+    with pytest.raises(UnetlabError, match=f"give the folder that holds it, {tmp_path}"):
+        detect_layout(tmp_path / "labels.csv")

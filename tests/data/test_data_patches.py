@@ -98,6 +98,15 @@ def test_subimages_one_per_object_with_margin(tmp_path):
     assert set(load_dataset(out).groups) == {"a", "b"}
 
 
+def test_subimages_says_which_images_had_no_object(tmp_path, caplog):
+    src = tmp_path / "src"
+    _dataset(src)
+    tifffile.imwrite(src / "masks" / "b.tif", np.zeros((20, 23), np.uint16))  # a negative control
+    with caplog.at_level("WARNING"):
+        assert cut_subimages(src, 2, tmp_path / "objs") == 2
+    assert "1 image(s) without objects (negative controls?) give no sub-image: b" in caplog.text
+
+
 def test_subimages_connected_components_of_binary_masks_and_cli(tmp_path, capsys):
     src = tmp_path / "bin"
     (src / "images").mkdir(parents=True)

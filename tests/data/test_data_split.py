@@ -133,6 +133,10 @@ def test_test_split_by_pattern_and_groups_and_through_a_saved_split(tmp_path):
         hold_out_test(info.samples, DataConfig(test="nothing*"))
     with pytest.raises(UnetlabError, match="matches no group"):
         hold_out_test(info.samples, DataConfig(test_groups=["Pos9*"]))
+    with pytest.raises(UnetlabError, match="'\\*/Pos004' names Pos004 of every experiment"):
+        hold_out_test(info.samples, DataConfig(test_groups=["Pos004"]))  # the group is exp/Pos004
+    _rest, test = hold_out_test(info.samples, DataConfig(test_groups=["*/Pos004"]))
+    assert _groups(test) == {"exp/Pos004"}
     rest, test = hold_out_test(info.samples, DataConfig(test_groups=["exp/Pos005"]))
     train, val = split_samples(DatasetInfo("test", Path("/x"), rest), DataConfig(val_groups=["exp/Pos004"]))
     path = save_split(tmp_path / "split.json", train, val, test)

@@ -187,9 +187,12 @@ def cut_subimages(root: str | Path, margin: int, out: str | Path, layout: str | 
     _prepare_out(root, out, overwrite)
     multiclass = info.task == "multiclass"
     groups: list[tuple[str, str]] = []
+    empty: list[str] = []
     for sample in info.samples:
         img, labels = _read_pair(sample)
         objects, _ = _objects(labels, multiclass)
+        if not objects.any():
+            empty.append(sample.name)
         h, w = labels.shape
         base = _safe(sample.name)
         for k, sl in enumerate(ndimage.find_objects(objects), start=1):
@@ -202,6 +205,9 @@ def cut_subimages(root: str | Path, margin: int, out: str | Path, layout: str | 
             name = f"{base}_obj{k:05d}"
             _write_pair(out, name, img[:, y0:y1, x0:x1], mask, multiclass)
             groups.append((name, sample.group))
+    if empty:  # negative controls have no object to cut around
+        log.warning("%d image(s) without objects (negative controls?) give no sub-image: %s", len(empty),
+                    ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else ""))
     _finish(out, info, groups, {"kind": "subimages", "margin": margin})
     log.debug("%d sub-images from %d images written to %s", len(groups), len(info.samples), out)  # the CLI prints it
     return len(groups)

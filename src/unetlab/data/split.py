@@ -53,8 +53,10 @@ def _match_groups(patterns: list[str], groups: list[str], flag: str, root: Path 
     for pat in patterns:
         hits = {g for g in groups if g == pat or fnmatch.fnmatchcase(g, pat)}
         if not hits:
-            raise UnetlabError(f"{flag} pattern {pat!r} matches no group", root,
-                               f"groups are e.g. {', '.join(groups[:3])}")
+            nested = [g for g in groups if g.endswith("/" + pat)]  # time-lapse groups are <exp>/PosNNN
+            hint = f"groups are e.g. {', '.join(groups[:3])}" + (
+                f"; '*/{pat}' names {pat} of every experiment ({', '.join(nested[:3])})" if nested else "")
+            raise UnetlabError(f"{flag} pattern {pat!r} matches no group", root, hint)
         out |= hits
     return out
 

@@ -413,7 +413,8 @@ def format_summary(report: dict) -> str:
     if obj:
         lines.append("")
         lines.append(f"objects: {obj['n_true']} true, {obj['n_pred']} predicted "
-                     f"(mean |count error| per image {obj['mean_abs_count_error']:.2f})")
+                     f"(mean |count error| per image {obj['mean_abs_count_error']:.2f}); counts and scores per IoU "
+                     "pooled over all images")
         head = ["IoU", "TP", "FP", "FN", "precision", "recall", "F1", "AP", "PQ"]
         lines.append("".join(h.rjust(10) if i else h.ljust(6) for i, h in enumerate(head)))
         for i, thr in enumerate(obj["thresholds"]):

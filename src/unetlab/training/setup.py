@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -31,9 +32,9 @@ from ..data.dataset import (
 )
 from ..data.io import read_image
 from ..data.layouts import load_from_config
-from ..data.split import hold_out_test, save_split, split_samples
+from ..data.split import hold_out_test, load_split, save_split, split_samples
 from ..data.targets import INSTANCE_KINDS, target_channels
-from ..errors import UnetlabError
+from ..errors import ErrorKind, UnetlabError
 from ..files import remove_entries, remove_stale_temporaries
 from ..runfolder import Run, checkpoint_path, load_run
 from .losses import build_loss, distance_loss, flow_loss
@@ -67,6 +68,21 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool, cfg: R
         if out.exists() and overwrite:  # nothing of the earlier run outlives it (its size model, say)
             remove_entries(out)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def bad_file_hint(skip_bad: bool) -> Iterator[None]:
+    """On a file the run cannot read (or whose mask does not fit), add how to list every such file and how to
+    go on without them; the error stays one line of the same kind."""
+    try:
+        yield
+    except UnetlabError as exc:
+        if skip_bad or exc.kind is ErrorKind.OTHER or exc.path is None or "--skip-bad" in str(exc):
+            raise
+        text, more = str(exc), "`unetlab inspect DATA` lists every bad file; --skip-bad leaves them out"
+        text = text[: -len(f" ({exc.hint})")] if exc.hint and text.endswith(f" ({exc.hint})") else text
+        raise UnetlabError(text[len(f"{exc.path}: "):], exc.path, f"{exc.hint}; {more}" if exc.hint else more,
+                           kind=exc.kind) from None
 
 
 def remove_unstarted_run(out: Path, existed: bool) -> None:
@@ -141,6 +157,20 @@ def absolute_paths(cfg: RunConfig) -> None:
             setattr(obj, key, str(Path(value).resolve()))
 
 
+def warn_teacher_leak(teacher: str | None, held_out: list) -> None:
+    """Warn when a --teacher run trained on images this run validates or tests on: their scores then measure
+    what the teacher memorised too (its split.json says which images it trained on)."""
+    split = Path(teacher) / "split.json" if teacher else None
+    if split is None or not split.is_file():
+        return
+    taught = set(load_split(split).get("train") or [])
+    seen = [s.name for s in held_out if s.name in taught]
+    if seen:
+        log.warning("--teacher %s trained on %d of this run's %d validation/test images (e.g. %s): their scores "
+                    "flatter the student; hold them out of both, e.g. --split-file %s", teacher, len(seen),
+                    len(held_out), seen[0], split)
+
+
 def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D.DistInfo,
                 skip_bad: bool = False) -> Setup:
     """Read and split the data, decide channels/classes, build the model (and save split and model info).
@@ -184,6 +214,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
                  ", ".join(s.name for s in test_s[:3]))
     if run_dir is not None and dist_info.is_main and not resume:
         save_split(run_dir / "split.json", train_s, val_s, test_s)
+        warn_teacher_leak(cfg.train.teacher, [*val_s, *test_s])
     multiclass = data.task == "multiclass"
     first = read_image(train_s[0].image)
     image_channels = first.shape[0]

@@ -61,6 +61,7 @@ from .reporting import (
 from .schedules import build_optimizer, build_scheduler
 from .setup import (
     Setup,
+    bad_file_hint,
     build_setup,
     build_train_data,
     center_crop,
@@ -217,11 +218,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "history": self.history,
-            "recoveries": self.recoveries,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
+            "epoch": self.epoch, "history": self.history, "recoveries": self.recoveries,
+            "best": self.best, "best_epoch": self.best_epoch,
             "monitor": self.monitor,  # what best measures (a resume with another monitor recomputes it)
             "bad_evals": self.bad_evals,
             # the restore point: usually this very state (then not stored twice), else its own copy
@@ -472,15 +470,15 @@ def train(cfg: RunConfig | None, out: str | Path | None, resume: bool = False, o
           progress: bool | None = None, skip_bad: bool = False) -> TrainResult:
     """Train a U-Net as ``cfg`` describes, writing the run folder ``out``; ``resume`` continues a stopped run.
 
-    ``skip_bad`` leaves out unreadable, unpaired or mismatched files (listed in ``TrainResult.bad``) instead
-    of stopping. A new run that fails before its first checkpoint leaves no run folder behind.
-    """
+    ``skip_bad`` leaves out unreadable, unpaired or mismatched files (listed in ``TrainResult.bad``) instead of
+    stopping. A new run that fails before its first checkpoint leaves no run folder behind."""
     out = Path(out) if out is not None else None
     existed = out is not None and out.exists()
     new = out is not None and not resume and (not existed or (out.is_dir() and not any(out.iterdir())))
     new = new and D.launch_rank() == 0  # under torchrun rank 0 owns the folder (and undoes it)
     try:
-        trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, skip_bad=skip_bad, progress=progress)
+        with bad_file_hint(skip_bad):
+            trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, skip_bad=skip_bad, progress=progress)
     except BaseException:
         if new:
             remove_unstarted_run(out, existed)

@@ -37,7 +37,8 @@ def detect_layout(root: str | Path) -> str:
     if not root.exists():
         raise UnetlabError("data folder not found", root)
     if not root.is_dir():
-        raise UnetlabError("expected a folder of images and masks", root)
+        raise UnetlabError("expected a folder of images and masks", root,
+                           f"give the folder that holds it, {root.parent}" if root.suffix.lower() == ".csv" else None)
     for layout in LAYOUTS.values():
         if layout.detect(root):
             return layout.name

@@ -201,6 +201,16 @@ def test_without_the_guard_a_forced_collapse_stays_collapsed(cells, tmp_path, fo
     assert all(h["val_dice"] == 0.0 for h in result.history[COLLAPSE_FROM - 1:])
 
 
+def test_a_collapse_seen_at_the_last_epoch_is_not_recovered(cells, tmp_path, forced_collapse):
+    """Nothing is left to train after the last epoch: the guard does not restore and lower the rate there
+    (best.pt already holds the best weights), so the run finishes as it is."""
+    last = COLLAPSE_FROM + COLLAPSE["collapse_patience"] - 1  # the epoch the guard sees the collapse
+    result = train(config(cells, **{**COLLAPSE, "epochs": last}), tmp_path / "run", progress=False)
+    assert not result.recoveries and result.epochs_run == last
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "finished" and summary["best_metric"] > 0.3
+
+
 def test_resume_after_a_recovery_matches_the_uninterrupted_run(cells, collapse_run, tmp_path, monkeypatch,
                                                                 forced_collapse):
     events = json.loads((collapse_run / "summary.json").read_text())["recoveries"]

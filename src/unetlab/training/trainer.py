@@ -416,7 +416,7 @@ class Trainer:
         if d.counted:
             self.schedule.step_epoch(d.metric, self.mode)
         stop = d.stop
-        if d.collapse:
+        if d.collapse and self.epoch < cfg.train.epochs:  # at the last epoch best.pt already holds the best
             self._log_epoch(row)  # the collapsed epoch's line, before the guard's
             if self._recover(d.collapse, self.epoch):
                 self.bad_evals = 0

@@ -120,6 +120,9 @@ def test_epfl_multiclass_subset_trains_predicts_and_evaluates(tmp_path):
                  "--depth", "2", "--base-width", "4", "--tensorboard", "false", "--no-progress"]) == 0
     info = json.loads((run / "model.json").read_text())
     assert info["task"] == "multiclass" and info["classes"] == ["background", "membranes", "mitochondrion"]
+    assert main(["-q", "train", "--data", str(root / "train"), "--classes", "membranes,membranes", "--out",
+                 str(tmp_path / "twice"), "--epochs", "1"]) == 2  # a class named twice is one line, no run
+    assert not (tmp_path / "twice").exists()
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert {"val_dice_membranes", "val_dice_mitochondrion"} <= set(rows[0])
     one = sorted((root / "test" / "images").iterdir())[0]
@@ -130,6 +133,10 @@ def test_epfl_multiclass_subset_trains_predicts_and_evaluates(tmp_path):
     assert main(["evaluate", "--pred", str(pred / "classes"), "--truth", str(root / "test"), "--classes",
                  "membranes,mitochondrion", "--out", str(report)]) == 0
     assert len(json.loads(report.read_text())["mean"]["dice_per_class"]) == 3
+    # without --classes the predictions' own classes (predictions.json) pair with the truth's, not indices 1, 2
+    report2 = tmp_path / "e2.json"
+    assert main(["evaluate", "--pred", str(pred / "classes"), "--truth", str(root / "test"), "--out", str(report2)]) == 0
+    assert json.loads(report2.read_text())["mean"] == json.loads(report.read_text())["mean"]
 
 
 def test_valid_padding_model_trains_and_predicts_full_size(synthetic_cells, tmp_path):

@@ -31,3 +31,14 @@ def test_demo_stops_at_its_time_budget(tmp_path):
     assert result["epochs_run"] < result["epochs"]
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
     assert summary["stop_reason"].startswith("time budget") and summary["epochs_run"] == result["epochs_run"]
+
+
+def test_demo_overwrite_replaces_only_a_demo_folder(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep")
+    assert main(["demo", "--out", str(mine), "--overwrite"]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert (mine / "important.txt").read_text() == "keep"
+    assert main(["demo", "--out", str(mine / "important.txt")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -197,3 +197,14 @@ def test_multiclass_truth(tmp_path):
     assert "class" in format_summary(rep)
     with pytest.raises(UnetlabError, match="multiclass"):
         evaluate(pred, root, instances=True)
+    # predictions of a model whose class 1 is the mitochondrion (its predictions.json says so) are scored
+    # against the right truth classes without --classes, and a --classes in another order is refused
+    swapped = tmp_path / "swapped"
+    write_image(swapped / "masks" / "a.png", np.where(classes == 1, 2, np.where(classes == 2, 1, 0)).astype(np.uint8))
+    (swapped / "predictions.json").write_text(json.dumps({"classes": ["background", "mito", "membrane"]}))
+    rep = evaluate(swapped / "masks", root)
+    d = rep["mean"]["dice_per_class"]
+    assert d[1] == 1.0 and d[2] == pytest.approx(2 * 20 / 50)
+    assert rep["classes"] == ["background", "mito", "membrane"] and "1 mito" in format_summary(rep)
+    with pytest.raises(UnetlabError, match="would score them against other truth classes"):
+        evaluate(swapped / "masks", root, classes=["membrane", "mito"])

@@ -177,3 +177,13 @@ def test_writing_an_image_to_an_unknown_extension_is_one_user_error(tmp_path):
         with pytest.raises(UnetlabError, match="use .png or .tif"):
             write_image(tmp_path / name, np.zeros((4, 4), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("axes", ["ZYX", "TYX"])
+def test_an_imagej_stack_or_time_series_is_refused_not_read_as_channels(tmp_path, axes):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.zeros((5, 16, 16), np.uint16), imagej=True, metadata={"axes": axes})
+    with pytest.raises(UnetlabError, match=f"{axes[0]} axis of size 5 .*predicts 2-D images"):
+        read_image(path)
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((3, 16, 16), np.uint16), imagej=True, metadata={"axes": "CYX"})
+    assert read_image(tmp_path / "c.tif").shape == (3, 16, 16)  # channels stay channels

@@ -136,6 +136,19 @@ def test_zarr_image_given_directly_and_streamed(tmp_path):
         np.testing.assert_array_equal(got, want, err_msg=key)
 
 
+def test_a_streamed_image_says_it_is_not_rescaled(tmp_path, caplog):
+    """Streaming predicts band by band at the image's own size: a --diameter (auto here) that would rescale it
+    is named as not applied, once, instead of being dropped silently."""
+    image, _ = nuclei_image(seed=4, size=192, n=12)
+    paths = same_image_four_ways(tmp_path / "in", image)
+    with caplog.at_level("WARNING"):
+        predict("nuclei", paths["tiff"], tmp_path / "s", stream_threshold=10_000, tile=128, progress=False)
+        predict("nuclei", paths["tiff"], tmp_path / "n", stream_threshold=10_000, tile=128, progress=False,
+                diameter="none")
+    said = [r.getMessage() for r in caplog.records if "is streamed band by band" in r.getMessage()]
+    assert len(said) == 1 and "--diameter auto is not applied" in said[0]
+
+
 def test_bad_zarr_and_3d_images_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(UnetlabError, match="not a Zarr image"):

@@ -108,7 +108,7 @@ def test_channels_option_picks_the_channel_of_a_multichannel_image(tmp_path, run
     plane = tifffile.imread(next((good_dataset(tmp_path / "d", n=1) / "images").glob("*.tif")))
     tifffile.imwrite(folder / "three.tif", np.stack([np.zeros_like(plane), plane, np.zeros_like(plane)]),
                      photometric="minisblack")
-    with pytest.raises(UnetlabError, match="3-channel image"):  # the 1-channel model cannot take 3 channels as they are
+    with pytest.raises(UnetlabError, match="this image has 3"):  # the 1-channel model cannot take 3 channels as they are
         predict(run_dir, folder, tmp_path / "refused", precision="fp32", progress=False, tile=64)
     caplog.set_level(logging.INFO, logger="unetlab")
     rc = main(["predict", "--model", str(run_dir), "--input", str(folder), "--out", str(tmp_path / "pred"),
@@ -181,6 +181,17 @@ def test_onnx_backend_averages_the_same_flips_as_torch(tmp_path, onnx_run, image
     plain, onnx_tta, torch_tta = (_probabilities(tmp_path / n) for n in ("onnx", "onnx_tta", "torch_tta"))
     assert np.abs(onnx_tta - torch_tta).max() < 1e-4  # one TTA rule: the same average whichever backend
     assert np.abs(onnx_tta - plain).max() > 1e-3  # --tta is not ignored
+
+
+def test_onnx_backend_takes_an_export_kept_outside_the_model_folder(tmp_path, onnx_run, run_dir, images):
+    """A pretrained model's folder is not written to: its export lives elsewhere and --onnx FILE names it."""
+    kw = dict(probabilities=True, precision="fp32", device="cpu", progress=False, tile=64, backend="onnx")
+    assert not (run_dir / "model.onnx").exists()
+    with pytest.raises(UnetlabError, match="--onnx FILE"):
+        predict(run_dir, images, tmp_path / "missing", **kw)
+    predict(run_dir, images, tmp_path / "elsewhere", onnx=onnx_run / "model.onnx", **kw)
+    predict(onnx_run, images, tmp_path / "inside", **kw)
+    assert np.array_equal(_probabilities(tmp_path / "elsewhere"), _probabilities(tmp_path / "inside"))
 
 
 def test_onnx_backend_refuses_what_onnxruntime_cannot_do(tmp_path, onnx_run, images):

@@ -360,11 +360,11 @@ def test_predict_rgb_image_with_a_grey_model(tmp_path, capsys, run_dir):
                         tmp_path / "pred", *PREDICT_FLAGS)
     assert rc == 2
     assert_one_line_error(err, "predict", "colour.png")
-    assert "the model takes 1 input channel(s), but all its channels of this 3-channel image give(s) 3" in err
+    assert "the model takes 1 input channel(s), but this image has 3" in err
     rc, _out, err = cli(capsys, "predict", "--model", run_dir, "--input", tmp_path / "colour.png", "--out",
                         tmp_path / "pred", *PREDICT_FLAGS, "--channels", "2,1")
     assert rc == 2
-    assert "--channels 2,1 of this 3-channel image give(s) 2" in err
+    assert "the model takes 1 input channel(s), but --channels 2,1 selects 2 of this image's 3" in err
 
 
 # --- outputs are protected -----------------------------------------------------------------------------------
@@ -486,6 +486,20 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path,
     epochs = int(read_config_value(tmp_path / "run", "epochs"))
     rc, _out, err = cli(capsys, "train", "--resume", tmp_path / "run", "--epochs", epochs + 1)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--epochs", "-3"], "--epochs must be at least 1, not -3"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+])
+def test_settings_no_run_can_have_are_one_line_and_leave_no_folder(tmp_path, capsys, flags, says):
+    data = good_dataset(tmp_path / "data")
+    rc, _out, err = cli(capsys, "train", "--data", data, "--out", tmp_path / "run", *TINY_TRAIN_FLAGS, *flags)
+    assert rc == 2
+    assert_one_line_error(err, "train", says)
+    assert not (tmp_path / "run").exists()
 
 
 def read_config_value(run: Path, key: str):

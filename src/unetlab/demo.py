@@ -18,6 +18,9 @@ DEMO_OVERRIDES = {
 }
 
 
+DEMO_ENTRIES = ("data", "run", "predictions", "evaluation.json", "evaluation.csv")  # all a demo writes into --out
+
+
 def run_demo(out: str | Path = "unetlab_demo", minutes: float = 2.0, overwrite: bool = False, seed: int = 0,
              n_train: int = 20, n_test: int = 4) -> dict:
     """Generate data, train for at most ``minutes``, predict and evaluate; returns {'dice', 'n_test',
@@ -28,9 +31,14 @@ def run_demo(out: str | Path = "unetlab_demo", minutes: float = 2.0, overwrite: 
     from .training import train
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UnetlabError("--out is a file, not a folder", out, "choose a folder for the demo")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UnetlabError("demo folder already exists", out, "use --overwrite or another --out")
+        if not set(DEMO_ENTRIES) >= {p.name for p in out.iterdir()}:
+            raise UnetlabError("--overwrite replaces a demo folder, and this folder holds other files", out,
+                               f"choose another --out (a demo folder holds only {', '.join(DEMO_ENTRIES)})")
         shutil.rmtree(out)
     log.info("writing %d synthetic training and %d test images (16-bit TIFF) to %s", n_train, n_test, out / "data")
     write_synthetic_dataset(out / "data" / "train", n_images=n_train, size=(256, 256), seed=seed)

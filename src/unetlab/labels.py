@@ -58,13 +58,14 @@ def suspicious_mask_values(values: np.ndarray, counts: np.ndarray) -> str | None
 
     A binary mask saved lossily keeps its values near 0 (the background often becomes 1 or 2) and near the top
     value (255), which holds most of the bright pixels, with next to nothing in between; instance labels spread
-    over the whole range (about half of their values lie in the middle half) and are not flagged.
+    over the whole range (about half of their values lie in the middle half) and are not flagged, nor are values
+    over 255 (no lossy image format stores them).
     """
     if len(values) <= 2:
         return None
     top = int(values.max())
     others = values[(values != 0) & (values != top)]
-    if top < 200 or len(others) < 2:
+    if not 200 <= top <= 255 or len(others) < 2:  # lossy formats (JPEG) are 8-bit: 16-bit ids are labels
         return None
     middle = (values > 0.25 * top) & (values < 0.75 * top)
     high = values >= 0.75 * top

@@ -110,6 +110,8 @@ def test_instance_labels_are_not_mistaken_for_artefacts():
     counts = np.r_[10000, np.full(249, 40)]
     assert suspicious_mask_values(values, counts) is None
     assert suspicious_mask_values(np.array([0, 3, 250, 255]), np.array([900, 5, 7, 300])) is not None
+    # 16-bit instance ids with gaps, one near the top of the range: no lossy format stores such values
+    assert suspicious_mask_values(np.array([0, 7, 300, 65000]), np.array([900, 30, 40, 300])) is None
 
 
 def test_kaggle_overlaps_and_objects(tmp_path):

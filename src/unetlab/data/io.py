@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import ErrorKind, UnetlabError
 from ..files import write_atomic
-from .ome import is_ome_tiff, is_zarr_path, open_zarr_image, read_ome_tiff
+from .ome import check_planar, is_ome_tiff, is_zarr_path, open_zarr_image, read_ome_tiff
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 _TIFF = (".tif", ".tiff")
@@ -51,7 +51,10 @@ def _read_raw(path: Path) -> np.ndarray:
         elif path.suffix.lower() in _TIFF:
             import tifffile
 
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:  # ImageJ and tifffile stacks name their axes: no Z or T
+                series = tif.series[0]
+                arr = series.asarray()
+                check_planar(tuple(arr.shape), series.axes, path)
         else:
             from PIL import Image
 

@@ -79,6 +79,16 @@ class LazyImage:
         self.close()
 
 
+def check_planar(shape: tuple[int, ...], axes: str, path: str | Path) -> None:
+    """One line when an image with named ``axes`` (OME, ImageJ) is a Z-stack or a time series: unetlab reads,
+    trains on and predicts 2-D planes (with channels)."""
+    axes = axes.upper()
+    for ax in "TZ":
+        if ax in axes and shape[axes.index(ax)] > 1:
+            raise UnetlabError(f"{ax} axis of size {shape[axes.index(ax)]} (axes {axes}): unetlab predicts 2-D "
+                               "images", path, hint="save one plane per file")
+
+
 class AxesView(LazyImage):
     """A (C, H, W) view of an array with named axes; indexing ``[c, y0:y1, x0:x1]`` reads only those rows.
 
@@ -91,10 +101,7 @@ class AxesView(LazyImage):
         self.path = Path(path)
         if len(axes) != len(array.shape) or "Y" not in axes or "X" not in axes:
             raise UnetlabError(f"image axes {axes!r} do not fit its shape {tuple(array.shape)}", self.path)
-        for ax in "TZ":
-            if ax in axes and array.shape[axes.index(ax)] > 1:
-                raise UnetlabError(f"{ax} axis of size {array.shape[axes.index(ax)]} (axes {axes}): unetlab "
-                                   "predicts 2-D images", self.path, hint="save one plane per file")
+        check_planar(tuple(array.shape), axes, self.path)
         self.array, self.axes = array, axes
         self._other = [i for i, a in enumerate(axes) if a not in "YXTZ"]
         self._yx = (axes.index("Y"), axes.index("X"))

@@ -144,6 +144,27 @@ def _mask_file(sample: Sample, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
 
 
+def prediction_classes(pred: Path, given: list[str] | None) -> list[str] | None:
+    """The classes a multiclass prediction's indices 1, 2, ... stand for, from the predictions.json beside it
+    (``given``, ``--classes``, when it has none); ``given`` in another order or with other names is an error:
+    class indices would be scored against the wrong truth classes."""
+    doc = next((d / "predictions.json" for d in (pred, pred.parent) if (d / "predictions.json").is_file()), None)
+    try:
+        named = json.loads(doc.read_text()).get("classes") if doc is not None else None
+    except (OSError, ValueError):
+        named = None
+    if not named:
+        return given
+    theirs = [str(c) for c in named[1:]]  # index 0 is the background
+    if given is not None and list(given) != theirs:
+        raise UnetlabError(f"these predictions' classes 1..{len(theirs)} are {','.join(theirs)} ({doc}); --classes "
+                           f"{','.join(given)} would score them against other truth classes", pred,
+                           f"use --classes {','.join(theirs)}, or leave it out")
+    if given is None:
+        log.info("classes of the predictions (%s): %s", doc, ", ".join(theirs))
+    return theirs
+
+
 def _truth_source(truth: Path, invert: bool, classes: list[str] | None = None) -> _Source:
     if truth.is_file() and truth.suffix.lower() == ".csv":
         return _csv_source(truth, invert)
@@ -284,6 +305,7 @@ def evaluate(
     thresholds = [float(x) for x in np.atleast_1d(np.asarray(iou_thresholds, dtype=np.float64)).round(6)]
     if instances and not thresholds:
         raise UnetlabError("no IoU thresholds given")
+    classes = prediction_classes(pred, classes)
     truth_src = _truth_source(truth, invert_mask, classes)
     pred_src = _prediction_source(pred, instances)
     pairs, unpaired_pred, unpaired_truth = _pair(pred_src, truth_src)
@@ -321,6 +343,7 @@ def evaluate(
         "iou_thresholds": thresholds if instances else None,
         "unpaired_pred": unpaired_pred, "unpaired_truth": unpaired_truth,
         "ignored_pred_files": pred_src.ignored or [], "problems": problems, "images": rows,
+        "classes": ["background", *classes] if multiclass and classes else None,
     })
     if json_path is not None:
         write_report(report, json_path, csv_path)
@@ -398,9 +421,10 @@ def format_summary(report: dict) -> str:
     lines = [f"Evaluated {report['n_images']} images: {report.get('pred', '')} vs {report.get('truth', '')}"]
     mean, pooled = report["mean"], report.get("pooled")
     if "dice_per_class" in mean:
-        lines.append(f"{'class':<8}{'Dice':>8}")
+        names = report.get("classes") or []
+        lines.append(f"{'class':<20}{'Dice':>8}")
         for k, d in enumerate(mean["dice_per_class"]):
-            lines.append(f"{k:<8}{_f(d)}")
+            lines.append(f"{(f'{k} {names[k]}' if k < len(names) else str(k)):<20}{_f(d)}")
         lines.append(f"{'mean Dice (foreground classes)':<32}{_f(mean.get('dice'))}")
         lines.append(f"{'pixel accuracy':<32}{_f(mean.get('accuracy'))}")
     else:

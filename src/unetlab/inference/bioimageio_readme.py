@@ -63,7 +63,11 @@ def _training_lines(run: Run) -> list[str]:
                  f"{t.batch_size}, patches of {cfg.data.patch_size} px, optimiser {t.optimizer}, lr {t.lr}")
     if info.get("classes"):
         lines.append(f"- Classes: {', '.join(map(str, info['classes']))}")
-    if info.get("diameter"):
+    if info.get("diameter") and cfg.data.size_normalize:
+        lines.append(f"- Object size: trained size-normalised, every image drawn with its median object at "
+                     f"{info['diameter']} px: rescale images so that their objects are about that wide before "
+                     "running this package (unetlab's `--diameter auto` does so itself)")
+    elif info.get("diameter"):
         lines.append(f"- Median object diameter in the training images: {info['diameter']} px")
     summary = run.path / "summary.json" if run.path else None
     if summary is not None and summary.is_file():

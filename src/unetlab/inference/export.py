@@ -185,7 +185,8 @@ def load_onnx(path: str | Path, device: str = "cpu") -> Callable[[torch.Tensor],
     except ImportError:
         raise UnetlabError("onnxruntime is not installed", path, hint="pip install 'unetlab[export]'") from None
     if not path.is_file():
-        raise UnetlabError("ONNX file not found", path)
+        raise UnetlabError("ONNX file not found", path, "write it with `unetlab export MODEL --format onnx` and "
+                           "give it to predict with --onnx FILE")
     dev = torch.device(device)
     providers: list = ["CPUExecutionProvider"]
     if dev.type == "cuda":

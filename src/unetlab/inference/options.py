@@ -68,6 +68,8 @@ class PredictOptions:
     rois: bool = _opt(False, "write ImageJ/Fiji ROI zips of the object outlines")
     backend: str = _opt("torch", "run the network with PyTorch or an exported ONNX file (default torch)",
                         choices=("torch", "onnx"))
+    onnx: str | Path | None = _opt(None, "with --backend onnx: the file `unetlab export MODEL --format onnx` wrote "
+                                   "(none: MODEL/model.onnx)", metavar="FILE")
     compile: bool = _opt(False, "torch.compile the network (slow first call)")
     overwrite: bool = _opt(False, "replace outputs in a non-empty --out")
     resume: bool = _opt(False, "skip images whose outputs already exist")

@@ -17,13 +17,12 @@ from ..data.io import IMAGE_EXTENSIONS, image_stem, is_image_file, read_image, w
 from ..data.ome import is_zarr_path
 from ..data.targets import TARGET_KINDS
 from ..errors import UnetlabError
-from ..files import remove_entries, remove_stale_temporaries, write_text
+from ..files import write_text
 from ..runfolder import Run, load_run, resolve_run_dir
 from .options import PredictOptions, effective_postprocess, resolve_options
 from .predict_steps import (
-    foreground as _foreground,
-)
-from .predict_steps import (
+    PREDICTIONS_JSON,
+    check_out,
     header_sizes,
     merge_rle_parts,
     on_oom_smaller_batches,
@@ -32,6 +31,9 @@ from .predict_steps import (
     predict_streaming,
     predict_with_fallback,
     with_skip_bad_hint,
+)
+from .predict_steps import (
+    foreground as _foreground,
 )
 from .predictor import Predictor, onnx_device
 from .rescale import auto_rescales, parse_diameter
@@ -96,12 +98,6 @@ def collect_inputs(path: str | Path, split_file: str | Path | None = None, split
     return out
 
 
-PREDICTIONS_JSON = "predictions.json"
-# every entry predict writes into --out (what --overwrite removes first; anything else there is left alone)
-PREDICT_OUTPUTS = ("masks", "classes", "probabilities", "labels", "overlays", "rois", "counts.csv", "objects.csv",
-                   PREDICTIONS_JSON)
-
-
 def output_paths(out: Path, name: str, multiclass: bool) -> dict[str, Path]:
     """Where each output of image ``name`` goes."""
     return {
@@ -111,32 +107,6 @@ def output_paths(out: Path, name: str, multiclass: bool) -> dict[str, Path]:
         "labels_zarr": out / "labels" / f"{name}.ome.zarr",
         "overlay": out / "overlays" / f"{name}.png",
     }
-
-
-def _check_out(out: Path, input: Path, overwrite: bool, resume: bool, rle: str | Path | None = None) -> None:
-    """Refuse outputs that would write into the input folder or replace an earlier output without --overwrite
-    (``--out`` and the ``--rle`` CSV); with --overwrite, remove the earlier prediction's outputs."""
-    o, i = out.resolve(), input.resolve()
-    if input.is_dir() and (o == i or i in o.parents):
-        raise UnetlabError("output folder is inside the input folder (inputs are never written to)", out,
-                           "choose an --out outside the input folder")
-    if rle is not None:
-        r = Path(rle)
-        if input.is_dir() and i in r.resolve().parents or r.resolve() == i:
-            raise UnetlabError("--rle CSV is inside the input folder (inputs are never written to)", r,
-                               "write it elsewhere, e.g. into --out")
-        if r.exists() and not (overwrite or resume):
-            raise UnetlabError("--rle CSV exists", r, "use --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UnetlabError("output exists and is not a folder", out)
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise UnetlabError("output folder is not empty", out, "use --overwrite to replace or --resume to finish it")
-    if out.is_dir() and overwrite and not resume:  # an earlier prediction's outputs do not outlive --overwrite
-        for p in remove_entries(out, PREDICT_OUTPUTS):
-            log.info("--overwrite: removed %s", p)
-    if out.is_dir():  # temporaries of a run killed mid-write: never a finished output, so never kept
-        for tmp in remove_stale_temporaries(out):
-            log.info("removed %s, left by an interrupted run", tmp)
 
 
 @dataclass
@@ -152,6 +122,7 @@ class _Job:
     protect: list[Path]
     device: Any = None  # where the network runs (onnxruntime's provider device with --backend onnx)
     channels_said: bool = False  # the line on channels taken from a multichannel image: once per prediction
+    stream_said: bool = False  # the line that streamed images are not rescaled: once per prediction
     estimate: Any = None  # --diameter auto: the run's size model (size_model.json), read once per prediction
 
     @property
@@ -201,7 +172,7 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     inputs = collect_inputs(input, run_dir / "split.json" if o.split else None, o.split or "val")
     # under torchrun: Gloo carries only the coordination (objects, barriers), whatever device predicts
     dist = D.init_distributed("cpu", backend="gloo")
-    D.run_on_main(partial(_check_out, out, Path(input), o.overwrite, o.resume, o.rle), dist)  # before any rank writes
+    D.run_on_main(partial(check_out, out, Path(input), o.overwrite, o.resume, o.rle), dist)  # before any rank writes
     job = _plan(o, out, run_dir, [f for _n, f in inputs], dist)
     mine = inputs[dist.rank :: dist.world_size]
     sizes, total_tiles = header_sizes([f for _n, f in mine], job.predictor)
@@ -247,7 +218,8 @@ def _plan(o: PredictOptions, out: Path, run_dir: Path, protect: list[Path], dist
     else:
         dev = D.rank_device(resolve_device(str(o.device)), dist)  # cuda:LOCAL_RANK under torchrun
     predictor = Predictor.from_run(run, device=dev, precision=o.precision, tile=o.tile, overlap=o.overlap,
-                                   batch_size=o.batch_size, tta=o.tta, compile=o.compile, backend=o.backend)
+                                   batch_size=o.batch_size, tta=o.tta, compile=o.compile, backend=o.backend,
+                                   onnx_path=o.onnx)
     pp = effective_postprocess(o, run.config.postprocess)
     if pp != run.config.postprocess:
         log.info("post-processing: threshold %s, min size %s, prominence %s (the run's: %s, %s, %s)", pp.threshold,
@@ -317,6 +289,7 @@ def _predict_one(job: _Job, name: str, f: Path, res: _Results, progress: Callabl
         return
     try:
         if stream:
+            _note_streamed_size(job, f)
             predict_streaming(predictor, f, paths, o.probabilities, job.want_labels or o.overlays, job.protect,
                                lambda p: _foreground(p, job.run.info, job.pp.threshold), progress,
                                o.stream_threshold)
@@ -336,6 +309,16 @@ def _predict_one(job: _Job, name: str, f: Path, res: _Results, progress: Callabl
         return
     _write_one(job, name, f, raw, prob, labels, paths, res)
     res.done.append(name)
+
+
+def _note_streamed_size(job: _Job, f: Path) -> None:
+    """Say once per prediction that a streamed image is predicted at its own size, whatever --diameter says."""
+    if job.diameter is None or job.stream_said:
+        return
+    job.stream_said = True
+    log.warning("%s is streamed band by band at its own size: --diameter %s is not applied (its objects should "
+                "have the model's training size, %s px); raise --stream-threshold to predict it rescaled", f,
+                job.o.diameter, job.run.info.get("diameter"))
 
 
 def _note_channels(job: _Job, raw: np.ndarray, f: Path) -> None:
@@ -437,6 +420,7 @@ def _write_tables(job: _Job, res: _Results, model: str | Path, run_dir: Path, in
         {"model": str(model), "run": str(run_dir), "images": {n: str(Path(f).resolve()) for n, f in inputs
                                                               if n in written}, "left_out": res.bad,
          "labels": job.want_labels, "multiclass": job.multiclass, "postprocess": asdict(job.pp),
+         "classes": list(job.run.info.get("classes") or []) if job.multiclass else None,
          "precision": job.predictor.precision, "backend": job.o.backend}, indent=1) + "\n")
     if res.measurements:  # one objects.csv and counts.csv, whatever the number of ranks
         writers.write_objects_csv(job.out / "objects.csv", res.measurements, job.protect)

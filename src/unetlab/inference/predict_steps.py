@@ -13,7 +13,7 @@ import numpy as np
 from ..data.ome import is_zarr_path
 from ..data.targets import TARGET_KINDS
 from ..errors import UnetlabError
-from ..files import write_text
+from ..files import remove_entries, remove_stale_temporaries, write_text
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,38 @@ def header_sizes(files: list[Path], predictor: Predictor) -> tuple[dict[Path, tu
                         f, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             total += 1
     return sizes, total
+
+
+PREDICTIONS_JSON = "predictions.json"
+# every entry predict writes into --out (what --overwrite removes first; anything else there is left alone)
+PREDICT_OUTPUTS = ("masks", "classes", "probabilities", "labels", "overlays", "rois", "counts.csv", "objects.csv",
+                   PREDICTIONS_JSON)
+
+
+def check_out(out: Path, input: Path, overwrite: bool, resume: bool, rle: str | Path | None = None) -> None:
+    """Refuse outputs that would write into the input folder or replace an earlier output without --overwrite
+    (``--out`` and the ``--rle`` CSV); with --overwrite, remove the earlier prediction's outputs."""
+    o, i = out.resolve(), input.resolve()
+    if input.is_dir() and (o == i or i in o.parents):
+        raise UnetlabError("output folder is inside the input folder (inputs are never written to)", out,
+                           "choose an --out outside the input folder")
+    if rle is not None:
+        r = Path(rle)
+        if input.is_dir() and i in r.resolve().parents or r.resolve() == i:
+            raise UnetlabError("--rle CSV is inside the input folder (inputs are never written to)", r,
+                               "write it elsewhere, e.g. into --out")
+        if r.exists() and not (overwrite or resume):
+            raise UnetlabError("--rle CSV exists", r, "use --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UnetlabError("output exists and is not a folder", out)
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise UnetlabError("output folder is not empty", out, "use --overwrite to replace or --resume to finish it")
+    if out.is_dir() and overwrite and not resume:  # an earlier prediction's outputs do not outlive --overwrite
+        for p in remove_entries(out, PREDICT_OUTPUTS):
+            log.info("--overwrite: removed %s", p)
+    if out.is_dir():  # temporaries of a run killed mid-write: never a finished output, so never kept
+        for tmp in remove_stale_temporaries(out):
+            log.info("removed %s, left by an interrupted run", tmp)
 
 
 def with_skip_bad_hint(exc: UnetlabError, image: Path, done: int = 0) -> UnetlabError:
@@ -127,7 +159,8 @@ def predict_streaming(predictor: Predictor, f: Path, paths: dict[str, Path], pro
         raise UnetlabError(
             f"image is over {threshold / 1e6:g} Mpx and is predicted tile by tile with bounded memory: instance "
             "labels, overlays, RLE and ROIs need the whole image in memory", f,
-            "predict masks (and probabilities) only, or split the image into smaller ones")
+            "predict masks (and probabilities) only, raise --stream-threshold (MPX; 0 never streams) if the "
+            "image fits in memory, or split it into smaller ones")
     mask = writers.check_output(paths["mask"], protect)
     prob = writers.check_output(paths["prob"], protect) if probabilities else None
     stream_predict_file(predictor, f, mask, prob, foreground, progress)

@@ -166,10 +166,10 @@ def check_channels(got: int, image_channels: int, want: int, data, source: str |
     if got == want:
         return
     how = (f"channel code {data.channel_code}" if data.channel_code else
-           f"--channels {','.join(map(str, data.channels))}" if data.channels else "all its channels")
-    raise UnetlabError(f"the model takes {want} input channel(s), but {how} of this {image_channels}-channel image "
-                       f"give(s) {got}", source, "choose the channels with --channels, convert the image, or predict "
-                       "it with a model trained on such images")
+           f"--channels {','.join(map(str, data.channels))}" if data.channels else None)
+    said = (f"{how} selects {got} of this image's {image_channels}" if how else f"this image has {image_channels}")
+    raise UnetlabError(f"the model takes {want} input channel(s), but {said}", source, "choose the channels with "
+                       "--channels, convert the image, or predict it with a model trained on such images")
 
 
 def _onnx_predict_fn(run: Run, path: Path, device: torch.device, precision: str, tta: bool | list[int],

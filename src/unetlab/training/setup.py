@@ -146,6 +146,20 @@ def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None
                  "; the learning-rate schedule is stretched to the new length from here" if k == "epochs" else "")
 
 
+def check_counts(cfg: RunConfig) -> None:
+    """One line for settings no run can have: fewer than one epoch or sample per batch, a class named twice,
+    a validation share outside [0, 1)."""
+    t, d = cfg.train, cfg.data
+    for flag, value in (("--epochs", t.epochs), ("--batch-size", t.batch_size)):
+        if value < 1:
+            raise UnetlabError(f"{flag} must be at least 1, not {value}")
+    if d.classes and len(set(d.classes)) < len(d.classes):
+        twice = sorted({c for c in d.classes if d.classes.count(c) > 1})
+        raise UnetlabError(f"--classes names {', '.join(twice)} twice: each class is one output channel")
+    if not 0 <= d.val_fraction < 1:
+        raise UnetlabError(f"--val-fraction must be in [0, 1), not {d.val_fraction}")
+
+
 def absolute_paths(cfg: RunConfig) -> None:
     """Make the config's paths that exist absolute (dataset, include list, split file, teacher, --init run), so
     the config.yaml a run saves means the same from any working directory (a resume from elsewhere)."""
@@ -180,6 +194,7 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     """
     from ..models import build_model, ignored_settings
 
+    check_counts(cfg)
     absolute_paths(cfg)
     start = take_from_init(cfg) if cfg.train.init and not resume else None  # may set the target
     if cfg.data.size_normalize and cfg.data.target not in INSTANCE_KINDS:
@@ -210,8 +225,8 @@ def build_setup(cfg: RunConfig, run_dir: Path | None, resume: bool, dist_info: D
     rest, test_s = hold_out_test(data.samples, split_cfg, seed=cfg.train.seed)
     train_s, val_s = split_samples(replace(data, samples=rest), split_cfg, seed=cfg.train.seed)
     if test_s:
-        log.info("test split: %d image(s) held out (%s ...), scored once at the end", len(test_s),
-                 ", ".join(s.name for s in test_s[:3]))
+        log.info("test split: %d image(s) held out (%s%s), scored once at the end", len(test_s),
+                 ", ".join(s.name for s in test_s[:3]), " ..." if len(test_s) > 3 else "")
     if run_dir is not None and dist_info.is_main and not resume:
         save_split(run_dir / "split.json", train_s, val_s, test_s)
         warn_teacher_leak(cfg.train.teacher, [*val_s, *test_s])

@@ -126,3 +126,10 @@ def test_package_version_matches_pyproject():
 
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == unetlab.__version__
+
+
+def test_an_empty_config_file_is_named_not_taken_silently(tmp_path, caplog):
+    (tmp_path / "empty.yaml").write_text("")
+    with caplog.at_level("WARNING"):
+        cfg = RunConfig.load(tmp_path / "empty.yaml")
+    assert cfg == RunConfig() and "is empty: every setting is the default" in caplog.text

@@ -158,13 +158,15 @@ def test_lr_find_command_prints_the_suggestion_and_draws(cells, tmp_path, capsys
 # --- compare -------------------------------------------------------------------------------------------------
 
 
-def test_compare_trains_on_one_split_and_writes_table_and_chart(cells, tmp_path, capsys):
+def test_compare_trains_on_one_split_and_writes_table_and_chart(cells, tmp_path, capsys, caplog):
     small, wide = tmp_path / "small.yaml", tmp_path / "wide.yaml"
     small.write_text("model: {depth: 2, base_width: 4}\ntrain: {epochs: 2, lr: 0.01, loss: bce}\n")
     wide.write_text("model: {depth: 2, base_width: 8}\ntrain: {epochs: 2, lr: 0.01, seed: 7}\n")
     out = tmp_path / "cmp"
-    rc = main(["compare", str(small), str(wide), "--data", str(cells), "--out", str(out), "--patch-size", "64",
-               "--samples-per-epoch", "32", "--tensorboard", "false", "--no-progress"])
+    with caplog.at_level("WARNING"):
+        rc = main(["compare", str(small), str(wide), "--data", str(cells), "--out", str(out), "--patch-size", "64",
+                   "--samples-per-epoch", "32", "--tensorboard", "false", "--no-progress"])
+    assert "wide sets seed 7; it trains with the first config's seed 0" in caplog.text
     printed = capsys.readouterr().out
     assert rc == 0 and "small" in printed and "wide" in printed
     rows = list(csv.DictReader((out / "compare.csv").open()))

@@ -256,6 +256,8 @@ class RunConfig:
             raise UnetlabError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
         if d is not None and not isinstance(d, dict):
             raise UnetlabError("config must be a mapping of sections", path)
+        if not d:
+            log.warning("%s is empty: every setting is the default", path)
         return cls.from_dict(d)
 
 

@@ -126,6 +126,8 @@ def test_kaggle_overlaps_and_objects(tmp_path):
     d = inspect_dataset(root, progress=False)
     assert d["layout"] == "kaggle_dsb" and d["n_objects"] == 3
     assert d["overlap_pixels"] == 2 * 4 and d["overlap_images"] == 1
+    assert d["overlap_names"] == ["a"] and "belong to two masks (resolved deterministically, see notes): a" in (
+        format_report(d))
 
 
 def test_cli_exit_codes_and_json(tmp_path):

@@ -93,6 +93,7 @@ class _Collector:
         self.negatives: list[str] = []
         self.overlap_pixels = 0
         self.overlap_images = 0
+        self.overlap_names: list[str] = []  # the first few images with overlaps, to name them
         n_cls = len(info.classes)
         self.class_pixels = np.zeros(n_cls, dtype=np.int64)
         self.class_present = np.zeros(n_cls, dtype=np.int64)
@@ -148,9 +149,15 @@ class _Collector:
         fg = cover > 0
         overlap = int(cover.sum() - fg.sum())
         if overlap:
-            self.overlap_pixels += overlap
-            self.overlap_images += 1
+            self._overlap(sample, overlap)
         self._record(sample, float(fg.mean()), n)
+
+    def _overlap(self, sample: Sample, pixels: int) -> None:
+        """Count ``pixels`` of ``sample`` that belong to two masks (and name the first images)."""
+        self.overlap_pixels += pixels
+        self.overlap_images += 1
+        if len(self.overlap_names) < 5:
+            self.overlap_names.append(sample.name)
 
     def label_mask(self, sample: Sample, shape: tuple[int, int]) -> None:
         """One label image per sample (or per-class files merged by the layout's loader)."""
@@ -163,8 +170,7 @@ class _Collector:
                     cover += raw > 0
             overlap = int((cover > 1).sum())
             if overlap:
-                self.overlap_pixels += overlap
-                self.overlap_images += 1
+                self._overlap(sample, overlap)
         try:
             labels = sample.load_mask()
         except UnetlabError as exc:
@@ -261,6 +267,7 @@ def inspect_dataset(root: str | Path, layout: str | None = None, progress: bool 
         "negative_controls": col.negatives,
         "overlap_pixels": col.overlap_pixels,
         "overlap_images": col.overlap_images,
+        "overlap_names": col.overlap_names,
         "problems": col.problems,
         "problem_counts": dict(counts),
         "fix": fix,
@@ -305,8 +312,10 @@ def format_report(d: dict[str, Any]) -> str:
         lines.append(f"objects      {d['n_objects']:,} ({o['min']:.0f} to {o['max']:.0f} per image, "
                      f"median {o['median']:.0f})")
     if d.get("overlap_pixels"):
+        names = d.get("overlap_names") or []
+        shown = ", ".join(names[:3]) + (", ..." if d["overlap_images"] > 3 else "")
         lines.append(f"overlaps     {d['overlap_pixels']} pixels in {d['overlap_images']} images belong to two "
-                     "masks (resolved deterministically, see notes)")
+                     f"masks (resolved deterministically, see notes): {shown}")
     if d["image_sizes"]:  # nothing to describe when no image was read
         lines.append(f"sizes        {_fmt_counter(d['image_sizes'])}")
         lines.append(f"dtypes       {_fmt_counter(d['dtypes'])}; channels {_fmt_counter(d['channels'])}")

@@ -72,8 +72,9 @@ def overfit_check(cfg: RunConfig, lrs: Sequence[float] = DEFAULT_OVERFIT_LRS, st
                   tolerance: float = 0.1) -> list[dict]:
     """Train a fresh model on one fixed batch for up to ``steps`` steps per learning rate; one row per rate.
 
-    Row keys: lr, start_loss, best_loss, final_loss, steps_to_tolerance (None if never), passed, diverged,
-    seconds. A healthy pipeline passes at some rate; none passing points to a bug in data, targets or loss.
+    Row keys: lr, start_loss, best_loss, final_loss, steps_to_tolerance (None if never), passed, diverged (the
+    loss became non-finite or ended above its start), seconds. A healthy pipeline passes at some rate; none
+    passing points to a bug in data, targets or loss.
     """
     if not lrs:
         raise UnetlabError("overfit check needs at least one learning rate")
@@ -105,6 +106,7 @@ def overfit_check(cfg: RunConfig, lrs: Sequence[float] = DEFAULT_OVERFIT_LRS, st
                     reached = step - 1  # optimiser steps taken before this loss
                     break
                 train_step(b, optimizer, loss, cfg.train.grad_clip)
+            diverged = diverged or (reached is None and final > start)  # ended above where it started
             rows.append({"lr": float(lr), "start_loss": start, "best_loss": best, "final_loss": final,
                          "steps_to_tolerance": reached, "passed": reached is not None, "diverged": diverged,
                          "seconds": time.time() - t0})
@@ -182,6 +184,9 @@ def compare(configs: Sequence[str | Path | RunConfig], data: str | Path | None, 
     rows = []
     for e in entries:
         cfg = apply_overrides(e.cfg, {"split_file": str(split_file), "seed": seed})
+        if e.cfg.train.seed != seed:
+            log.warning("compare: %s sets seed %d; it trains with the first config's seed %d, as every run does",
+                        e.name, e.cfg.train.seed, seed)
         log.info("compare: training %s (%s)", e.name, e.source)
         result = train(cfg, out / e.name, overwrite=overwrite, progress=progress)
         evals = [h for h in result.history if "val_dice" in h]

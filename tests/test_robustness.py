@@ -477,9 +477,15 @@ def test_a_run_without_validation_reports_its_best_training_loss_as_such(tmp_pat
 def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, capsys, monkeypatch):
     good_dataset(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    rc, _out, err = cli(capsys, "train", "--data", "data", "--out", "run", *TINY_TRAIN_FLAGS)
+    names = sorted(p.stem for p in (tmp_path / "data" / "images").iterdir())
+    (tmp_path / "some.txt").write_text("\n".join(names[:-1]))
+    rc, _out, err = cli(capsys, "train", "--data", "data", "--out", "run", "--include", "some.txt", *TINY_TRAIN_FLAGS)
     assert rc == 0, err
     assert read_config_value(tmp_path / "run", "root") == str((tmp_path / "data").resolve())
+    # the same relative flags again (a script that resumes with its recipe) are no change
+    rc, _out, err = cli(capsys, "train", "--resume", "run", "--data", "data", "--include", "some.txt",
+                        *TINY_TRAIN_FLAGS)
+    assert rc == 0, err
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

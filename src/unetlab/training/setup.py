@@ -134,6 +134,7 @@ RESUME_FREE_KEYS = ("epochs", "max_minutes", "device", "precision", "num_workers
 def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
     """Refuse a resume whose flags change what the run is (one line naming them and the way to do it instead);
     log the settings it does change."""
+    absolute_paths(cfg)  # a path given again as it was (relative, say) is not a change
     changed = changed_leaves(saved, cfg)
     fixed = [c for c in changed if c[0] not in RESUME_FREE_KEYS]
     if fixed:

@@ -392,3 +392,9 @@ def test_score_test_false_leaves_the_test_split_unseen(cells, tmp_path, caplog):
     assert "held out, not scored (--score-test false)" in caplog.text
     assert main(["-q", "tune", str(run), "--data", str(cells)]) == 0
     assert json.loads((run / "summary.json").read_text())["test"] is None
+
+
+def test_samples_per_epoch_below_a_batch_says_what_an_epoch_holds(cells, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        train(config(cells, epochs=1, samples_per_epoch=4, tune_postprocess=False), tmp_path / "run", progress=False)
+    assert "--samples-per-epoch 4: 8 patches per epoch, a whole number of batches (8 per batch)" in caplog.text

@@ -349,3 +349,15 @@ def test_a_csv_given_as_the_data_folder_points_to_its_folder(tmp_path):
     (tmp_path / "labels.csv").write_text("ImageId,EncodedPixels\n")
     with pytest.raises(UnetlabError, match=f"give the folder that holds it, {tmp_path}"):
         detect_layout(tmp_path / "labels.csv")
+
+
+def test_images_in_a_subfolder_are_named_as_left_out(tmp_path):
+    root = tmp_path / "ds"
+    for d in ("images", "masks", "images/sub"):
+        (root / d).mkdir(parents=True)
+    tifffile.imwrite(root / "images" / "a.tif", np.zeros((8, 8), np.uint8))
+    tifffile.imwrite(root / "masks" / "a.tif", np.ones((8, 8), np.uint8))
+    tifffile.imwrite(root / "images" / "sub" / "b.tif", np.zeros((8, 8), np.uint8))
+    info = load_dataset(root)
+    assert [s.name for s in info.samples] == ["a"]
+    assert any("subfolders of images/ are not part of the dataset: sub" in n for n in info.notes)

@@ -401,8 +401,11 @@ def build_train_data(cfg: RunConfig, s: Setup, device: torch.device,
                     len(empty), len(s.train_samples), shown)
     length = cfg.data.samples_per_epoch or default_samples_per_epoch(dataset.cache, cfg.data.patch_size)
     # several ranks: a whole number of global batches, so every rank runs the same steps
-    length = D.distributed_samples_per_epoch(length, cfg.train.batch_size, dist_info.world_size,
-                                             cfg.train.grad_accumulation)
+    wanted, length = length, D.distributed_samples_per_epoch(length, cfg.train.batch_size, dist_info.world_size,
+                                                             cfg.train.grad_accumulation)
+    if cfg.data.samples_per_epoch and length != wanted and dist_info.is_main:
+        log.info("--samples-per-epoch %d: %d patches per epoch, a whole number of batches (%d per batch%s)", wanted,
+                 length, cfg.train.batch_size, f" on each of {dist_info.world_size} ranks" if dist_info.enabled else "")
     dataset.length = length
     sampler = EpochSampler(length, dist_info.rank, dist_info.world_size)
     return dataset, sampler, make_train_loader(dataset, sampler, cfg, device, dist_info)

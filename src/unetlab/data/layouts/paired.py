@@ -140,6 +140,11 @@ def load(
             problems.append(mask_without_image(m, images_dir))
     if groups:
         notes.append(f"groups from {root / GROUPS_FILE}: {len(set(s.group for s in samples))} groups")
+    nested = [d.name for d in sorted(images_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")
+              and d not in (masks_dir, root) and scan_images(d)] if images_dir != root else []
+    if nested:
+        notes.append(f"subfolders of {images_dir.name}/ are not part of the dataset: {', '.join(nested[:3])}"
+                     + (" ..." if len(nested) > 3 else ""))
     return DatasetInfo(layout="paired", root=root, samples=samples, problems=problems, notes=notes)
 
 

@@ -115,6 +115,12 @@ def test_ome_zarr_and_ome_tiff_predict_the_same_labels_as_the_tiff(tmp_path):
     np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), labels["tiff"])
     assert read_metadata(zpath).pixel_size_um == pytest.approx((PIXEL_UM, PIXEL_UM))
     assert read_metadata(out / "labels" / "plain.ome.zarr").pixel_size_um == pytest.approx((1.0, 1.0))
+    # the label TIFF of the OME-TIFF input carries its pixel size too (resolution tags, pixels per centimetre)
+    with tifffile.TiffFile(out / "labels" / "ome.tif") as tif:
+        page = tif.pages[0]
+        x_res = page.tags["XResolution"].value
+        assert x_res[0] / x_res[1] == pytest.approx(1e4 / PIXEL_UM, rel=1e-6)
+        assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
     assert not list(out.rglob(".*tmp*"))  # no temporary directories left
     # the inputs were not written to
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(p.name for p in paths.values())

@@ -195,11 +195,13 @@ def normalize(image: np.ndarray, mode: str = "percentile", low: float = 1.0, hig
     raise UnetlabError(f"unknown normalisation '{mode}' (choose percentile, minmax, dtype or none)")
 
 
-def write_image(path: str | Path, array: np.ndarray, compress: bool = True, description: str | None = None) -> Path:
+def write_image(path: str | Path, array: np.ndarray, compress: bool = True, description: str | None = None,
+                pixel_size_um: tuple[float, float] | None = None) -> Path:
     """Write a 2-D (H, W) or channels-first (C, H, W) array to PNG/TIFF/JPEG atomically.
 
     TIFF keeps the dtype (uint16 labels, float32 probabilities); PNG takes uint8 or uint16. ``description``
-    (TIFF only) is stored as the ImageDescription tag, e.g. how a label image was made.
+    (TIFF only) is stored as the ImageDescription tag, e.g. how a label image was made; ``pixel_size_um`` (y, x;
+    TIFF only) as its resolution tags, as Fiji and Bio-Formats read them.
     """
     path = Path(path)
     arr = np.asarray(array)
@@ -213,6 +215,9 @@ def write_image(path: str | Path, array: np.ndarray, compress: bool = True, desc
             import tifffile
 
             extra = {} if description is None else {"description": description, "metadata": None}
+            if pixel_size_um:  # pixels per centimetre, the TIFF unit every reader knows
+                extra.update(resolution=(1e4 / pixel_size_um[1], 1e4 / pixel_size_um[0]),
+                             resolutionunit="CENTIMETER")
             # channels (classes, probabilities) are not colours: one grey plane each, never RGB
             tifffile.imwrite(tmp, arr, photometric="minisblack", compression="zlib" if compress else None, **extra)
         else:

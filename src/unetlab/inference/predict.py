@@ -367,9 +367,10 @@ def _write_one(job: _Job, name: str, f: Path, raw: np.ndarray, prob: np.ndarray,
 
         if labels is None:
             labels = probabilities_to_labels(prob, job.kind if job.kind in TARGET_KINDS else "binary", job.pp)
-        writers.write_labels(paths["labels"], labels, protect, note=note)
+        um = pixel_size(f)
+        writers.write_labels(paths["labels"], labels, protect, note=note, pixel_size_um=um)
         if o.ome_zarr:
-            writers.write_labels_ome_zarr(paths["labels_zarr"], labels, protect, pixel_size(f), note=note)
+            writers.write_labels_ome_zarr(paths["labels_zarr"], labels, protect, um, note=note)
         res.measurements[name] = writers.measure_objects(labels, raw)
         if o.rle:
             res.rle_items.append((name, labels))

@@ -34,11 +34,11 @@ def check_output(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
 
 
 def write_labels(path: str | Path, labels: np.ndarray, protect: Iterable[str | Path] = (),
-                 note: dict | None = None) -> Path:
+                 note: dict | None = None, pixel_size_um: tuple[float, float] | None = None) -> Path:
     """Write an instance label image as uint16 (TIFF or PNG); more than 65535 objects need a .tif (uint32).
 
     ``note`` (TIFF only) is kept in the file as JSON, e.g. the scale the image was predicted at
-    (:func:`read_labels_note` reads it back)."""
+    (:func:`read_labels_note` reads it back); ``pixel_size_um`` (TIFF only), the input's pixel size."""
     path = check_output(path, protect)
     lab = np.asarray(labels)
     if lab.ndim != 2:
@@ -53,7 +53,8 @@ def write_labels(path: str | Path, labels: np.ndarray, protect: Iterable[str | P
     else:
         raise UnetlabError(f"{top} labels do not fit a 16-bit PNG", path, "write labels as .tif")
     tiff = path.suffix.lower() in (".tif", ".tiff")
-    return write_image(path, out, description=json.dumps({"unetlab": note}) if note and tiff else None)
+    return write_image(path, out, description=json.dumps({"unetlab": note}) if note and tiff else None,
+                       pixel_size_um=pixel_size_um if tiff else None)
 
 
 def read_labels_note(path: str | Path) -> dict:

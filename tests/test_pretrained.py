@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -273,3 +274,27 @@ def test_models_card_prints_size_estimate_rows_per_collection():
     assert len(dsb) == 1 and "x1 0.800 / 0.810 (90%)" in dsb[0] and "x4 0.700 / 0.750 (50%)" in dsb[0]
     assert any("stardist_nuclei: x1 0.830 / 0.820 (100%)" in ln for ln in lines)
     assert "AP@0.5" not in format_pretrained_table([{**card, "sizes": []}])
+
+
+@pytest.mark.parametrize("argv", [["tune", "nuclei"], ["size-model", "nuclei"], ["tune", str(PRETRAINED_DIR / "nuclei")]])
+def test_the_pretrained_package_is_never_tuned_in_place_and_says_to_copy_it(argv, capsys):
+    before = sorted((p.name, p.stat().st_mtime) for p in (PRETRAINED_DIR / "nuclei").iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nuclei is a pretrained model, and its package folder is not written to" in err
+    assert f"cp -r {PRETRAINED_DIR / 'nuclei'} my_nuclei" in err
+    assert sorted((p.name, p.stat().st_mtime) for p in (PRETRAINED_DIR / "nuclei").iterdir()) == before
+
+
+def test_bad_load_run_arguments_are_one_line(tmp_path, capsys):
+    from unetlab.errors import UnetlabError
+    from unetlab.runfolder import load_run
+
+    with pytest.raises(UnetlabError, match="unknown checkpoint 'worst'"):
+        load_run("nuclei", checkpoint="worst")
+    with pytest.raises(UnetlabError, match="unknown device 'gpu'"):
+        load_run("nuclei", device="gpu")
+    copy = tmp_path / "copy"
+    shutil.copytree(PRETRAINED_DIR / "nuclei", copy)
+    assert main(["size-model", str(copy), "--crops", "0"]) == 2
+    assert "--crops and --val-crops must be at least 1, not 0" in capsys.readouterr().err

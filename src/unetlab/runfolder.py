@@ -268,6 +268,18 @@ def resolve_run_dir(model: str | Path) -> Path:
     raise UnetlabError("run folder not found", path, hint=hint)
 
 
+def own_run_dir(run_dir: str | Path, what: str) -> Path:
+    """A run folder that ``what`` (tune, size-model) may write into: a pretrained model's name or package folder
+    is one line that says to work on a copy of it (its package is not written to)."""
+    path = Path(run_dir)
+    if is_pretrained(run_dir) or (path.resolve().parent == PRETRAINED_DIR and (path / "card.json").is_file()):
+        src = PRETRAINED_DIR / path.name
+        raise UnetlabError(f"{path.name} is a pretrained model, and its package folder is not written to", None,
+                           f"{what} a copy: cp -r {src} my_{path.name}; its split.json names the images of the view "
+                           "scripts/train_nuclei_model.py builds (RUN_data), which --data must give")
+    return resolve_run_dir(path)
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The ``config.yaml`` of a run folder (or pretrained model); not a run folder is one line (see
     :func:`resolve_run_dir`)."""
@@ -279,6 +291,14 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     ``last.pt``), model in eval mode."""
     from .models import build_model
 
+    if checkpoint not in ("best", "last"):
+        raise UnetlabError(f"unknown checkpoint '{checkpoint}' (choose best or last)")
+    import torch
+
+    from ._runtime import resolve_device
+
+    if not isinstance(device, torch.device):
+        device = resolve_device(str(device))
     run_dir = resolve_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.yaml")
     info = read_model_info(run_dir / "model.json")

@@ -148,9 +148,11 @@ def fit_size_model_for_run(run_dir: str | Path, data: str | Path | None = None, 
     of its config (a pretrained model's config names where its data came from, not a folder here)."""
     from ..config import RunConfig
     from ..data.layouts import load_dataset
-    from ..runfolder import read_json
+    from ..runfolder import own_run_dir, read_json
 
-    run_dir = Path(run_dir)
+    if crops < 1 or val_crops < 1:
+        raise UnetlabError(f"--crops and --val-crops must be at least 1, not {crops} and {val_crops}")
+    run_dir = own_run_dir(run_dir, "fit the size model of")
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise UnetlabError("no split.json: the run's training images are not known", run_dir)

@@ -222,12 +222,9 @@ def retune_run(run_dir: str | Path, data: str | Path | None = None, device: str 
     ``test``); returns ``{"postprocess": ..., "test": ...}``."""
     from .._runtime import resolve_device
     from ..data.layouts import load_from_config
-    from ..runfolder import load_run, read_json, write_json
+    from ..runfolder import load_run, own_run_dir, read_json, write_json
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UnetlabError("not a run folder (no config.yaml)", run_dir,
-                           "a pretrained model is tuned in a copy of its folder")
+    run_dir = own_run_dir(run_dir, "tune")
     run = load_run(run_dir)
     cfg, info = run.config, run.info
     if info.get("task") == "multiclass":

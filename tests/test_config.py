@@ -133,3 +133,24 @@ def test_an_empty_config_file_is_named_not_taken_silently(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         cfg = RunConfig.load(tmp_path / "empty.yaml")
     assert cfg == RunConfig() and "is empty: every setting is the default" in caplog.text
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("tile", 0, "--tile must be a whole number of pixels >= 16, not 0"),
+    ("tile", "big", "--tile must be a whole number of pixels >= 16, not 'big'"),
+    ("batch_size", 0, "--batch-size must be at least 1, not 0"),
+    ("overlap", 1.5, "--overlap must be in [0, 1), not 1.5"),
+])
+def test_prediction_numbers_no_tiling_can_use_are_one_line(key, value, says):
+    from unetlab.errors import UnetlabError
+    from unetlab.inference.options import resolve_options
+
+    with pytest.raises(UnetlabError) as err:
+        resolve_options(None, {key: value})
+    assert str(err.value) == says
+
+
+def test_dir_of_the_package_lists_its_lazily_imported_api():
+    import unetlab
+
+    assert {"train", "predict", "evaluate", "load_run", "load_dataset", "list_presets"} <= set(dir(unetlab))

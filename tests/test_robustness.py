@@ -499,6 +499,7 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path,
     (["--epochs", "-3"], "--epochs must be at least 1, not -3"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+    (["--seed", "-1"], "--seed must be 0 or more, not -1"),
 ])
 def test_settings_no_run_can_have_are_one_line_and_leave_no_folder(tmp_path, capsys, flags, says):
     data = good_dataset(tmp_path / "data")

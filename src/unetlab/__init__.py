@@ -96,5 +96,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'unetlab' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names with the lazily imported API (so help(), dir() and tab completion list them)."""
+    return sorted(set(globals()) | set(__all__))
+
+
 __all__ = ["PredictOptions", "RunConfig", "UnetlabError", "__version__", "config_with", "console_logging", "evaluate",
            "list_presets", "load_dataset", "load_run", "predict", "train"]

@@ -128,4 +128,10 @@ def resolve_options(options: PredictOptions | None = None, overrides: dict[str, 
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise TypeError(f"predict() got an unexpected keyword argument {key!r}: not a prediction option "
                             f"({hint}known: {', '.join(known)})")
-    return replace(base, **overrides) if overrides else base
+    o = replace(base, **overrides) if overrides else base
+    for name, ok, rule in (("tile", isinstance(o.tile, int) and o.tile >= 16, "a whole number of pixels >= 16"),
+                           ("batch_size", isinstance(o.batch_size, int) and o.batch_size >= 1, "at least 1"),
+                           ("overlap", isinstance(o.overlap, (int, float)) and 0 <= o.overlap < 1, "in [0, 1)")):
+        if not ok:
+            raise UnetlabError(f"--{name.replace('_', '-')} must be {rule}, not {getattr(o, name)!r}")
+    return o

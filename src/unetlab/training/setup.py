@@ -148,12 +148,14 @@ def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None
 
 
 def check_counts(cfg: RunConfig) -> None:
-    """One line for settings no run can have: fewer than one epoch or sample per batch, a class named twice,
-    a validation share outside [0, 1)."""
+    """One line for settings no run can have: fewer than one epoch or sample per batch, a negative seed, a class
+    named twice, a validation share outside [0, 1)."""
     t, d = cfg.train, cfg.data
     for flag, value in (("--epochs", t.epochs), ("--batch-size", t.batch_size)):
         if value < 1:
             raise UnetlabError(f"{flag} must be at least 1, not {value}")
+    if t.seed < 0:
+        raise UnetlabError(f"--seed must be 0 or more, not {t.seed}")
     if d.classes and len(set(d.classes)) < len(d.classes):
         twice = sorted({c for c in d.classes if d.classes.count(c) > 1})
         raise UnetlabError(f"--classes names {', '.join(twice)} twice: each class is one output channel")

@@ -468,7 +468,8 @@ class _NonFinite(Exception):
 
 def train(cfg: RunConfig | None, out: str | Path | None, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None, skip_bad: bool = False) -> TrainResult:
-    """Train a U-Net as ``cfg`` describes, writing the run folder ``out``; ``resume`` continues a stopped run.
+    """Train a U-Net as ``cfg`` describes, writing the run folder ``out`` (None: nothing is written, the result
+    is only returned); ``resume`` continues a stopped run.
 
     ``skip_bad`` leaves out unreadable, unpaired or mismatched files (listed in ``TrainResult.bad``) instead of
     stopping. A new run that fails before its first checkpoint leaves no run folder behind."""

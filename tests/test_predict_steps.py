@@ -216,3 +216,16 @@ def test_onnx_backend_on_cuda_uses_the_cuda_provider_or_says_how(tmp_path, onnx_
     with pytest.raises(UnetlabError, match="onnxruntime-gpu") as err:  # asked for explicitly: say how
         load_onnx(onnx_run / "model.onnx", "cuda")
     assert "--device cpu" in str(err.value)
+
+
+
+def test_counts_csv_has_the_same_columns_with_and_without_rescaling(tmp_path, images):
+    """Scripts read Scale / Diameter / DiameterFrom from counts.csv: --diameter none keeps them (Scale 1)."""
+    import csv
+
+    kw = dict(instances=True, precision="fp32", progress=False, tile=64)
+    predict("nuclei", images, tmp_path / "auto", **kw)
+    predict("nuclei", images, tmp_path / "none", diameter="none", **kw)
+    auto, none = (list(csv.DictReader((tmp_path / k / "counts.csv").open())) for k in ("auto", "none"))
+    assert list(auto[0]) == list(none[0]) and {"Scale", "Diameter", "DiameterFrom"} <= set(none[0])
+    assert {(r["Scale"], r["Diameter"], r["DiameterFrom"]) for r in none} == {("1", "", "none")}

@@ -339,7 +339,8 @@ def _predict_probabilities(job: _Job, name: str, raw: np.ndarray, f: Path, res: 
                            progress: Callable[[int], Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """One image's probabilities (and labels, when it was rescaled to the training size; its scale goes to
     ``res.scales``)."""
-    if job.diameter is None:
+    if job.diameter is None:  # at its own size: counts.csv keeps its columns (Scale 1, no diameter)
+        res.scales[name] = {"Scale": 1.0, "Diameter": "", "DiameterFrom": "none"}
         return predict_with_fallback(job.predictor, raw, f, progress), None
     prob, labels, choice = on_oom_smaller_batches(job.predictor, f, partial(
         predict_at_training_size, raw=raw, source=f, train_diameter=job.run.info.get("diameter"),
@@ -431,7 +432,7 @@ def _write_tables(job: _Job, res: _Results, model: str | Path, run_dir: Path, in
 def _log_scales(scales: dict[str, dict], in_counts: bool) -> None:
     """One line for the scales images were predicted at (each image's is in counts.csv when written, and in
     a --debug line)."""
-    if not scales:
+    if not scales or all(s.get("DiameterFrom") == "none" for s in scales.values()):
         return
     values = sorted(s["Scale"] for s in scales.values())
     rescaled = sum(1 for v in values if v != 1.0)

@@ -208,3 +208,17 @@ def test_multiclass_truth(tmp_path):
     assert rep["classes"] == ["background", "mito", "membrane"] and "1 mito" in format_summary(rep)
     with pytest.raises(UnetlabError, match="would score them against other truth classes"):
         evaluate(swapped / "masks", root, classes=["membrane", "mito"])
+
+
+def test_labels_written_twice_as_tiff_and_ome_zarr_are_one_prediction(tmp_path, caplog):
+    pytest.importorskip("zarr")
+    from unetlab.inference.writers import write_labels, write_labels_ome_zarr
+
+    truth = make_truth(1)
+    write_image(tmp_path / "truth" / "a.tif", truth.astype(np.uint16))
+    write_labels(tmp_path / "pred" / "a.tif", truth)
+    write_labels_ome_zarr(tmp_path / "pred" / "a.ome.zarr", truth)
+    with caplog.at_level("WARNING"):
+        rep = evaluate(tmp_path / "pred", tmp_path / "truth", instances=True)
+    assert rep["n_images"] == 1 and rep["objects"]["ap"][0] == 1.0
+    assert "no ground truth" not in caplog.text and rep["ignored_pred_files"] == ["a.ome.zarr"]

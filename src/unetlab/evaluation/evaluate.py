@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import list_images, read_label
+from ..data.io import image_stem, list_images, read_label
 from ..data.layouts.timelapse import frame_key
+from ..data.ome import is_zarr_path
 from ..data.sample import Sample
 from ..errors import UnetlabError
 from ..files import write_text
@@ -111,12 +112,13 @@ def _prediction_source(pred: Path, instances: bool) -> _Source:
     prefer = ("_labels", "_label", "", "_masks", "_mask") if instances else ("_masks", "_mask", "", "_labels", "_label")
     by_key: dict[str, dict[str, Path]] = {}
     ignored = []
-    for f in files:
-        if split_suffix(f.stem, SKIP_SUFFIXES)[1]:
+    for f in sorted(files, key=is_zarr_path):  # labels written twice (TIFF and --ome-zarr): the TIFF is read
+        if split_suffix(image_stem(f), SKIP_SUFFIXES)[1]:
             ignored.append(f.name)
             continue
-        key, suf = split_suffix(f.stem)
-        by_key.setdefault(key, {})[suf.lower()] = f
+        key, suf = split_suffix(image_stem(f))
+        if by_key.setdefault(key, {}).setdefault(suf.lower(), f) is not f:
+            ignored.append(f.name)
     loaders, names = {}, {}
     for key, options in by_key.items():
         ranked = sorted(options, key=lambda s: prefer.index(s) if s in prefer else len(prefer))

@@ -154,3 +154,12 @@ def test_dir_of_the_package_lists_its_lazily_imported_api():
     import unetlab
 
     assert {"train", "predict", "evaluate", "load_run", "load_dataset", "list_presets"} <= set(dir(unetlab))
+
+
+def test_the_augmentation_probabilities_are_the_fields_that_say_so():
+    from dataclasses import fields
+
+    from unetlab.config import AUGMENT_PROBABILITIES, AugmentConfig
+
+    said = {f.name for f in fields(AugmentConfig) if f.metadata["help"].startswith("probability")}
+    assert set(AUGMENT_PROBABILITIES) == said

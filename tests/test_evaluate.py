@@ -222,3 +222,11 @@ def test_labels_written_twice_as_tiff_and_ome_zarr_are_one_prediction(tmp_path, 
         rep = evaluate(tmp_path / "pred", tmp_path / "truth", instances=True)
     assert rep["n_images"] == 1 and rep["objects"]["ap"][0] == 1.0
     assert "no ground truth" not in caplog.text and rep["ignored_pred_files"] == ["a.ome.zarr"]
+
+
+def test_iou_thresholds_outside_zero_one_are_one_line(tmp_path):
+    truth = make_truth(1)
+    write_image(tmp_path / "truth" / "a.tif", truth.astype(np.uint16))
+    write_image(tmp_path / "pred" / "a.tif", truth.astype(np.uint16))
+    with pytest.raises(UnetlabError, match=r"IoU thresholds must lie in \(0, 1\], not 0.5,1.5"):
+        evaluate(tmp_path / "pred", tmp_path / "truth", instances=True, iou_thresholds=(0.5, 1.5))

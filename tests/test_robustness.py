@@ -500,6 +500,8 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path,
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
     (["--seed", "-1"], "--seed must be 0 or more, not -1"),
+    (["--patch-size", "7"], "--patch-size must be at least 16 pixels, not 7"),
+    (["--aug-elastic", "3"], "--aug-elastic is a probability, in [0, 1], not 3.0"),
 ])
 def test_settings_no_run_can_have_are_one_line_and_leave_no_folder(tmp_path, capsys, flags, says):
     data = good_dataset(tmp_path / "data")

@@ -64,6 +64,11 @@ class AugmentConfig:
     zoom_range: tuple[float, float] = _f((0.5, 2.0), "range of the zoom factor, e.g. 0.5,2")
 
 
+# the AugmentConfig fields that are probabilities (in [0, 1]; the others are their ranges)
+AUGMENT_PROBABILITIES = ("flip", "rotate90", "affine", "elastic", "brightness", "contrast", "gamma", "noise", "blur",
+                         "object_intensity", "background", "zoom")
+
+
 @dataclass
 class DataConfig:
     """Where the data is, how it is read, split and cut into patches."""

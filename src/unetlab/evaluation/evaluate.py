@@ -307,6 +307,8 @@ def evaluate(
     thresholds = [float(x) for x in np.atleast_1d(np.asarray(iou_thresholds, dtype=np.float64)).round(6)]
     if instances and not thresholds:
         raise UnetlabError("no IoU thresholds given")
+    if instances and not all(0 < t <= 1 for t in thresholds):
+        raise UnetlabError(f"IoU thresholds must lie in (0, 1], not {','.join(f'{t:g}' for t in thresholds)}")
     classes = prediction_classes(pred, classes)
     truth_src = _truth_source(truth, invert_mask, classes)
     pred_src = _prediction_source(pred, instances)

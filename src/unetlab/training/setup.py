@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from .. import distributed as D
 from .._version import __version__
-from ..config import DataConfig, RunConfig, changed_leaves
+from ..config import AUGMENT_PROBABILITIES, DataConfig, RunConfig, changed_leaves
 from ..data.channels import channels_out
 from ..data.dataset import (
     EpochSampler,
@@ -149,7 +149,8 @@ def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None
 
 def check_counts(cfg: RunConfig) -> None:
     """One line for settings no run can have: fewer than one epoch or sample per batch, a negative seed, a class
-    named twice, a validation share outside [0, 1)."""
+    named twice, a validation share outside [0, 1), a patch under 16 px, an augmentation probability outside
+    [0, 1]."""
     t, d = cfg.train, cfg.data
     for flag, value in (("--epochs", t.epochs), ("--batch-size", t.batch_size)):
         if value < 1:
@@ -161,6 +162,12 @@ def check_counts(cfg: RunConfig) -> None:
         raise UnetlabError(f"--classes names {', '.join(twice)} twice: each class is one output channel")
     if not 0 <= d.val_fraction < 1:
         raise UnetlabError(f"--val-fraction must be in [0, 1), not {d.val_fraction}")
+    if d.patch_size < 16:
+        raise UnetlabError(f"--patch-size must be at least 16 pixels, not {d.patch_size}")
+    for name in AUGMENT_PROBABILITIES:
+        value = getattr(d.augment, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UnetlabError(f"--aug-{name.replace('_', '-')} is a probability, in [0, 1], not {value}")
 
 
 def absolute_paths(cfg: RunConfig) -> None:

@@ -414,3 +414,8 @@ def split_run(args) -> tuple[Path, object, list]:
     run_dir = resolve_run_dir(args.run)
     run = load_run(run_dir)
     return run_dir, run, split_samples(run_dir, args.data, args.split, run.config.data.layout, args.limit)
+
+
+def description(doc: str | None) -> str:
+    """A script's --help description: the first paragraph of its module docstring, as one line."""
+    return " ".join((doc or "").split("\n\n")[0].split())

@@ -233,7 +233,7 @@ def _seconds(row: dict, mode: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.description(__doc__))
     p.add_argument("run", help="run folder, or a pretrained model's name (nuclei)")
     p.add_argument("--data", type=Path, help="the dataset folder the run was trained on (for the test split rows)")
     p.add_argument("--scale-images", type=int, default=20, help="test images used for the 2x / 0.5x rows")

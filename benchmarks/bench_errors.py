@@ -98,7 +98,7 @@ def binned(rows: list[dict], key: str, edges) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.description(__doc__))
     C.split_arguments(p)
     p.add_argument("--scale", type=float, default=1.0, help="predict the images rescaled by this factor")
     args = p.parse_args(argv)

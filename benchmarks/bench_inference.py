@@ -48,7 +48,7 @@ def masks_of(prob: np.ndarray, activation: str) -> np.ndarray:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=C.description(__doc__))
     p.add_argument("--size", type=int, default=2048, help="image height and width (default 2048)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=float, default=0.25)

@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=C.description(__doc__))
     p.add_argument("--size", type=int, default=16384)
     p.add_argument("--model", choices=list(MODELS), default="tiny")
     p.add_argument("--layout", choices=list(LAYOUTS), default="raw",

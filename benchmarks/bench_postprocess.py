@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 from unetlab.config import PostprocessConfig  # noqa: E402
 from unetlab.data.targets import make_target  # noqa: E402
 from unetlab.evaluation.metrics import match_objects  # noqa: E402
@@ -62,7 +65,7 @@ def fake_probabilities(lab: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=C.description(__doc__))
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--objects", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)

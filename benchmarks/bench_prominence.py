@@ -49,7 +49,7 @@ def predicted(run, predictor: Predictor, sample) -> tuple[np.ndarray, np.ndarray
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=C.description(__doc__))
     C.split_arguments(p)
     p.add_argument("--prominences", default="0.05,0.1,0.13,0.15,0.175,0.2,0.25", help="comma list")
     p.add_argument("--by-prefix", action="store_true",

@@ -53,7 +53,7 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=C.description(__doc__))
     p.add_argument("--preset", default="unet-slim")
     p.add_argument("--patch", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)

@@ -172,7 +172,8 @@ class TrainConfig:
     early_stopping: int | None = _f(None, "stop after this many validations without improvement; none: never")
     max_minutes: float | None = _f(None, "stop training when another epoch would pass this many minutes (checked "
                                    "after each epoch); none: no limit")
-    collapse_patience: int = _f(3, "validations at Dice 0 before the run counts as collapsed and is restored")
+    collapse_patience: int = _f(3, "validations at Dice 0 (or at the all-foreground Dice) with a flat loss before "
+                                   "the run counts as collapsed and is restored")
     max_recoveries: int = _f(3, "most restores after a collapse or a non-finite loss")
     seed: int = _f(0, "random seed of the split, patches and weights")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")

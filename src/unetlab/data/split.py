@@ -156,7 +156,7 @@ def _fraction_val_groups(groups: list[str], frac: float, seed: int, root: Path, 
     """A seeded random ``frac`` of the groups (at least one, never all)."""
     if len(groups) < 2:
         raise UnetlabError(f"cannot split by group: all {n_samples} samples are in one group", root,
-                           "set val_fraction 0, or give a validation folder/pattern")
+                           "use --val-fraction 0, or give validation images with --val PATTERN")
     order = sorted(groups)
     perm = np.random.default_rng(seed).permutation(len(order))
     n_val = min(max(int(round(frac * len(order))), 1), len(order) - 1)

@@ -230,3 +230,11 @@ def test_iou_thresholds_outside_zero_one_are_one_line(tmp_path):
     write_image(tmp_path / "pred" / "a.tif", truth.astype(np.uint16))
     with pytest.raises(UnetlabError, match=r"IoU thresholds must lie in \(0, 1\], not 0.5,1.5"):
         evaluate(tmp_path / "pred", tmp_path / "truth", instances=True, iou_thresholds=(0.5, 1.5))
+
+
+def test_classes_given_for_binary_truth_are_refused_not_ignored(tmp_path):
+    truth = make_truth(1)
+    write_image(tmp_path / "truth" / "a.tif", truth.astype(np.uint16))
+    write_image(tmp_path / "pred" / "a.tif", truth.astype(np.uint16))
+    with pytest.raises(UnetlabError, match="--classes foo is for multiclass ground truth"):
+        evaluate(tmp_path / "pred", tmp_path / "truth", classes=["foo"])

@@ -311,6 +311,9 @@ def evaluate(
         raise UnetlabError(f"IoU thresholds must lie in (0, 1], not {','.join(f'{t:g}' for t in thresholds)}")
     classes = prediction_classes(pred, classes)
     truth_src = _truth_source(truth, invert_mask, classes)
+    if classes and truth_src.task != "multiclass":
+        raise UnetlabError(f"--classes {','.join(classes)} is for multiclass ground truth; this truth is "
+                           f"{truth_src.task or 'binary or instance'} masks", truth, "leave --classes out")
     pred_src = _prediction_source(pred, instances)
     pairs, unpaired_pred, unpaired_truth = _pair(pred_src, truth_src)
     if unpaired_pred:

@@ -197,7 +197,8 @@ def predict(model: str | Path, input: str | Path, out: str | Path, *, options: P
     if res.bad and not res.done and not res.skipped:
         raise UnetlabError(f"none of the {len(inputs)} input image(s) could be read; the first: {res.bad[0]}")
     if res.bad and dist.is_main:  # the files themselves: once, in the summary (printed by `unetlab predict`)
-        log.warning("%d unreadable image(s) skipped (--skip-bad); the summary lists them", len(res.bad))
+        log.warning("%d image(s) skipped (--skip-bad: unreadable, or unfit for the model); the summary lists them",
+                    len(res.bad))
     return summary
 
 

@@ -24,6 +24,7 @@ class UnetlabError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None, hint: str | None = None,
                  kind: ErrorKind = ErrorKind.OTHER) -> None:
+        self.message = message
         self.path = Path(path) if path is not None else None
         self.hint = hint
         self.kind = kind
@@ -31,6 +32,13 @@ class UnetlabError(Exception):
         if hint:
             text = f"{text} ({hint})"
         super().__init__(text)
+
+    def with_hint(self, more: str) -> UnetlabError:
+        """The same error (class, message, file, kind) with ``more`` added to its hint: still one line."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        UnetlabError.__init__(new, self.message, self.path, f"{self.hint}; {more}" if self.hint else more, self.kind)
+        return new
 
 
 class Problem(str):

@@ -99,18 +99,11 @@ def with_skip_bad_hint(exc: UnetlabError, image: Path, done: int = 0) -> Unetlab
     kind of error, one line. Other errors (a full disk, say) stay as they are."""
     if exc.path is None or Path(exc.path) != Path(image) or "--skip-bad" in str(exc):
         return exc
-    text, hint = str(exc), exc.hint
-    if hint and text.endswith(f" ({hint})"):
-        text = text[: -len(f" ({hint})")]
-    new = type(exc).__new__(type(exc))
-    new.__dict__.update(exc.__dict__)
     skip = "--skip-bad skips such images and lists them"
     if done:
         skip = (f"--skip-bad skips such images; the {done} image(s) before it are written, and --resume --skip-bad "
                 "goes on from there")
-    UnetlabError.__init__(new, text, None, f"{hint}; or {skip}" if hint else skip)
-    new.path = exc.path
-    return new
+    return exc.with_hint(f"or {skip}" if exc.hint else skip)
 
 
 def merge_rle_parts(rle: Path, parts: list[Path], order: dict[str, int]) -> None:

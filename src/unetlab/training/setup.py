@@ -70,6 +70,38 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, main: bool, cfg: R
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
 
+RUN_FOLDER_MARKS = ("config.yaml", "checkpoints")  # what makes a folder a run folder
+
+# what a resumed run may set anew: how and how long it runs, what it reports and where its data now is; every
+# other setting (network, data, optimiser, schedule, batch) is fixed by its checkpoint and config.yaml
+RESUME_FREE_KEYS = ("epochs", "max_minutes", "device", "precision", "num_workers", "cache", "root", "monitor",
+                    "early_stopping", "val_every", "save_every", "tensorboard", "score_test", "tune_postprocess",
+                    "threshold", "min_size", "fill_holes", "markers", "prominence")
+
+
+def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse a resume whose flags change what the run is (one line naming them and the way to do it instead);
+    log the settings it does change."""
+    absolute_paths(cfg)  # a path given again as it was (relative, say) is not a change
+    changed = changed_leaves(saved, cfg)
+    fixed = [c for c in changed if c[0] not in RESUME_FREE_KEYS]
+    if fixed:
+        what = ", ".join(f"{_flag(k, b)} (was {_value(a)})" for k, a, b in fixed)
+        raise UnetlabError(f"--resume continues the run as it was set up; it cannot change {what}", run_dir,
+                           f"drop {'that flag' if len(fixed) == 1 else 'those flags'}, or start a new run from its "
+                           f"weights with --init {run_dir} --out NEW_RUN")
+    for k, a, b in changed:
+        log.info("resume: %s (was %s)%s", _flag(k, b), _value(a),
+                 "; the learning-rate schedule is stretched to the new length from here" if k == "epochs" else "")
+
+
+def finished_note(epoch: int, epochs: int) -> str:
+    """What the resume line adds when the checkpoint has done all the run's epochs ('' otherwise)."""
+    if epoch < epochs:
+        return ""
+    return f": all {epochs} epochs are done, so only the run's last steps run again (--epochs N trains on)"
+
+
 @contextmanager
 def bad_file_hint(skip_bad: bool) -> Iterator[None]:
     """On a file the run cannot read (or whose mask does not fit), add how to list every such file and how to
@@ -79,10 +111,7 @@ def bad_file_hint(skip_bad: bool) -> Iterator[None]:
     except UnetlabError as exc:
         if skip_bad or exc.kind is ErrorKind.OTHER or exc.path is None or "--skip-bad" in str(exc):
             raise
-        text, more = str(exc), "`unetlab inspect DATA` lists every bad file; --skip-bad leaves them out"
-        text = text[: -len(f" ({exc.hint})")] if exc.hint and text.endswith(f" ({exc.hint})") else text
-        raise UnetlabError(text[len(f"{exc.path}: "):], exc.path, f"{exc.hint}; {more}" if exc.hint else more,
-                           kind=exc.kind) from None
+        raise exc.with_hint("`unetlab inspect DATA` lists every bad file; --skip-bad leaves them out") from None
 
 
 def remove_unstarted_run(out: Path, existed: bool) -> None:
@@ -120,31 +149,6 @@ class Setup:
     patch_in: int
     bad: list[str] = field(default_factory=list)  # files left out (skip_bad), one line each
     test_samples: list = field(default_factory=list)  # held out: never trained on, never tunes anything
-
-
-RUN_FOLDER_MARKS = ("config.yaml", "checkpoints")  # what makes a folder a run folder
-
-# what a resumed run may set anew: how and how long it runs, what it reports and where its data now is; every
-# other setting (network, data, optimiser, schedule, batch) is fixed by its checkpoint and config.yaml
-RESUME_FREE_KEYS = ("epochs", "max_minutes", "device", "precision", "num_workers", "cache", "root", "monitor",
-                    "early_stopping", "val_every", "save_every", "tensorboard", "score_test", "tune_postprocess",
-                    "threshold", "min_size", "fill_holes", "markers", "prominence")
-
-
-def check_resume_config(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
-    """Refuse a resume whose flags change what the run is (one line naming them and the way to do it instead);
-    log the settings it does change."""
-    absolute_paths(cfg)  # a path given again as it was (relative, say) is not a change
-    changed = changed_leaves(saved, cfg)
-    fixed = [c for c in changed if c[0] not in RESUME_FREE_KEYS]
-    if fixed:
-        what = ", ".join(f"{_flag(k, b)} (was {_flag(k, a).split(' ', 1)[1]})" for k, a, b in fixed)
-        raise UnetlabError(f"--resume continues the run as it was set up; it cannot change {what}", run_dir,
-                           f"drop {'that flag' if len(fixed) == 1 else 'those flags'}, or start a new run from its "
-                           f"weights with --init {run_dir} --out NEW_RUN")
-    for k, a, b in changed:
-        log.info("resume: %s (was %s)%s", _flag(k, b), _flag(k, a).split(" ", 1)[1],
-                 "; the learning-rate schedule is stretched to the new length from here" if k == "epochs" else "")
 
 
 def check_counts(cfg: RunConfig) -> None:
@@ -275,10 +279,14 @@ INIT_OUTPUT_KEYS = ("target", "classes")
 INIT_ADOPTED_KEYS = ("normalization", "norm_low", "norm_high", "size_normalize")
 
 
+def _value(value: object) -> str:
+    """A setting's value as the command line writes it (``0,2`` for a list)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _flag(key: str, value: object) -> str:
     """``--channels 0,2`` as the command line writes the setting ``key`` = ``value``."""
-    shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-    return f"--{key.replace('_', '-')} {shown}"
+    return f"--{key.replace('_', '-')} {_value(value)}"
 
 
 def _channels_text(n: int, data: DataConfig) -> str:
@@ -422,10 +430,3 @@ def build_train_data(cfg: RunConfig, s: Setup, device: torch.device,
 
 __all__ = ["Setup", "build_setup", "build_train_data", "center_crop", "check_loaded", "make_loss_fn",
            "make_train_loader", "prepare_run_dir", "remove_unstarted_run"]
-
-
-def finished_note(epoch: int, epochs: int) -> str:
-    """What the resume line adds when the checkpoint has done all the run's epochs ('' otherwise)."""
-    if epoch < epochs:
-        return ""
-    return f": all {epochs} epochs are done, so only the run's last steps run again (--epochs N trains on)"
